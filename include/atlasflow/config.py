@@ -1,0 +1,441 @@
+"""Typed pipeline configuration.
+
+One frozen dataclass per concern, grouped under :class:`AtlasConfig`. A config file (YAML or
+JSON) only needs the keys it changes; everything else takes the defaults below, which follow
+the design document (550 GB budget split 200/200/100/50 GB, batches of 3 datasets).
+
+Unknown keys, wrong types and out-of-range values are errors that name the dotted key, so a
+typo never silently falls back to a default. Airflow Params override the file through
+:func:`load_config`'s ``overrides`` (dotted keys or nested mappings).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+__all__ = [
+    "AtlasConfig",
+    "ConfigError",
+    "DownloadConfig",
+    "ManifestConfig",
+    "PlanConfig",
+    "QCConfig",
+    "SlurmConfig",
+    "StorageConfig",
+    "TrainingConfig",
+    "config_reference",
+    "load_config",
+]
+
+ENV_CONFIG_PATH = "ATLASFLOW_CONFIG"
+GB = 1_000_000_000  # storage sizes are decimal, as disk vendors and `df -H` count them
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid; ``problems`` lists every reason."""
+
+    def __init__(self, problems: list[str], source: str | None = None) -> None:
+        self.problems = problems
+        self.source = source
+        where = f"{source}: " if source else ""
+        super().__init__(where + "; ".join(problems))
+
+
+def _opt(default: Any, help: str, *, min: float | None = None, max: float | None = None) -> Any:
+    """A dataclass field with its help text and allowed range (used for validation and docs)."""
+    return field(default=default, metadata={"help": help, "min": min, "max": max})
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """Where the pipeline keeps its files and how many bytes it may use."""
+
+    base_dir: str = _opt("./atlasflow_data", "Root of the data/, models/, cache/, outputs/ areas and the ledger.")
+    max_storage_gb: float = _opt(550.0, "Hard disk budget for everything under base_dir, in GB (10^9 bytes).", min=0.001)
+    data_gb: float = _opt(200.0, "Allocation of the data area (raw downloads + processed files), GB.", min=0)
+    models_gb: float = _opt(200.0, "Allocation of the models area (checkpoints, embeddings), GB.", min=0)
+    cache_gb: float = _opt(100.0, "Allocation of the cache area (temporary processing), GB.", min=0)
+    outputs_gb: float = _opt(50.0, "Allocation of the outputs area (reports, final results), GB.", min=0)
+    keep_checkpoints: int = _opt(3, "How many most recent batch checkpoints to keep; older ones are deleted.", min=1)
+    min_free_gb: float = _opt(
+        5.0, "Free space that must remain on the volume after a reservation (statvfs), GB.", min=0
+    )
+
+    @property
+    def max_storage_bytes(self) -> int:
+        return int(self.max_storage_gb * GB)
+
+    def area_bytes(self) -> dict[str, int]:
+        """Allocation per area, in bytes."""
+        return {
+            "data": int(self.data_gb * GB),
+            "models": int(self.models_gb * GB),
+            "cache": int(self.cache_gb * GB),
+            "outputs": int(self.outputs_gb * GB),
+        }
+
+    def _check(self) -> list[str]:
+        total = self.data_gb + self.models_gb + self.cache_gb + self.outputs_gb
+        if total > self.max_storage_gb + 1e-9:
+            return [
+                f"storage: the area allocations add up to {total:g} GB, more than "
+                f"max_storage_gb={self.max_storage_gb:g}"
+            ]
+        return []
+
+
+@dataclass(frozen=True)
+class ManifestConfig:
+    """The dataset list (Excel or CSV) and how to read it."""
+
+    path: str | None = _opt(None, "Path of the manifest (.xlsx or .csv). Relative paths are taken from the config file's folder.")
+    sheet: str | None = _opt(None, "Worksheet to read from an .xlsx manifest; the first sheet when empty.")
+    allowed_file_root: str | None = _opt(
+        None, "Folder below which file:// URLs are accepted; file:// is refused when empty."
+    )
+
+
+@dataclass(frozen=True)
+class PlanConfig:
+    """How datasets are grouped into batches."""
+
+    batch_size: int = _opt(3, "Datasets per batch.", min=1, max=1000)
+    max_batch_gb: float | None = _opt(
+        None, "Also close a batch before its expected size would pass this many GB.", min=0.001
+    )
+
+    @property
+    def max_batch_bytes(self) -> int | None:
+        return None if self.max_batch_gb is None else int(self.max_batch_gb * GB)
+
+
+@dataclass(frozen=True)
+class DownloadConfig:
+    """Fetching datasets."""
+
+    retries: int = _opt(3, "Airflow retries of a failed download task.", min=0, max=20)
+    retry_delay_s: float = _opt(30.0, "First retry delay; doubles each try (exponential backoff).", min=0)
+    max_retry_delay_s: float = _opt(900.0, "Longest delay between download retries.", min=0)
+    timeout_s: float = _opt(1800.0, "Time limit of one download task (30 min, as in the design doc).", min=1)
+    geo_base_url: str = _opt("https://ftp.ncbi.nlm.nih.gov/geo", "Base URL of the GEO FTP-over-HTTPS mirror.")
+
+
+@dataclass(frozen=True)
+class QCConfig:
+    """Cell and gene filters applied before harmonisation (scanpy)."""
+
+    min_genes: int = _opt(200, "Drop cells with fewer detected genes.", min=0)
+    max_genes: int | None = _opt(None, "Drop cells with more detected genes (doublet guard).", min=1)
+    min_counts: int = _opt(0, "Drop cells with fewer total counts.", min=0)
+    min_cells: int = _opt(3, "Drop genes detected in fewer cells.", min=0)
+    max_pct_mito: float = _opt(20.0, "Drop cells whose mitochondrial share of counts exceeds this percent.", min=0, max=100)
+    target_sum: float = _opt(10_000.0, "Counts per cell after normalize_total.", min=1)
+    min_vocab_coverage: float = _opt(
+        0.5, "Quarantine a dataset whose genes cover less than this share of the vocabulary.", min=0, max=1
+    )
+
+
+@dataclass(frozen=True)
+class SlurmConfig:
+    """Submitting training to a SLURM cluster over SSH."""
+
+    conn_id: str = _opt("slurm_ssh", "Airflow SSH connection to the cluster's login node.")
+    partition: str | None = _opt(None, "sbatch --partition.")
+    account: str | None = _opt(None, "sbatch --account.")
+    qos: str | None = _opt(None, "sbatch --qos.")
+    time_limit: str = _opt("04:00:00", "sbatch --time (HH:MM:SS or D-HH:MM:SS).")
+    mem_gb: float = _opt(32.0, "sbatch --mem, GB.", min=0.001)
+    cpus: int = _opt(4, "sbatch --cpus-per-task.", min=1)
+    gpus: int = _opt(1, "sbatch --gres=gpu:N (0 for a CPU-only partition).", min=0)
+    constraint: str | None = _opt(None, "sbatch --constraint.")
+    remote_workdir: str | None = _opt(None, "Working folder on the cluster; base_dir when empty (shared filesystem).")
+    env_activate: str | None = _opt(
+        None, "Path of the cluster-side venv or conda env to activate before `atlasflow train`."
+    )
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """Which backend runs the per-batch training job."""
+
+    backend: Literal["local", "slurm"] = _opt("local", "`local` runs a subprocess here; `slurm` submits over SSH.")
+    timeout_s: float = _opt(4 * 3600.0, "Time limit of one training task.", min=1)
+    seed: int = _opt(0, "Random seed for sampling, masking and initialisation.", min=0)
+
+
+@dataclass(frozen=True)
+class AtlasConfig:
+    """The whole pipeline configuration."""
+
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    manifest: ManifestConfig = field(default_factory=ManifestConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
+    download: DownloadConfig = field(default_factory=DownloadConfig)
+    qc: QCConfig = field(default_factory=QCConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> AtlasConfig:
+        """Return a copy with ``overrides`` (dotted keys or nested mappings) applied and validated."""
+        merged = _deep_merge(self.to_dict(), _expand_dotted(overrides, "override"))
+        return _build(AtlasConfig, merged, "")
+
+    @property
+    def base_dir(self) -> Path:
+        return Path(self.storage.base_dir)
+
+    @property
+    def state_dir(self) -> Path:
+        """Small bookkeeping files (plan, ledger) that must outlive every cleanup."""
+        return self.base_dir / "state"
+
+    @property
+    def plan_path(self) -> Path:
+        return self.state_dir / "plan.json"
+
+
+# The design document's streaming_config.json used flat keys; accept them so old configs load.
+_LEGACY_KEYS = {
+    "base_dir": "storage.base_dir",
+    "max_storage_gb": "storage.max_storage_gb",
+    "dataset_list_path": "manifest.path",
+    "batch_size": "plan.batch_size",
+}
+
+
+def _expand_dotted(data: Mapping[str, Any], source: str, *, top: bool = True) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if not isinstance(key, str):
+            raise ConfigError([f"key {key!r} is not a string"], source)
+        path = (_LEGACY_KEYS.get(key, key) if top else key).split(".")
+        node = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError([f"{key}: conflicts with a value given for {part}"], source)
+        leaf = path[-1]
+        if isinstance(value, Mapping):
+            value = _expand_dotted(value, source, top=False)
+            if isinstance(node.get(leaf), dict):
+                value = _deep_merge(node[leaf], value)
+        node[leaf] = value
+    return out
+
+
+def _deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _coerce(value: Any, hint: Any, key: str, problems: list[str]) -> Any:
+    """Check ``value`` against a type hint; return the value in that type, or record a problem."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key, problems)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            problems.append(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
+        return value
+    if value is None:
+        problems.append(f"{key}: a value is required")
+        return None
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            return int(value)
+    elif hint is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, os.PathLike):
+            return os.fspath(value)
+    problems.append(f"{key}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
+    return value
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    problems: list[str] = []
+    obj = _build_into(cls, data, prefix, problems)
+    if problems:
+        raise ConfigError(problems)
+    return obj
+
+
+def _build_into(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
+    name = prefix.rstrip(".") or "config"
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        problems.append(f"{name}: expected a mapping of keys, got {data!r}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in known:
+            hint = ", ".join(sorted(known))
+            problems.append(f"{prefix}{key}: unknown key (known here: {hint})")
+    values: dict[str, Any] = {}
+    for fname, f in known.items():
+        if fname not in data:
+            continue
+        hint = hints[fname]
+        key = f"{prefix}{fname}"
+        if dataclasses.is_dataclass(hint):
+            values[fname] = _build_into(hint, data[fname], key + ".", problems)
+            continue
+        value = _coerce(data[fname], hint, key, problems)
+        lo, hi = f.metadata.get("min"), f.metadata.get("max")
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            if lo is not None and value < lo:
+                problems.append(f"{key}: {value!r} is below the minimum {lo:g}")
+            if hi is not None and value > hi:
+                problems.append(f"{key}: {value!r} is above the maximum {hi:g}")
+        values[fname] = value
+    try:
+        obj = cls(**values)
+    except TypeError as exc:  # only reachable through a wrong type we already recorded
+        problems.append(f"{name}: {exc}")
+        return cls()
+    check = getattr(obj, "_check", None)
+    if check is not None:
+        problems.extend(check())
+    return obj
+
+
+def _read_file(path: Path) -> Mapping[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"cannot read the config file: {exc.strerror or exc}"], str(path)) from exc
+    import yaml
+
+    try:
+        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as exc:
+        kind = "JSON" if path.suffix.lower() == ".json" else "YAML"
+        raise ConfigError([f"not valid {kind}: {exc}"], str(path)) from exc
+    if data is None:
+        return {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(["the top level must be a mapping of sections"], str(path))
+    return data
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    overrides: Mapping[str, Any] | None = None,
+) -> AtlasConfig:
+    """Load the configuration.
+
+    Parameters
+    ----------
+    path
+        A ``.yaml``/``.yml``/``.json`` file. When ``None``, the file named by the
+        ``ATLASFLOW_CONFIG`` environment variable is used, else the defaults.
+    overrides
+        Values that win over the file, e.g. an Airflow Param: ``{"plan.batch_size": 2}`` or
+        ``{"plan": {"batch_size": 2}}``.
+
+    Returns
+    -------
+    The validated, frozen configuration. Relative ``storage.base_dir`` and ``manifest.path``
+    are resolved against the config file's folder, so a config means the same from any cwd.
+
+    Raises
+    ------
+    ConfigError
+        Listing every unknown key, wrong type and out-of-range value.
+    """
+    if path is None and os.environ.get(ENV_CONFIG_PATH):
+        path = os.environ[ENV_CONFIG_PATH]
+    data: dict[str, Any] = {}
+    source = None
+    if path is not None:
+        source = str(path)
+        data = _expand_dotted(_read_file(Path(path)), source)
+    if overrides:
+        data = _deep_merge(data, _expand_dotted(overrides, "overrides"))
+    try:
+        config = _build(AtlasConfig, data, "")
+    except ConfigError as exc:
+        raise ConfigError(exc.problems, source) from None
+    if path is not None:
+        config = _resolve_relative(config, Path(path).resolve().parent)
+    return config
+
+
+def _resolve_relative(config: AtlasConfig, folder: Path) -> AtlasConfig:
+    storage = config.storage
+    if not Path(storage.base_dir).is_absolute():
+        storage = dataclasses.replace(storage, base_dir=str(folder / storage.base_dir))
+    manifest = config.manifest
+    if manifest.path and not Path(manifest.path).is_absolute():
+        manifest = dataclasses.replace(manifest, path=str(folder / manifest.path))
+    if manifest.allowed_file_root and not Path(manifest.allowed_file_root).is_absolute():
+        manifest = dataclasses.replace(manifest, allowed_file_root=str(folder / manifest.allowed_file_root))
+    return dataclasses.replace(config, storage=storage, manifest=manifest)
+
+
+def config_reference() -> list[dict[str, Any]]:
+    """Every option as ``{"key", "type", "default", "help", "min", "max"}``, for docs and ``config show``."""
+    rows: list[dict[str, Any]] = []
+    for section in dataclasses.fields(AtlasConfig):
+        cls = typing.get_type_hints(AtlasConfig)[section.name]
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            rows.append(
+                {
+                    "key": f"{section.name}.{f.name}",
+                    "type": _type_name(hints[f.name]),
+                    "default": f.default,
+                    "help": f.metadata.get("help", ""),
+                    "min": f.metadata.get("min"),
+                    "max": f.metadata.get("max"),
+                }
+            )
+    return rows
+
+
+def _type_name(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(hint))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(hint))
+    return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))
