@@ -45,7 +45,6 @@ def atlas_ingest() -> None:
     def freeze_plan() -> dict:
         """Validate the whole manifest (every problem listed) and save the plan, sealing its batches."""
         from atlasflow.plan import freeze_plan as freeze
-
         from atlasflow_airflow.runtime import task_config
 
         return freeze(task_config())
@@ -54,7 +53,6 @@ def atlas_ingest() -> None:
     def stage_batch(batch_id: str) -> str:
         """Write the batch's datasets to its spec file; later tasks read the batch from there."""
         from atlasflow.plan import write_batch_spec
-
         from atlasflow_airflow.runtime import task_config
 
         return write_batch_spec(task_config(), batch_id)

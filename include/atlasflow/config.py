@@ -322,9 +322,9 @@ def _build_into(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
         lo, hi = f.metadata.get("min"), f.metadata.get("max")
         if isinstance(value, int | float) and not isinstance(value, bool):
             if lo is not None and value < lo:
-                problems.append(f"{key}: {value!r} is below the minimum {lo:g}")
+                problems.append(f"{key}: {data[fname]!r} is below the minimum {lo:g}")
             if hi is not None and value > hi:
-                problems.append(f"{key}: {value!r} is above the maximum {hi:g}")
+                problems.append(f"{key}: {data[fname]!r} is above the maximum {hi:g}")
         values[fname] = value
     try:
         obj = cls(**values)

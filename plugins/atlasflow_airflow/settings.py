@@ -186,7 +186,11 @@ def parse_settings(path: str | Path) -> AirflowSettings:
 
 def apply_settings(settings: AirflowSettings) -> list[str]:
     """Create or update every pool, connection and variable; return one line per action."""
-    from airflow.models import Connection, Pool, Variable
+    # The ORM models, not airflow.sdk: this is an admin tool writing the metadata DB directly,
+    # outside any task (the SDK classes go through a running task's API client).
+    from airflow.models.connection import Connection
+    from airflow.models.pool import Pool
+    from airflow.models.variable import Variable
     from airflow.utils.session import create_session
 
     actions: list[str] = []
