@@ -89,3 +89,10 @@ def test_config_show_and_errors(tmp_path, capsys):
     assert code == 2 and "plan.batch_size: 0 is below the minimum 1" in capsys.readouterr().err
     code, _ = run("plan")
     assert code == 2 and "no manifest given" in capsys.readouterr().err
+
+
+def test_configuration_docs_are_current(repo):
+    """docs/configuration.md is generated; regenerate with `atlasflow config docs > docs/configuration.md`."""
+    code, out = run("config", "docs")
+    assert code == 0 and "| `storage.max_storage_gb` | float | `550.0` | ≥ 0.001 |" in out
+    assert (repo / "docs" / "configuration.md").read_text() == out
