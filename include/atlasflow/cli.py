@@ -147,6 +147,22 @@ def cmd_config_docs(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+def cmd_validate_system(args: argparse.Namespace, out: TextIO) -> int:
+    from atlasflow.validate import run_checks, summarize
+
+    requirements = Path(args.requirements) if args.requirements else Path(__file__).resolve().parents[2] / "requirements.txt"
+    checks = run_checks(_config(args), requirements=requirements, gpu=not args.no_gpu)
+    summary = summarize(checks)
+    if args.json:
+        json.dump(summary, out, indent=1)
+        out.write("\n")
+    else:
+        for c in checks:
+            out.write(f"[{c.status:>4}] {c.name:<22} {c.detail}\n")
+        out.write(f"overall: {summary['status']}\n")
+    return 1 if summary["status"] == "fail" else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="atlasflow", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--version", action="version", version=f"atlasflow {__version__}")
@@ -185,6 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
     show = csub.add_parser("show", help="print the effective configuration (validates it)")
     common(show)
     show.set_defaults(func=cmd_config_show)
+    validate = sub.add_parser("validate-system", help="check Python, packages, GPU, disk, memory and the manifest")
+    common(validate)
+    validate.add_argument("--requirements", help="pins to compare installed versions with (default: the checkout's)")
+    validate.add_argument("--no-gpu", action="store_true", help="skip the CUDA check (avoids importing torch)")
+    validate.set_defaults(func=cmd_validate_system)
     docs = csub.add_parser("docs", help="print the configuration reference as Markdown (docs/configuration.md)")
     docs.set_defaults(func=cmd_config_docs)
     return parser
