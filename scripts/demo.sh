@@ -6,7 +6,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 DEMO=${DEMO_DIR:-$ROOT/.demo}
-export AIRFLOW_HOME=${AIRFLOW_HOME:-$DEMO/airflow}
+export AIRFLOW_HOME=${AIRFLOW_HOME:-$ROOT/.airflow}
 # shellcheck source=scripts/airflow_env.sh
 source scripts/airflow_env.sh
 export ATLASFLOW_CONFIG=$DEMO/atlasflow.yaml
@@ -54,16 +54,17 @@ say "3. Airflow: metadata DB (SQLite), pools/connection/variables from airflow_s
 airflow db migrate >/dev/null
 python -m atlasflow_airflow.settings apply airflow_settings.yaml
 
-say "4. Run the atlas_ingest DAG (airflow dags test: real tasks, in-process)"
+say "4. Run atlas_ingest under the real scheduler (api-server, scheduler, dag-processor, triggerer on 127.0.0.1)"
+if [ "${KEEP_UI:-0}" != 1 ]; then trap 'python scripts/airflow_local.py stop >/dev/null' EXIT; fi
+python scripts/airflow_local.py start
 t0=$(date +%s)
-airflow dags test atlas_ingest >"$DEMO/dags_test.log" 2>&1 || { tail -40 "$DEMO/dags_test.log"; exit 1; }
-echo "finished in $(( $(date +%s) - t0 )) s; log: $DEMO/dags_test.log"
+python scripts/airflow_local.py trigger atlas_ingest --wait --timeout "${DEMO_TIMEOUT:-1800}"
+echo "run finished in $(( $(date +%s) - t0 )) s"
 python - <<'PY' 2>/dev/null
 from airflow.models.dagrun import DagRun
 from airflow.utils.session import create_session
 with create_session() as session:
     run = session.query(DagRun).filter(DagRun.dag_id == "atlas_ingest").order_by(DagRun.id.desc()).first()
-    print(f"run {run.run_id}: {run.state}")
     for ti in sorted(run.get_task_instances(session=session), key=lambda t: t.task_id):
         print(f"  {ti.task_id:<22} {ti.state}")
 PY
@@ -83,7 +84,7 @@ demo = Path(sys.argv[1])
 plan = json.loads((demo / "base/state/plan.json").read_text())
 specs = sorted((demo / "base/state/batches").glob("*.json"))
 print(f"- validated a 7-row manifest and refused a broken one (exit 2, every problem listed)")
-print(f"- applied airflow_settings.yaml to {demo / 'airflow'} (pools downloads=5, gpu=1 include_deferred)")
+print("- applied airflow_settings.yaml to $AIRFLOW_HOME (pools downloads=5, gpu=1 include_deferred) and ran\n  Airflow's scheduler, dag-processor, triggerer and api-server on 127.0.0.1, stopped again at the end")
 print(f"- ran atlas_ingest: saved the plan ({len(plan['batches'])} sealed batches) to {demo / 'base/state/plan.json'}")
 for s in specs:
     spec = json.loads(s.read_text())
@@ -91,3 +92,6 @@ for s in specs:
 print("- re-planned after appending 2 rows: the saved batches kept their ids, one new batch was appended")
 print("Not yet part of the pipeline (open issues): downloads, QC, integration, training, cleanup.")
 PY
+if [ "${KEEP_UI:-0}" = 1 ]; then
+  echo "The Airflow UI keeps running (KEEP_UI=1): python scripts/airflow_local.py status | stop"
+fi

@@ -1,0 +1,251 @@
+#!/usr/bin/env python
+"""Run a real local Airflow (api-server, scheduler, dag-processor, triggerer) on 127.0.0.1.
+
+    airflow_local.py start   [--api-port 8080] [--timeout 180]   (or AIRFLOW_LOCAL_API_PORT)
+    airflow_local.py status
+    airflow_local.py trigger DAG_ID [--conf JSON] [--wait] [--timeout 1800]
+    airflow_local.py stop
+
+Every process binds 127.0.0.1 (the log servers too), its port is checked for being free before
+start, and its PID is recorded under ``$AIRFLOW_HOME/local/``; ``stop`` ends exactly those PIDs
+(process groups it started), never anything found by name. Uses the environment of
+``scripts/airflow_env.sh`` (SQLite + LocalExecutor by default) — source it first, or let
+``make demo`` do it. Standard library only, so it also runs outside the venv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
+
+
+def home() -> Path:
+    try:
+        return Path(os.environ["AIRFLOW_HOME"])
+    except KeyError:
+        raise SystemExit("AIRFLOW_HOME is not set: source scripts/airflow_env.sh first") from None
+
+
+def state_dir() -> Path:
+    path = home() / "local"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def alive(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    # a killed daemon can linger as a zombie; that is not alive
+    return "\nState:\tZ" not in status
+
+
+def read_state() -> dict[str, Any]:
+    path = state_dir() / "state.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def write_state(state: dict[str, Any]) -> None:
+    path = state_dir() / "state.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=1))
+    tmp.replace(path)
+
+
+def api_url(state: dict[str, Any]) -> str:
+    return f"http://127.0.0.1:{state['api_port']}"
+
+
+def request(state: dict[str, Any], method: str, path: str, body: Any = None, token: str | None = None,
+            timeout: float = 30) -> Any:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(api_url(state) + path, data=data, method=method)
+    req.add_header("Content-Type", "application/json")
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        text = resp.read().decode()
+    return json.loads(text) if text else None
+
+
+def password() -> str:
+    path = home() / "simple_auth_manager_passwords.json.generated"
+    return json.loads(path.read_text())["admin"]
+
+
+def token(state: dict[str, Any]) -> str:
+    return request(state, "POST", "/auth/token", {"username": "admin", "password": password()})["access_token"]
+
+
+def start(args: argparse.Namespace) -> int:
+    state = read_state()
+    running = {c: p for c, p in state.get("pids", {}).items() if alive(p)}
+    if running:
+        print(f"already running: {', '.join(f'{c} (pid {p})' for c, p in running.items())}")
+        return 0
+    api_port = args.api_port
+    if not port_free(api_port):
+        raise SystemExit(f"port {api_port} on 127.0.0.1 is busy; pass --api-port or set AIRFLOW_LOCAL_API_PORT")
+    worker_log_port, trigger_log_port = free_port(), free_port()
+    env = {
+        **os.environ,
+        "AIRFLOW__API__HOST": "127.0.0.1",
+        "AIRFLOW__API__PORT": str(api_port),
+        "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{api_port}",
+        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{api_port}/execution/",
+        "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(worker_log_port),
+        "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(trigger_log_port),
+        "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "False",
+    }
+    logs = state_dir()
+    subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], env=env, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pids = {}
+    for component in COMPONENTS:
+        cmd = [sys.executable, "-m", "airflow", component]
+        if component == "api-server":
+            cmd += ["--host", "127.0.0.1", "--port", str(api_port)]
+        log = (logs / f"{component}.log").open("ab")
+        # own session: stop() can signal the component and every worker it forked, and nothing else
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        pids[component] = proc.pid
+    state = {"pids": pids, "api_port": api_port, "log_ports": [worker_log_port, trigger_log_port],
+             "started": time.time()}
+    write_state(state)
+    deadline = time.time() + args.timeout
+    while time.time() < deadline:
+        dead = [c for c, p in pids.items() if not alive(p)]
+        if dead:
+            stop(argparse.Namespace())
+            raise SystemExit(f"{', '.join(dead)} exited during start; see {logs}/<component>.log")
+        try:
+            health = request(state, "GET", "/api/v2/monitor/health", timeout=5)
+            if health.get("scheduler", {}).get("status") == "healthy":
+                print(f"Airflow UI: {api_url(state)}  (user admin, password {password()}); logs in {logs}")
+                return 0
+        except (urllib.error.URLError, OSError, ValueError):
+            pass
+        time.sleep(2)
+    stop(argparse.Namespace())
+    raise SystemExit(f"Airflow did not become healthy within {args.timeout} s; see {logs}")
+
+
+def stop(args: argparse.Namespace) -> int:
+    state = read_state()
+    pids = state.get("pids", {})
+    for component, pid in pids.items():
+        if alive(pid):
+            try:
+                os.killpg(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    deadline = time.time() + 30
+    while time.time() < deadline and any(alive(p) for p in pids.values()):
+        time.sleep(0.5)
+    for component, pid in pids.items():
+        if alive(pid):
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    if pids:
+        print(f"stopped {', '.join(f'{c} (pid {p})' for c, p in pids.items())}")
+    write_state({})
+    return 0
+
+
+def status(args: argparse.Namespace) -> int:
+    state = read_state()
+    if not state.get("pids"):
+        print("not running")
+        return 3
+    for component, pid in state["pids"].items():
+        print(f"{component:<14} pid {pid:<8} {'running' if alive(pid) else 'dead'}")
+    print(f"UI: {api_url(state)}")
+    return 0 if all(alive(p) for p in state["pids"].values()) else 1
+
+
+def trigger(args: argparse.Namespace) -> int:
+    state = read_state()
+    if not state.get("pids"):
+        raise SystemExit("Airflow is not running: start it first")
+    tok = token(state)
+    deadline = time.time() + args.parse_timeout
+    while True:  # the dag-processor needs a moment to serialise the DAG after start
+        try:
+            request(state, "GET", f"/api/v2/dags/{args.dag_id}", token=tok)
+            break
+        except urllib.error.HTTPError as exc:
+            if exc.code != 404 or time.time() > deadline:
+                raise SystemExit(f"DAG {args.dag_id} not available: HTTP {exc.code}") from None
+            time.sleep(2)
+    request(state, "PATCH", f"/api/v2/dags/{args.dag_id}", {"is_paused": False}, token=tok)
+    run = request(state, "POST", f"/api/v2/dags/{args.dag_id}/dagRuns",
+                  {"logical_date": None, "conf": json.loads(args.conf)}, token=tok)
+    run_id = run["dag_run_id"]
+    print(f"triggered {args.dag_id} run {run_id}")
+    if not args.wait:
+        return 0
+    deadline = time.time() + args.timeout
+    while time.time() < deadline:
+        tok = token(state)  # tokens expire; a long run outlives one
+        run = request(state, "GET", f"/api/v2/dags/{args.dag_id}/dagRuns/{run_id}", token=tok)
+        if run["state"] in ("success", "failed"):
+            print(f"run {run_id}: {run['state']}")
+            return 0 if run["state"] == "success" else 1
+        time.sleep(3)
+    print(f"run {run_id} still {run['state']} after {args.timeout} s")
+    return 1
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("start")
+    p.add_argument("--api-port", type=int, default=int(os.environ.get("AIRFLOW_LOCAL_API_PORT", "8080")))
+    p.add_argument("--timeout", type=float, default=180)
+    p.set_defaults(func=start)
+    sub.add_parser("stop").set_defaults(func=stop)
+    sub.add_parser("status").set_defaults(func=status)
+    p = sub.add_parser("trigger")
+    p.add_argument("dag_id")
+    p.add_argument("--conf", default="{}")
+    p.add_argument("--wait", action="store_true")
+    p.add_argument("--timeout", type=float, default=1800)
+    p.add_argument("--parse-timeout", type=float, default=120)
+    p.set_defaults(func=trigger)
+    args = parser.parse_args()
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
