@@ -162,7 +162,7 @@ def start(args: argparse.Namespace) -> int:
 def stop(args: argparse.Namespace) -> int:
     state = read_state()
     pids = state.get("pids", {})
-    for component, pid in pids.items():
+    for pid in pids.values():
         if alive(pid):
             try:
                 os.killpg(pid, signal.SIGTERM)
@@ -171,7 +171,7 @@ def stop(args: argparse.Namespace) -> int:
     deadline = time.time() + 30
     while time.time() < deadline and any(alive(p) for p in pids.values()):
         time.sleep(0.5)
-    for component, pid in pids.items():
+    for pid in pids.values():
         if alive(pid):
             try:
                 os.killpg(pid, signal.SIGKILL)
