@@ -24,6 +24,28 @@ log = logging.getLogger(__name__)
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = PROJECT_ROOT / "include" / "config" / "atlasflow.yaml"
 OVERRIDES_VARIABLE = "atlasflow_overrides"
+# These shape the DAG itself (which batches exist, where the plan lives) and are read at parse
+# time from the file; overriding them for one run would make the run disagree with its own graph.
+PARSE_TIME_KEYS = ("manifest", "plan", "storage.base_dir")
+
+
+def check_runtime_overrides(overrides: dict[str, Any], source: str) -> None:
+    """Refuse run-time overrides of keys that the DAG's shape depends on."""
+    from atlasflow.config import ConfigError
+
+    flat: list[str] = []
+    for key, value in overrides.items():
+        if isinstance(value, dict):
+            flat.extend(f"{key}.{sub}" for sub in value)
+        else:
+            flat.append(key)
+    bad = sorted(k for k in flat if any(k == p or k.startswith(p + ".") for p in PARSE_TIME_KEYS))
+    if bad:
+        raise ConfigError(
+            [f"{k} cannot be overridden per run: it shapes the DAG and is read from the config file at parse time"
+             for k in bad],
+            source,
+        )
 
 
 def config_path() -> str | None:
@@ -70,9 +92,11 @@ def task_config(context: Any | None = None) -> AtlasConfig:
     except ValueError as exc:
         raise ValueError(f"Variable {OVERRIDES_VARIABLE!r} is not JSON: {exc}") from exc
     if from_variable:
+        check_runtime_overrides(from_variable, f"Variable {OVERRIDES_VARIABLE}")
         overrides.update(from_variable)
     context = context or get_current_context()
     from_params = (context.get("params") or {}).get("config_overrides") or {}
+    check_runtime_overrides(from_params, "Param config_overrides")
     overrides.update(from_params)
     if overrides:
         log.info("config overrides in effect: %s", sorted(overrides))
