@@ -127,8 +127,9 @@ def start(args: argparse.Namespace) -> int:
         "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "False",
     }
     logs = state_dir()
-    subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], env=env, check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    migrate = subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], env=env, capture_output=True, text=True)
+    if migrate.returncode != 0:
+        raise SystemExit(f"airflow db migrate failed:\n{(migrate.stdout + migrate.stderr)[-3000:]}")
     pids = {}
     for component in COMPONENTS:
         cmd = [sys.executable, "-m", "airflow", component]

@@ -1,13 +1,16 @@
 """atlas_ingest under the real scheduler (api-server + scheduler + dag-processor + triggerer),
-started and stopped by scripts/airflow_local.py exactly as `make demo` does."""
+started and stopped by scripts/airflow_local.py exactly as `make demo` does, on the embedded
+SQLite metadata DB and on a real PostgreSQL server with LocalExecutor parallelism 4."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -31,15 +34,33 @@ def alive(pid: int) -> bool:
         return False
 
 
-@pytest.fixture
-def local_airflow(tmp_path):
+@pytest.fixture(scope="module")
+def postgres_url():
+    """A real PostgreSQL server (Debian package) on 127.0.0.1, stopped by its PID afterwards."""
+    # not under pytest's tmp dirs: they are private to root, and the server runs as postgres
+    state = Path(tempfile.mkdtemp(prefix="atlasflow-test-pg-"))
+    os.chmod(state, 0o755)
+    env = {**os.environ, "PG_STATE_DIR": str(state), "PG_PORT": str(free_port())}
+    script = str(REPO / "scripts" / "local-postgres")
+    started = subprocess.run([script, "start"], env=env, capture_output=True, text=True, timeout=600)
+    assert started.returncode == 0, started.stdout + started.stderr
+    url = subprocess.run([script, "url"], env=env, capture_output=True, text=True, check=True).stdout.strip()
+    yield url
+    stopped = subprocess.run([script, "stop"], env=env, capture_output=True, text=True)
+    shutil.rmtree(state, ignore_errors=True)
+    assert stopped.returncode == 0 and "stopped postgres" in stopped.stdout
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def local_airflow(request, tmp_path):
     home = tmp_path / "airflow"
     home.mkdir()
+    db = f"sqlite:///{home}/airflow.db" if request.param == "sqlite" else request.getfixturevalue("postgres_url")
     manifest = write_xlsx(tmp_path / "m.xlsx", direct_rows(5))
     config = tmp_path / "atlasflow.yaml"
     config.write_text(f"storage: {{base_dir: {tmp_path / 'base'}}}\nmanifest: {{path: {manifest}}}\nplan: {{batch_size: 2}}\n")
     env = {**os.environ, "AIRFLOW_HOME": str(home), "ATLASFLOW_CONFIG": str(config),
-           "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home}/airflow.db",
+           "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": db,
            "PYTHONPATH": str(REPO / "plugins"), "AIRFLOW__CORE__PARALLELISM": "4"}
 
     def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -50,6 +71,7 @@ def local_airflow(tmp_path):
     cli("stop", check=False)
 
 
+@pytest.mark.parametrize("local_airflow", ["sqlite"], indirect=True)
 def test_busy_port_is_refused(local_airflow):
     cli, _, _ = local_airflow
     with socket.socket() as busy:
