@@ -206,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--requirements", help="pins to compare installed versions with (default: the checkout's)")
     validate.add_argument("--no-gpu", action="store_true", help="skip the CUDA check (avoids importing torch)")
     validate.set_defaults(func=cmd_validate_system)
+    from atlasflow.storage.monitor import register as register_storage
+
+    register_storage(sub)
     docs = csub.add_parser("docs", help="print the configuration reference as Markdown (docs/configuration.md)")
     docs.set_defaults(func=cmd_config_docs)
     return parser
@@ -227,6 +230,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         for problem in exc.problems:
             _err(f"config error: {where}{problem}")
         return EXIT_INVALID
+    except KeyboardInterrupt:  # `storage --watch` ends with Ctrl-C
+        return 0
     except ValueError as exc:  # e.g. an unreadable saved plan; the message names the file
         _err(f"error: {exc}")
         return EXIT_INVALID

@@ -68,6 +68,16 @@ class StorageConfig:
     min_free_gb: float = _opt(
         5.0, "Free space that must remain on the volume after a reservation (statvfs), GB.", min=0
     )
+    reservation_lease_hours: float = _opt(
+        48.0, "A batch reservation not renewed for this long is treated as abandoned and reclaimed.", min=0.001
+    )
+    unknown_size_gb: float = _opt(
+        10.0, "Download size assumed for a dataset with no expected_bytes and no Content-Length, GB.", min=0
+    )
+    checkpoint_gb: float = _opt(1.0, "Disk reserved per batch for its checkpoint and integration model, GB.", min=0)
+    default_expansion: float = _opt(
+        2.0, "Processed bytes per downloaded byte assumed for a format until one has been measured.", min=0
+    )
 
     @property
     def max_storage_bytes(self) -> int:

@@ -1,0 +1,49 @@
+"""How many bytes a batch will need before it is admitted."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from atlasflow.config import GB
+from atlasflow.manifest import Dataset
+from atlasflow.storage.ledger import Ledger
+
+__all__ = ["batch_footprint"]
+
+
+def batch_footprint(
+    datasets: Sequence[Dataset],
+    ledger: Ledger,
+    *,
+    content_lengths: Mapping[str, int] | None = None,
+) -> dict[str, Any]:
+    """Estimate a batch's peak footprint.
+
+    Each dataset needs its download (``expected_bytes`` from the manifest, else the server's
+    ``Content-Length``, else ``storage.unknown_size_gb``) plus its processed output (download ×
+    the format's expansion factor, measured from earlier datasets when any). The batch adds one
+    checkpoint + integration model (``storage.checkpoint_gb``). Raw files are deleted once
+    processed, so this over-estimates a little: the budget is a hard limit, so err high.
+
+    Returns
+    -------
+    ``{"bytes": total, "datasets": [{"dataset_id", "raw", "processed", "factor", "size_source"}]}``
+    """
+    config = ledger.config
+    lengths = content_lengths or {}
+    rows = []
+    total = int(config.checkpoint_gb * GB)
+    for d in datasets:
+        if d.expected_bytes is not None:
+            raw, source = d.expected_bytes, "manifest"
+        elif lengths.get(d.dataset_id):
+            raw, source = int(lengths[d.dataset_id]), "content-length"
+        else:
+            raw, source = int(config.unknown_size_gb * GB), "default"
+        factor = ledger.expansion_factor(d.format)
+        processed = int(raw * factor)
+        total += raw + processed
+        rows.append({"dataset_id": d.dataset_id, "raw": raw, "processed": processed, "factor": round(factor, 4),
+                     "size_source": source})
+    return {"bytes": total, "datasets": rows}

@@ -1,0 +1,206 @@
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from atlasflow.config import StorageConfig
+from atlasflow.manifest import Dataset
+from atlasflow.storage import BudgetExceededError, Cleaner, Ledger, batch_footprint
+
+KB = 1000
+
+
+def storage(base: Path, budget_kb: float = 100, **kw) -> StorageConfig:
+    gb = budget_kb * KB / 1e9
+    return StorageConfig(base_dir=str(base), max_storage_gb=gb, data_gb=gb * 0.4, models_gb=gb * 0.4,
+                         cache_gb=gb * 0.1, outputs_gb=gb * 0.1, min_free_gb=kw.pop("min_free_gb", 0.0), **kw)
+
+
+def write(path: Path, nbytes: int) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(os.urandom(nbytes))
+    return path
+
+
+def test_admits_until_the_budget_is_reserved(tmp_path):
+    ledger = Ledger(storage(tmp_path))
+    assert ledger.try_admit("batch_0000", 60 * KB).admitted
+    waiting = ledger.try_admit("batch_0001", 50 * KB)
+    assert not waiting.admitted and "still reserved by 1 batch" in waiting.reason
+    assert ledger.try_admit("batch_0001", 40 * KB).admitted
+    assert [r.batch_id for r in ledger.reservations()] == ["batch_0000", "batch_0001"]
+
+
+def test_readmitting_is_idempotent(tmp_path):
+    ledger = Ledger(storage(tmp_path))
+    assert ledger.try_admit("batch_0000", 90 * KB, owner="a").admitted
+    again = ledger.try_admit("batch_0000", 90 * KB, owner="retry")
+    assert again.admitted and "already admitted" in again.reason
+    assert ledger.reservation("batch_0000").owner == "retry" and len(ledger.reservations()) == 1
+
+
+def test_a_batch_bigger_than_the_budget_fails_at_once(tmp_path):
+    with pytest.raises(BudgetExceededError, match="can never be admitted"):
+        Ledger(storage(tmp_path)).try_admit("batch_0000", 101 * KB)
+
+
+def test_admission_in_batch_order(tmp_path):
+    ledger = Ledger(storage(tmp_path))
+    early = ledger.try_admit("batch_0001", 1 * KB, after="batch_0000")
+    assert not early.admitted and "waiting for batch_0000" in early.reason
+    assert ledger.try_admit("batch_0000", 1 * KB).admitted
+    assert ledger.try_admit("batch_0001", 1 * KB, after="batch_0000").admitted
+
+
+def test_files_written_by_a_batch_count_once(tmp_path):
+    ledger = Ledger(storage(tmp_path))
+    assert ledger.try_admit("batch_0000", 60 * KB, paths=["data/raw/ds1", "data/processed/batch_0000"]).admitted
+    write(tmp_path / "data/raw/ds1/x.h5ad", 30 * KB)
+    r = ledger.reservation("batch_0000")
+    assert 29 * KB < 60 * KB - ledger.outstanding(r) <= 35 * KB  # block rounding
+    # 30 kB on disk + 30 kB outstanding: 40 kB left, not 10 kB
+    assert ledger.try_admit("batch_0001", 38 * KB).admitted
+
+
+def test_files_outside_reservations_count_as_usage(tmp_path):
+    write(tmp_path / "outputs/report.html", 50 * KB)
+    ledger = Ledger(storage(tmp_path))
+    assert not ledger.try_admit("batch_0000", 55 * KB).admitted
+    assert ledger.try_admit("batch_0000", 45 * KB).admitted
+
+
+def test_volume_free_space_floor(tmp_path):
+    ledger = Ledger(storage(tmp_path, min_free_gb=10**7))  # more than any disk has free
+    waiting = ledger.try_admit("batch_0000", 1 * KB)
+    assert not waiting.admitted and "must stay free" in waiting.reason
+
+
+def _race(args: tuple[str, str]) -> bool:
+    base, batch = args
+    return Ledger(storage(Path(base), budget_kb=35)).try_admit(batch, 10 * KB).admitted
+
+
+def test_concurrent_processes_never_admit_past_the_budget(tmp_path):
+    Ledger(storage(tmp_path, budget_kb=35))
+    with ProcessPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(_race, [(str(tmp_path), f"batch_{i:04d}") for i in range(8)]))
+    assert sum(results) == 3
+    assert len(Ledger(storage(tmp_path, budget_kb=35)).reservations()) == 3
+
+
+def test_reservation_of_a_killed_process_is_reclaimed(tmp_path):
+    code = (
+        "import sys, time; from pathlib import Path\n"
+        "sys.path.insert(0, sys.argv[2])\n"
+        "from test_storage import storage\n"
+        "from atlasflow.storage import Ledger\n"
+        "assert Ledger(storage(Path(sys.argv[1]))).try_admit('batch_0000', 90_000, bind_pid=True).admitted\n"
+        "print('reserved', flush=True); time.sleep(600)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path), str(Path(__file__).parent)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "reserved"
+        ledger = Ledger(storage(tmp_path))
+        assert not ledger.try_admit("batch_0001", 50 * KB).admitted  # the live owner's bytes count
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert ledger.try_admit("batch_0001", 50 * KB).admitted
+    assert ledger.reservation("batch_0000").status == "reclaimed"
+
+
+def test_expired_lease_is_reclaimed(tmp_path, monkeypatch):
+    ledger = Ledger(storage(tmp_path, reservation_lease_hours=1))
+    assert ledger.try_admit("batch_0000", 90 * KB).admitted
+    assert ledger.heartbeat("batch_0000") and not ledger.heartbeat("batch_0099")
+    real = time.time
+    monkeypatch.setattr("atlasflow.storage.ledger.time.time", lambda: real() + 2 * 3600)
+    assert ledger.try_admit("batch_0001", 90 * KB).admitted
+    assert ledger.reservation("batch_0000").status == "reclaimed"
+
+
+def test_footprint_learns_expansion_per_format(tmp_path):
+    ledger = Ledger(storage(tmp_path, checkpoint_gb=0, default_expansion=2.0, unknown_size_gb=7e-6))
+    ds = [Dataset("a", "https://h/a.h5ad", "direct", 2, format="h5ad", expected_bytes=1000),
+          Dataset("b", "https://h/b.loom", "direct", 3, format="loom"),
+          Dataset("c", "GSE1", "geo", 4)]
+    first = batch_footprint(ds, ledger, content_lengths={"b": 500})
+    assert [d["size_source"] for d in first["datasets"]] == ["manifest", "content-length", "default"]
+    assert first["bytes"] == 3000 + 1500 + 21000
+    ledger.record_expansion("a0", "h5ad", 1000, 1200)
+    ledger.record_expansion("a1", "h5ad", 3000, 2800)
+    assert ledger.expansion_factor("h5ad") == pytest.approx(1.0)  # byte-weighted (1200+2800)/(1000+3000)
+    assert batch_footprint(ds[:1], ledger)["bytes"] == 2000
+    assert ledger.expansion_table()["h5ad"]["datasets"] == 2
+
+
+def test_cleanup_policy_records_every_deletion(tmp_path):
+    ledger = Ledger(storage(tmp_path, keep_checkpoints=2))
+    cleaner = Cleaner(ledger)
+    assert ledger.try_admit("batch_0003", 10 * KB, paths=["data/raw/ds1"]).admitted
+    write(tmp_path / "data/raw/ds1/f.h5", 3 * KB)
+    write(tmp_path / "data/processed/batch_0003/ds1.h5ad", 2 * KB)
+    for i in range(4):
+        write(tmp_path / f"models/checkpoints/batch_{i:04d}/model.pt", 1 * KB)
+        write(tmp_path / f"models/integration/batch_{i:04d}/model.pt", 1 * KB)
+    write(tmp_path / "cache/tmp.bin", 1 * KB)
+    result = cleaner.finish_batch("batch_0003", ["ds1"])
+    assert result["released"] and result["freed_bytes"]["raw"] >= 3 * KB
+    assert not (tmp_path / "data/raw/ds1").exists() and not (tmp_path / "data/processed/batch_0003").exists()
+    assert sorted(p.name for p in (tmp_path / "models/checkpoints").iterdir()) == ["batch_0002", "batch_0003"]
+    assert sorted(p.name for p in (tmp_path / "models/integration").iterdir()) == ["batch_0002", "batch_0003"]
+    assert list((tmp_path / "cache").iterdir()) == []
+    deleted = ledger.deletions()
+    assert {d["path"] for d in deleted} >= {"data/raw/ds1", "data/processed/batch_0003", "models/checkpoints/batch_0000"}
+    raw = next(d for d in deleted if d["path"] == "data/raw/ds1")
+    assert raw["dataset_id"] == "ds1" and raw["batch_id"] == "batch_0003" and raw["bytes"] >= 3 * KB
+    assert ledger.reservations() == []
+
+
+def test_cleanup_never_leaves_the_base_dir(tmp_path):
+    outside = write(tmp_path / "precious" / "keep.txt", 10)
+    base = tmp_path / "base"
+    cleaner = Cleaner(Ledger(storage(base)))
+    (base / "data/raw").mkdir(parents=True, exist_ok=True)
+    (base / "data/raw/ds1").symlink_to(outside.parent, target_is_directory=True)
+    assert cleaner.delete_raw("ds1") == 0
+    assert outside.exists() and not (base / "data/raw/ds1").exists()
+    # a link inside a dataset folder is unlinked, its target left alone
+    write(base / "data/raw/ds2/real.bin", 10)
+    (base / "data/raw/ds2/link").symlink_to(outside)
+    cleaner.delete_raw("ds2")
+    assert outside.exists()
+    with pytest.raises(ValueError, match="outside"):
+        cleaner.layout.inside(base / ".." / "precious")
+
+
+def test_tombstone_survives_cleanup(tmp_path):
+    cleaner = Cleaner(Ledger(storage(tmp_path)))
+    write(tmp_path / "data/raw/ds1/f.h5", 100)
+    cleaner.write_tombstone("ds1", {"sha256": "ab" * 32, "cells": 700, "genes": 765})
+    cleaner.delete_raw("ds1")
+    assert cleaner.tombstone("ds1")["cells"] == 700
+    assert cleaner.reclaimable()["raw_of_processed_datasets"] == 0
+
+
+def test_monitor_cli_text_json_and_watch(tmp_path):
+    Ledger(storage(tmp_path)).try_admit("batch_0000", 5 * KB, owner="atlas_ingest/run/admit")
+    write(tmp_path / "cache/x", 2 * KB)
+    exe = [sys.executable, "-m", "atlasflow.cli", "storage", "--base-dir", str(tmp_path)]
+    text = subprocess.run(exe, capture_output=True, text=True, check=True).stdout
+    assert "batch_0000" in text and "atlas_ingest/run/admit" in text and "cache" in text
+    lines = subprocess.run([*exe, "--json", "--watch", "0.1", "--count", "2"], capture_output=True, text=True,
+                           check=True).stdout.splitlines()
+    assert len(lines) == 2
+    report = json.loads(lines[0])
+    assert report["reservations"][0]["batch_id"] == "batch_0000"
+    assert report["areas"]["cache"]["used"] >= 2 * KB and report["reclaimable_bytes"]["cache"] >= 2 * KB
