@@ -1,0 +1,216 @@
+"""A local HTTP server standing in for GEO and other download hosts (demo, tests, benchmarks).
+
+Serves a folder on 127.0.0.1 with byte ranges and HTML folder listings (as GEO's HTTPS mirror
+does), and can misbehave on purpose, per path, to exercise the downloader:
+
+- ``fail``: answer the first N requests with a status (e.g. 503 twice),
+- ``drop_after``: send only this many body bytes on the first N requests, then hang up,
+- ``lie_length``: announce this many bytes more than the file has,
+- ``no_length``: send no Content-Length,
+- ``rate``: bytes per second (bandwidth throttle).
+
+Run it: ``python -m atlasflow.testing.geo_server --root DIR [--port P] [--pid-file F] [--faults JSON]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import os
+import socket
+import sys
+import threading
+import time
+from collections import Counter
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, unquote, urlsplit
+
+__all__ = ["GeoServer", "geo_series_dir"]
+
+
+def geo_series_dir(root: Path, accession: str) -> Path:
+    """Where a series' supplementary files go under ``root`` (GEO's ``series/GSEnnn/GSE…/suppl``)."""
+    digits = accession[3:]
+    stub = accession[:3] + (digits[:-3] + "nnn" if len(digits) > 3 else "nnn")
+    kind = "series" if accession.startswith("GSE") else "samples"
+    return root / kind / stub / accession / "suppl"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, fmt: str, *args: Any) -> None:  # quiet; the tests read counters instead
+        pass
+
+    def _fault(self, path: str) -> tuple[dict[str, Any], int]:
+        with self.server.lock:
+            self.server.hits[path] += 1
+            return self.server.faults.get(path, {}), self.server.hits[path]
+
+    def do_HEAD(self) -> None:  # noqa: N802 (http.server's naming)
+        self._serve(head=True)
+
+    def do_GET(self) -> None:  # noqa: N802
+        self._serve(head=False)
+
+    def _serve(self, *, head: bool) -> None:
+        rel = unquote(urlsplit(self.path).path)
+        fault, hit = self._fault(rel)
+        if fault.get("fail") and hit <= fault.get("fail_times", 1):
+            self.send_error(int(fault["fail"]))
+            return
+        target = (self.server.root / rel.lstrip("/")).resolve()
+        if not target.is_relative_to(self.server.root) or not target.exists():
+            self.send_error(HTTPStatus.NOT_FOUND)
+            return
+        if target.is_dir():
+            self._listing(target, rel, head)
+            return
+        size = target.stat().st_size
+        start = 0
+        rng = self.headers.get("Range")
+        if rng and rng.startswith("bytes=") and not fault.get("no_range"):
+            start = int(rng[6:].split("-", 1)[0] or 0)
+            if start >= size:
+                self.send_response(HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE)
+                self.send_header("Content-Range", f"bytes */{size}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            self.send_response(HTTPStatus.PARTIAL_CONTENT)
+            self.send_header("Content-Range", f"bytes {start}-{size - 1}/{size}")
+        else:
+            self.send_response(HTTPStatus.OK)
+        body_len = size - start
+        if not fault.get("no_length"):
+            self.send_header("Content-Length", str(body_len + int(fault.get("lie_length", 0))))
+        self.send_header("Accept-Ranges", "bytes")
+        self.send_header("Content-Type", "application/octet-stream")
+        if fault.get("no_length"):
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if head:
+            return
+        limit = body_len
+        if fault.get("drop_after") is not None and hit <= fault.get("drop_times", 1):
+            limit = min(limit, int(fault["drop_after"]))
+        rate = fault.get("rate")
+        with target.open("rb") as fh:
+            fh.seek(start)
+            sent = 0
+            t0 = time.monotonic()
+            while sent < limit:
+                block = fh.read(min(64 * 1024, limit - sent))
+                if not block:
+                    break
+                try:
+                    self.wfile.write(block)
+                except (BrokenPipeError, ConnectionResetError):
+                    return
+                sent += len(block)
+                if rate:
+                    ahead = sent / rate - (time.monotonic() - t0)
+                    if ahead > 0:
+                        time.sleep(ahead)
+        if sent < body_len + int(fault.get("lie_length", 0)) or fault.get("no_length"):
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+
+    def _listing(self, folder: Path, rel: str, head: bool) -> None:
+        base = rel if rel.endswith("/") else rel + "/"
+        items = "".join(
+            f'<a href="{quote(p.name)}{"/" if p.is_dir() else ""}">{html.escape(p.name)}</a>\n'
+            for p in sorted(folder.iterdir())
+        )
+        body = f"<html><head><title>Index of {html.escape(base)}</title></head><body><pre>\n" \
+               f'<a href="../">Parent Directory</a>\n{items}</pre></body></html>\n'
+        data = body.encode()
+        self.send_response(HTTPStatus.OK)
+        self.send_header("Content-Type", "text/html; charset=utf-8")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if not head:
+            self.wfile.write(data)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = False  # a busy port must be reported, not shared
+
+    def __init__(self, root: Path, port: int, faults: dict[str, dict[str, Any]]) -> None:
+        self.root = root.resolve()
+        self.faults = faults
+        self.hits: Counter[str] = Counter()
+        self.lock = threading.Lock()
+        super().__init__(("127.0.0.1", port), _Handler)
+
+
+class GeoServer:
+    """Start/stop the server in a background thread (tests); ``url`` is its base URL."""
+
+    def __init__(self, root: Path, *, port: int = 0, faults: dict[str, dict[str, Any]] | None = None) -> None:
+        try:
+            self._server = _Server(root, port, faults or {})
+        except OSError as exc:
+            raise OSError(f"cannot listen on 127.0.0.1:{port}: {exc.strerror or exc} (port busy?)") from exc
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def port(self) -> int:
+        return self._server.server_address[1]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def faults(self) -> dict[str, dict[str, Any]]:
+        return self._server.faults
+
+    def hits(self, path: str) -> int:
+        return self._server.hits[path]
+
+    def __enter__(self) -> GeoServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", required=True, type=Path)
+    parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
+    parser.add_argument("--pid-file", type=Path, help="write our PID here (the demo stops us by it)")
+    parser.add_argument("--port-file", type=Path, help="write the port we listen on here")
+    parser.add_argument("--faults", type=Path, help="JSON {path: {fault: value}}")
+    args = parser.parse_args(argv)
+    faults = json.loads(args.faults.read_text()) if args.faults else {}
+    try:
+        server = _Server(args.root, args.port, faults)
+    except OSError as exc:
+        sys.stderr.write(f"geo_server: cannot listen on 127.0.0.1:{args.port}: {exc.strerror or exc}\n")
+        return 2
+    if args.pid_file:
+        args.pid_file.write_text(f"{os.getpid()}\n")
+    if args.port_file:
+        args.port_file.write_text(f"{server.server_address[1]}\n")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
