@@ -25,6 +25,7 @@ __all__ = [
     "AtlasConfig",
     "ConfigError",
     "DownloadConfig",
+    "GenesConfig",
     "ManifestConfig",
     "PlanConfig",
     "QCConfig",
@@ -154,10 +155,25 @@ class QCConfig:
     max_genes: int | None = _opt(None, "Drop cells with more detected genes (doublet guard).", min=1)
     min_counts: int = _opt(0, "Drop cells with fewer total counts.", min=0)
     min_cells: int = _opt(3, "Drop genes detected in fewer cells.", min=0)
+    max_counts: int | None = _opt(None, "Drop cells with more total counts.", min=1)
     max_pct_mito: float = _opt(20.0, "Drop cells whose mitochondrial share of counts exceeds this percent.", min=0, max=100)
     target_sum: float = _opt(10_000.0, "Counts per cell after normalize_total.", min=1)
+    n_top_genes: int = _opt(2000, "Highly variable genes flagged in var['highly_variable'].", min=1)
+    strategy: Literal["auto", "in_memory", "chunked"] = _opt(
+        "auto", "auto picks in_memory when the matrix fits comfortably in available RAM, else chunked."
+    )
+    chunk_cells: int = _opt(10_000, "Cells per chunk in the chunked strategy.", min=100)
     min_vocab_coverage: float = _opt(
         0.5, "Quarantine a dataset whose genes cover less than this share of the vocabulary.", min=0, max=1
+    )
+
+
+@dataclass(frozen=True)
+class GenesConfig:
+    """The shared gene vocabulary every dataset is mapped onto."""
+
+    vocab_path: str | None = _opt(
+        None, "Vocabulary file (TSV with symbol[,gene_id] columns, or JSON); the packaged default when empty."
     )
 
 
@@ -198,6 +214,7 @@ class AtlasConfig:
     plan: PlanConfig = field(default_factory=PlanConfig)
     download: DownloadConfig = field(default_factory=DownloadConfig)
     qc: QCConfig = field(default_factory=QCConfig)
+    genes: GenesConfig = field(default_factory=GenesConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
@@ -425,9 +442,12 @@ def _resolve_relative(config: AtlasConfig, folder: Path) -> AtlasConfig:
     manifest = config.manifest
     if manifest.path and not Path(manifest.path).is_absolute():
         manifest = dataclasses.replace(manifest, path=str(folder / manifest.path))
+    genes = config.genes
+    if genes.vocab_path and not Path(genes.vocab_path).is_absolute():
+        genes = dataclasses.replace(genes, vocab_path=str(folder / genes.vocab_path))
     if manifest.allowed_file_root and not Path(manifest.allowed_file_root).is_absolute():
         manifest = dataclasses.replace(manifest, allowed_file_root=str(folder / manifest.allowed_file_root))
-    return dataclasses.replace(config, storage=storage, manifest=manifest)
+    return dataclasses.replace(config, storage=storage, manifest=manifest, genes=genes)
 
 
 def config_reference() -> list[dict[str, Any]]:
