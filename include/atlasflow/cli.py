@@ -209,6 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     from atlasflow.storage.monitor import register as register_storage
 
     register_storage(sub)
+    from atlasflow.genes import register as register_vocab
+
+    register_vocab(sub)
     docs = csub.add_parser("docs", help="print the configuration reference as Markdown (docs/configuration.md)")
     docs.set_defaults(func=cmd_config_docs)
     return parser

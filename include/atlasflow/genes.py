@@ -49,6 +49,8 @@ class Vocabulary:
 
     @classmethod
     def from_genes(cls, symbols: Sequence[str], gene_ids: Sequence[str | None] | None = None) -> Vocabulary:
+        if gene_ids is not None and len(gene_ids) != len(symbols):
+            raise ValueError(f"{len(symbols)} gene symbols but {len(gene_ids)} gene ids")
         seen: dict[str, int] = {}
         out_s: list[str] = []
         out_i: list[str | None] = []
@@ -80,7 +82,10 @@ class Vocabulary:
             raise ValueError(f"{path}: cannot read the vocabulary ({exc.strerror or exc})") from exc
         if path.suffix == ".json":
             data = json.loads(text)
-            vocab = cls.from_genes(data["genes"], data.get("gene_ids"))
+            try:
+                vocab = cls.from_genes(data["genes"], data.get("gene_ids"))
+            except (KeyError, ValueError) as exc:
+                raise ValueError(f"{path}: not a vocabulary ({exc})") from exc
             if data.get("version") and data["version"] != vocab.version:
                 raise ValueError(f"{path}: version {data['version']} does not match its gene list ({vocab.version})")
             return vocab
@@ -151,3 +156,64 @@ def map_genes(names: Sequence[str], vocab: Vocabulary, *, gene_ids: Sequence[str
             taken.add(pos)
         positions.append(pos)
     return GeneMapping(tuple(positions), via_id, len(taken) / len(vocab))
+
+
+def _genes_of(path: Path) -> tuple[list[str], list[str | None]]:
+    """Gene symbols (and ids) from a gene table (``symbol[,gene_id]`` header) or any readable data file."""
+    if path.suffix in (".tsv", ".csv", ".txt") and path.stat().st_size < 50_000_000:
+        first = path.read_text().splitlines()[0:1]
+        sep = "\t" if first and "\t" in first[0] else ","
+        if first and first[0].split(sep)[0].strip().lower() == "symbol":
+            rows = [line.split(sep) for line in path.read_text().splitlines()[1:] if line.strip()]
+            return [r[0] for r in rows], [r[1].strip() if len(r) > 1 and r[1].strip() else None for r in rows]
+    from atlasflow.formats import open_counts
+
+    src = open_counts(path)
+    try:
+        return list(src.genes), list(src.gene_ids) if src.gene_ids else [None] * len(src.genes)
+    finally:
+        src.close()
+
+
+def build_vocabulary(paths: Sequence[Path]) -> Vocabulary:
+    """The union of genes of ``paths`` (gene tables or data files), in first-seen order."""
+    symbols: list[str] = []
+    ids: list[str | None] = []
+    for path in paths:
+        s, i = _genes_of(path)
+        symbols += s
+        ids += i
+    return Vocabulary.from_genes(symbols, ids)
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("vocab", help="inspect or build the gene vocabulary")
+    vsub = p.add_subparsers(dest="vocab_command", required=True)
+    show = vsub.add_parser("show", help="size, version and first genes of a vocabulary")
+    show.add_argument("--vocab", help="vocabulary file (default: the packaged one)")
+    show.set_defaults(func=_cmd_show)
+    build = vsub.add_parser("build", help="build a vocabulary from gene tables or data files")
+    build.add_argument("inputs", nargs="+", type=Path)
+    build.add_argument("--out", required=True, type=Path, help="write here (.tsv or .json)")
+    build.set_defaults(func=_cmd_build)
+
+
+def _cmd_show(args: Any, out: Any) -> int:
+    vocab = Vocabulary.load(args.vocab)
+    with_ids = sum(1 for i in vocab.gene_ids if i)
+    out.write(f"vocabulary {vocab.version}: {len(vocab)} genes ({with_ids} with Ensembl ids); "
+              f"first: {', '.join(vocab.symbols[:8])}\n")
+    return 0
+
+
+def _cmd_build(args: Any, out: Any) -> int:
+    from atlasflow.fsutil import write_text_atomic
+
+    vocab = build_vocabulary(args.inputs)
+    if args.out.suffix == ".json":
+        vocab.save(args.out)
+    else:
+        lines = ["symbol\tgene_id"] + [f"{s}\t{i or ''}" for s, i in zip(vocab.symbols, vocab.gene_ids, strict=True)]
+        write_text_atomic(args.out, "\n".join(lines) + "\n")
+    out.write(f"wrote {args.out}: {len(vocab)} genes, version {vocab.version}\n")
+    return 0

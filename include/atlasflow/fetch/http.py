@@ -27,7 +27,7 @@ from urllib.parse import unquote, urlsplit
 __all__ = ["FetchError", "FetchedFile", "TransientFetchError", "download", "safe_name"]
 
 log = logging.getLogger(__name__)
-CHUNK = 1 << 20
+CHUNK = 4 << 20
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+-]")
 
 
@@ -126,12 +126,23 @@ def download(
     t0 = time.monotonic()
     resumed_from = part.stat().st_size if part.exists() else 0
     last: Exception | None = None
+    algos = ("sha256", "md5") if md5 else ("sha256",)
+    hashers: dict[str, Any] = {}
     for attempt in range(1, attempts + 1):
         try:
             if scheme == "file":
                 _copy_local(url, part, max_bytes)
+                hashers = {}
             else:
-                _stream(url, part, max_bytes, timeout_s)
+                # hash while streaming (no second pass over the file); a resumed transfer first
+                # hashes the bytes it already holds
+                hashers = {a: hashlib.new(a) for a in algos}
+                if part.exists():
+                    with part.open("rb") as fh:
+                        while block := fh.read(CHUNK):
+                            for h in hashers.values():
+                                h.update(block)
+                _stream(url, part, max_bytes, timeout_s, hashers)
             break
         except TransientFetchError as exc:
             last = exc
@@ -147,11 +158,11 @@ def download(
             raise
     else:
         raise TransientFetchError(f"{url}: gave up after {attempts} attempts: {last}") from last
-    digest = _hash(part, "sha256")
+    digest = hashers["sha256"].hexdigest() if hashers else _hash(part, "sha256")
     if sha256 and digest != sha256:
         part.unlink(missing_ok=True)
         raise FetchError(f"{url}: sha256 mismatch: expected {sha256}, got {digest}; the file was deleted")
-    if md5 and (got := _hash(part, "md5")) != md5:
+    if md5 and (got := (hashers["md5"].hexdigest() if hashers else _hash(part, "md5"))) != md5:
         part.unlink(missing_ok=True)
         raise FetchError(f"{url}: md5 mismatch: expected {md5}, got {got}; the file was deleted")
     os.replace(part, final)
@@ -162,7 +173,7 @@ def download(
     return fetched
 
 
-def _stream(url: str, part: Path, max_bytes: int | None, timeout_s: float) -> None:
+def _stream(url: str, part: Path, max_bytes: int | None, timeout_s: float, hashers: dict[str, Any]) -> None:
     have = part.stat().st_size if part.exists() else 0
     req = urllib.request.Request(url, headers={"User-Agent": "atlasflow/0.1"})
     if have and urlsplit(url).scheme in ("http", "https"):
@@ -193,22 +204,28 @@ def _stream(url: str, part: Path, max_bytes: int | None, timeout_s: float) -> No
             mode = "ab"
         else:
             have, mode = 0, "wb"  # no range support: start over
+            for name in list(hashers):
+                hashers[name] = hashlib.new(name)
         length = resp.headers.get("Content-Length")
         expected_total = have + int(length) if length and length.isdigit() else None
         if max_bytes is not None and expected_total is not None and expected_total > max_bytes:
             raise FetchError(f"{url}: the server announces {expected_total} bytes, more than the "
                              f"{max_bytes} reserved for this dataset")
         written = have
+        buf = memoryview(bytearray(CHUNK))
         with part.open(mode) as fh:
             try:
-                while block := resp.read(CHUNK):
-                    written += len(block)
+                while n := resp.readinto(buf):
+                    written += n
                     if max_bytes is not None and written > max_bytes:
                         fh.close()
                         part.unlink(missing_ok=True)
                         raise FetchError(f"{url}: more than the {max_bytes} bytes reserved arrived; "
                                          "the partial file was deleted")
+                    block = buf[:n]
                     fh.write(block)
+                    for h in hashers.values():
+                        h.update(block)
             except (OSError, ValueError, http.client.HTTPException) as exc:  # reset / timeout / IncompleteRead
                 raise TransientFetchError(f"connection broke after {written} bytes: {exc}") from exc
         if expected_total is not None and written < expected_total:
