@@ -41,11 +41,11 @@ class CountSource:
     format: str
     n_cells: int
     genes: list[str]
-    cells: list[str]
+    cells: Any  # a list of names, or a lazy sequence sliced chunk by chunk
     gene_ids: list[str] | None = None
     notes: dict[str, Any] = field(default_factory=dict)
     _matrix: Any = None  # an in-memory CSR, an h5py-backed anndata X, or a loom dataset
-    obs: Any = None  # per-cell annotations when the format carries them (h5ad)
+    obs: Any = None  # callable: column name -> per-cell values, when the format carries annotations
     _close: Any = None
 
     def chunks(self, size: int = 10_000) -> Iterator[tuple[int, sp.csr_matrix]]:
@@ -136,41 +136,72 @@ def detect_format(path: Path) -> str:
     raise FormatError(f"{path.name}: unknown format (not HDF5, Matrix Market, tar or delimited text)")
 
 
-def _pick_counts_h5ad(adata: Any, path: Path) -> tuple[Any, str]:
-    if "counts" in adata.layers:
-        return adata.layers["counts"], "layers['counts']"
-    if adata.raw is not None and not _looks_integer(adata.X) and _looks_integer(adata.raw.X):
-        return adata.raw.X, "raw.X"
-    return adata.X, "X"
-
-
 def _looks_integer(matrix: Any, sample: int = 2000) -> bool:
     block = matrix[: min(sample, matrix.shape[0])]
     values = block.data if sp.issparse(block) else np.asarray(block).ravel()
     return bool(values.size == 0 or np.all(np.mod(values, 1) == 0))
 
 
+class _LazyNames:
+    """Cell names read from an HDF5 string dataset slice by slice (never all at once)."""
+
+    def __init__(self, dataset: Any) -> None:
+        self._ds = dataset
+
+    def __len__(self) -> int:
+        return self._ds.shape[0]
+
+    def __getitem__(self, key: slice) -> list[str]:
+        return [v.decode() if isinstance(v, bytes) else str(v) for v in self._ds[key]]
+
+
 def _open_h5ad(path: Path) -> CountSource:
-    import anndata as ad
+    """Open an h5ad lazily with h5py: X (or layers['counts'] / raw.X) in row chunks, cell names
+    in slices, only the var table and asked-for obs columns in memory."""
+    import h5py
+    from anndata.io import read_elem, sparse_dataset
 
     try:
-        adata = ad.read_h5ad(path, backed="r")
-    except Exception as exc:  # h5py/anndata raise many types for truncated or damaged files
-        raise FormatError(f"{path.name}: cannot read h5ad ({type(exc).__name__}: {exc})") from exc
+        f = h5py.File(path, "r")
+    except OSError as exc:
+        raise FormatError(f"{path.name}: cannot read h5ad ({exc})") from exc
     try:
-        matrix, where = _pick_counts_h5ad(adata, path)
-        genes = list(map(str, adata.raw.var_names if where == "raw.X" else adata.var_names))
-        gene_ids = None
-        var = adata.raw.var if where == "raw.X" else adata.var
-        for col in ("gene_ids", "gene_id", "ensembl_id"):
-            if col in var.columns:
-                gene_ids = list(map(str, var[col]))
-                break
-    except Exception as exc:
-        adata.file.close()
+        def matrix_at(key: str) -> Any:
+            node = f[key]
+            if isinstance(node, h5py.Group):
+                kind = node.attrs.get("encoding-type", "")
+                if kind == "csc_matrix":  # column-compressed on disk: row chunks would re-read it all
+                    return read_elem(node).tocsr()
+                return sparse_dataset(node)
+            return node
+
+        where = "X"
+        matrix = matrix_at("X")
+        if "layers" in f and "counts" in f["layers"]:
+            where, matrix = "layers['counts']", matrix_at("layers/counts")
+        elif "raw" in f and "X" in f["raw"] and not _looks_integer(matrix) and _looks_integer(matrix_at("raw/X")):
+            where, matrix = "raw.X", matrix_at("raw/X")
+        var = read_elem(f["raw/var"] if where == "raw.X" else f["var"])
+        genes = list(map(str, var.index))
+        gene_ids = next((list(map(str, var[c])) for c in ("gene_ids", "gene_id", "ensembl_id") if c in var.columns), None)
+        obs = f["obs"]
+        cells = _LazyNames(obs[obs.attrs["_index"]])
+        n_cells = matrix.shape[0]
+        if len(genes) != matrix.shape[1] or len(cells) != n_cells:
+            raise FormatError(f"{path.name}: matrix is {matrix.shape} but there are {len(cells)} cells and "
+                              f"{len(genes)} genes")
+    except FormatError:
+        f.close()
+        raise
+    except Exception as exc:  # h5py/anndata raise many types for truncated or damaged files
+        f.close()
         raise FormatError(f"{path.name}: cannot read h5ad ({type(exc).__name__}: {exc})") from exc
-    return CountSource(path, "h5ad", adata.n_obs, genes, list(map(str, adata.obs_names)), gene_ids,
-                       {"matrix": where}, matrix, adata.obs, adata.file.close)
+
+    def obs_column(key: str) -> Any:
+        return read_elem(obs[key]) if key in obs else None
+
+    return CountSource(path, "h5ad", n_cells, genes, cells, gene_ids, {"matrix": where}, matrix,
+                       obs=obs_column, _close=f.close)
 
 
 def _open_10x_h5(path: Path) -> CountSource:
@@ -328,11 +359,12 @@ def read_counts(path: Path, *, fmt: str | None = None, cache: Path | None = None
     try:
         blocks = [b for _, b in src.chunks()]
         X = sp.vstack(blocks).tocsr() if blocks else sp.csr_matrix((0, len(src.genes)), dtype=np.float32)
+        cells = list(src.cells[0 : src.n_cells])
     finally:
         src.close()
     adata = ad.AnnData(X=X)
     adata.var_names = src.genes
-    adata.obs_names = src.cells
+    adata.obs_names = cells
     adata.var_names_make_unique()
     adata.layers["counts"] = adata.X
     if src.gene_ids is not None:

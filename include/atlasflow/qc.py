@@ -71,6 +71,25 @@ def choose_strategy(sources: Sequence[CountSource], config: QCConfig) -> str:
     return strategy
 
 
+def _pin_malloc_threshold() -> None:
+    """Keep glibc from raising its mmap threshold as chunks are freed.
+
+    By default glibc moves the threshold up after each large free, so later chunk-sized arrays come
+    from the heap, which fragments and never shrinks: peak RSS then grows with the number of
+    chunks, not their size. Pinning it (M_MMAP_THRESHOLD = 1 MiB) returns every chunk to the OS.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name:
+        return
+    try:
+        ctypes.CDLL(name).mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to tune
+        pass
+
+
 def _mito_mask(genes: Sequence[str]) -> np.ndarray:
     return np.array([g.upper().startswith("MT-") for g in genes], dtype=bool)
 
@@ -96,6 +115,8 @@ def run_qc(
     t0 = time.monotonic()
     strategy = choose_strategy(sources, config)
     chunk = config.chunk_cells if strategy == "chunked" else max(s.n_cells for s in sources) or 1
+    if strategy == "chunked":
+        _pin_malloc_threshold()
     n_vocab = len(vocab)
     maps = []
     for s in sources:
@@ -204,19 +225,62 @@ def run_qc(
     return result
 
 
+class _Appender:
+    """Resizable 1-d HDF5 datasets that grow chunk by chunk, tagged as anndata expects."""
+
+    def __init__(self, group: Any, name: str, dtype: Any, encoding: str = "array") -> None:
+        import h5py
+
+        kind = h5py.string_dtype() if dtype is str else dtype
+        self.ds = group.create_dataset(name, shape=(0,), maxshape=(None,), dtype=kind, chunks=(1 << 14,))
+        self.ds.attrs["encoding-type"] = encoding
+        self.ds.attrs["encoding-version"] = "0.2.0"
+
+    def append(self, values: Any) -> None:
+        n = self.ds.shape[0]
+        self.ds.resize((n + len(values),))
+        self.ds[n:] = values
+
+
+def _categorical(group: Any, name: str, categories: list[str]) -> _Appender:
+    import h5py
+
+    g = group.create_group(name)
+    g.attrs["encoding-type"] = "categorical"
+    g.attrs["encoding-version"] = "0.2.0"
+    g.attrs["ordered"] = False
+    cats = g.create_dataset("categories", data=np.array(categories, dtype=object), dtype=h5py.string_dtype())
+    cats.attrs["encoding-type"] = "string-array"
+    cats.attrs["encoding-version"] = "0.2.0"
+    return _Appender(g, "codes", np.int16 if len(categories) > 127 else np.int8)
+
+
 def _write(sources: Sequence[CountSource], maps: Sequence[np.ndarray], masks: Sequence[np.ndarray],
            metrics: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], out_col: np.ndarray, selected: np.ndarray,
            hvg: np.ndarray, gene_cells: np.ndarray, out_path: Path, *, chunk: int, dataset_id: str,
            vocab: Vocabulary, obs_meta: dict[str, str | None], batch_key: str | None, cell_type_key: str | None,
            uns: dict[str, Any]) -> None:
+    """Write the processed h5ad: X and obs are appended chunk by chunk, so memory stays flat."""
     import h5py
     import pandas as pd
     from anndata.io import write_elem
 
+    def column(src: CountSource, key: str | None) -> Any:
+        if not key or src.obs is None:
+            return None
+        values = src.obs(key)
+        return None if values is None else pd.Categorical(np.asarray(values).astype(str))
+
+    batch_cols = [column(s, batch_key) for s in sources]
+    type_cols = [column(s, cell_type_key) for s in sources]
+    batch_cats = sorted({str(c) for col in batch_cols if col is not None for c in col.categories} |
+                        ({dataset_id} if any(c is None for c in batch_cols) else set()))
+    type_cats = sorted({str(c) for col in type_cols if col is not None for c in col.categories})
+    constants = {"dataset_id": dataset_id, **{k: v for k, v in obs_meta.items() if v is not None}}
+
     n_out = selected.size
     tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    obs_frames = []
     try:
         with h5py.File(tmp, "w") as f:
             f.attrs["encoding-type"] = "anndata"
@@ -224,56 +288,62 @@ def _write(sources: Sequence[CountSource], maps: Sequence[np.ndarray], masks: Se
             X = f.create_group("X")
             X.attrs["encoding-type"] = "csr_matrix"
             X.attrs["encoding-version"] = "0.1.0"
-            data = X.create_dataset("data", shape=(0,), maxshape=(None,), dtype="float32", chunks=(1 << 16,))
-            indices = X.create_dataset("indices", shape=(0,), maxshape=(None,), dtype="int32", chunks=(1 << 16,))
-            indptr_parts = [np.zeros(1, dtype=np.int64)]
+            data = _Appender(X, "data", np.float32)
+            indices = _Appender(X, "indices", np.int32)
+            indptr = _Appender(X, "indptr", np.int64)
+            indptr.append(np.zeros(1, dtype=np.int64))
+            obs = f.create_group("obs")
+            order = ["dataset_id", "batch"] + (["cell_type"] if type_cats else []) + \
+                ["n_counts", "n_genes", "pct_mito"] + [k for k in constants if k != "dataset_id"]
+            obs.attrs.update({"encoding-type": "dataframe", "encoding-version": "0.2.0", "_index": "_index",
+                              "column-order": np.array(order, dtype=object)})
+            index = _Appender(obs, "_index", str, "string-array")
+            const_cols = {k: _categorical(obs, k, [v]) for k, v in constants.items()}
+            batch_col = _categorical(obs, "batch", batch_cats)
+            type_col = _categorical(obs, "cell_type", type_cats) if type_cats else None
+            numeric = {"n_counts": _Appender(obs, "n_counts", np.float32), "n_genes": _Appender(obs, "n_genes", np.int32),
+                       "pct_mito": _Appender(obs, "pct_mito", np.float32)}
             nnz = 0
-            for s, pos, mask, (counts, detected, pct) in zip(sources, maps, masks, metrics, strict=True):
+            for k, (s, pos, mask, (counts, detected, pct)) in enumerate(zip(sources, maps, masks, metrics, strict=True)):
                 src_cols = np.flatnonzero((pos >= 0) & (out_col[np.maximum(pos, 0)] >= 0))
                 dst_cols = out_col[pos[src_cols]]
                 perm = sp.csr_matrix((np.ones(src_cols.size, np.float32), (np.arange(src_cols.size), dst_cols)),
                                      shape=(src_cols.size, n_out))
                 for start, block in s.chunks(chunk):
-                    rows = mask[start: start + block.shape[0]]
+                    stop = start + block.shape[0]
+                    rows = mask[start:stop]
                     if not rows.any():
                         continue
                     out = (block[rows][:, src_cols] @ perm).tocsr()
                     out.sort_indices()
-                    n = out.nnz
-                    data.resize((nnz + n,))
-                    indices.resize((nnz + n,))
-                    data[nnz:] = out.data
-                    indices[nnz:] = out.indices
-                    indptr_parts.append(out.indptr[1:].astype(np.int64) + nnz)
-                    nnz += n
-                keep = mask
-                cells = np.asarray(s.cells)[keep]
-                frame = pd.DataFrame(index=pd.Index([f"{dataset_id}:{c}" for c in cells], dtype=str))
-                frame["dataset_id"] = dataset_id
-                src_obs = s.obs.iloc[np.flatnonzero(keep)] if s.obs is not None else None
-                frame["batch"] = (src_obs[batch_key].astype(str).to_numpy()
-                                  if batch_key and src_obs is not None and batch_key in src_obs else dataset_id)
-                if cell_type_key and src_obs is not None and cell_type_key in src_obs:
-                    frame["cell_type"] = src_obs[cell_type_key].astype(str).to_numpy()
-                frame["n_counts"] = counts[keep].astype(np.float32)
-                frame["n_genes"] = detected[keep].astype(np.int32)
-                frame["pct_mito"] = pct[keep].astype(np.float32)
-                for key, value in obs_meta.items():
-                    if value is not None:
-                        frame[key] = value
-                obs_frames.append(frame)
-            indptr = np.concatenate(indptr_parts)
-            X.create_dataset("indptr", data=indptr)
-            obs = pd.concat(obs_frames)
-            for col in obs.columns:
-                if obs[col].dtype == object:
-                    obs[col] = obs[col].astype("category")
-            X.attrs["shape"] = (len(obs), n_out)
+                    data.append(out.data)
+                    indices.append(out.indices)
+                    indptr.append(out.indptr[1:].astype(np.int64) + nnz)
+                    nnz += out.nnz
+                    names = np.asarray(s.cells[start:stop], dtype=object)[rows]
+                    index.append(np.array([f"{dataset_id}:{c}" for c in names], dtype=object))
+                    n = int(rows.sum())
+                    for col in const_cols.values():
+                        col.append(np.zeros(n, dtype=col.ds.dtype))
+                    if batch_cols[k] is not None:
+                        codes = np.searchsorted(batch_cats, np.asarray(batch_cols[k][start:stop])[rows].astype(str))
+                    else:
+                        codes = np.full(n, batch_cats.index(dataset_id))
+                    batch_col.append(codes.astype(batch_col.ds.dtype))
+                    if type_col is not None:
+                        if type_cols[k] is not None:
+                            tcodes = np.searchsorted(type_cats, np.asarray(type_cols[k][start:stop])[rows].astype(str))
+                        else:
+                            tcodes = np.full(n, -1)
+                        type_col.append(tcodes.astype(type_col.ds.dtype))
+                    numeric["n_counts"].append(counts[start:stop][rows].astype(np.float32))
+                    numeric["n_genes"].append(detected[start:stop][rows].astype(np.int32))
+                    numeric["pct_mito"].append(pct[start:stop][rows].astype(np.float32))
+            X.attrs["shape"] = (index.ds.shape[0], n_out)
             var = pd.DataFrame(index=pd.Index([vocab.symbols[i] for i in selected], dtype=str))
             var["gene_id"] = [vocab.gene_ids[i] or "" for i in selected]
             var["highly_variable"] = hvg
             var["n_cells"] = gene_cells[selected].astype(np.int64)
-            write_elem(f, "obs", obs)
             write_elem(f, "var", var)
             write_elem(f, "uns", {"atlasflow": uns})
             for empty in ("obsm", "varm", "obsp", "varp", "layers"):
