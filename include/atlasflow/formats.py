@@ -345,6 +345,9 @@ def primary_files(raw_dir: Path) -> list[Path]:
     if mtx:  # barcodes/features files belong to the matrix
         companions = re.compile(r"(barcodes|features|genes)\.tsv(\.gz)?$", re.IGNORECASE)
         files = [p for p in files if not companions.search(p.name)]
+    # a 10x folder (matrix.mtx + barcodes + features) placed whole in the download folder
+    files += sorted(p for p in raw_dir.iterdir() if p.is_dir()
+                    and any(c.name.lower().endswith(("matrix.mtx", "matrix.mtx.gz")) for c in p.iterdir()))
     if not files:
         raise FormatError(f"{raw_dir}: no data files were downloaded")
     return files

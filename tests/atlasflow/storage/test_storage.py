@@ -135,11 +135,12 @@ def test_footprint_learns_expansion_per_format(tmp_path):
           Dataset("c", "GSE1", "geo", 4)]
     first = batch_footprint(ds, ledger, content_lengths={"b": 500})
     assert [d["size_source"] for d in first["datasets"]] == ["manifest", "content-length", "default"]
-    assert first["bytes"] == 3000 + 1500 + 21000
+    # seeds for known formats (h5ad 0.7, loom 0.5), the configured default (2.0) for an unknown one
+    assert first["bytes"] == 1700 + 750 + 21000
     ledger.record_expansion("a0", "h5ad", 1000, 1200)
     ledger.record_expansion("a1", "h5ad", 3000, 2800)
     assert ledger.expansion_factor("h5ad") == pytest.approx(1.0)  # byte-weighted (1200+2800)/(1000+3000)
-    assert batch_footprint(ds[:1], ledger)["bytes"] == 2000
+    assert batch_footprint(ds[:1], ledger)["bytes"] == 2000  # measured 1.0 replaces the 0.7 seed
     assert ledger.expansion_table()["h5ad"]["datasets"] == 2
 
 
