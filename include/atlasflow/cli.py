@@ -212,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     from atlasflow.genes import register as register_vocab
 
     register_vocab(sub)
+    from atlasflow.model.cli import register as register_train
+
+    register_train(sub)
     docs = csub.add_parser("docs", help="print the configuration reference as Markdown (docs/configuration.md)")
     docs.set_defaults(func=cmd_config_docs)
     return parser

@@ -27,6 +27,7 @@ __all__ = [
     "DownloadConfig",
     "GenesConfig",
     "ManifestConfig",
+    "ModelConfig",
     "PlanConfig",
     "QCConfig",
     "SlurmConfig",
@@ -197,12 +198,54 @@ class SlurmConfig:
 
 
 @dataclass(frozen=True)
+class ModelConfig:
+    """The foundation model's shape. Presets: `cpu` (tests, laptops), `gpu` (real training)."""
+
+    preset: Literal["cpu", "gpu", "custom"] = _opt("cpu", "Size preset; `custom` uses the sizes below.")
+    d_model: int = _opt(64, "custom: embedding width.", min=8)
+    n_layers: int = _opt(2, "custom: transformer blocks.", min=1)
+    n_heads: int = _opt(4, "custom: attention heads (must divide d_model).", min=1)
+    d_ff: int = _opt(128, "custom: feed-forward width.", min=8)
+    max_genes: int = _opt(128, "custom: top expressed genes per cell fed to the model (sequence length - 1).", min=4)
+    n_bins: int = _opt(51, "Expression bins per cell (as in scGPT); bin 0 means not expressed.", min=3, max=1000)
+    dropout: float = _opt(0.0, "Dropout outside attention (attention dropout is 0: 5x slower on CPU).", min=0, max=0.9)
+
+    def sizes(self) -> dict[str, int]:
+        presets = {
+            "cpu": {"d_model": 64, "n_layers": 2, "n_heads": 4, "d_ff": 128, "max_genes": 128},
+            "gpu": {"d_model": 512, "n_layers": 12, "n_heads": 8, "d_ff": 2048, "max_genes": 1200},
+        }
+        if self.preset in presets:
+            return presets[self.preset]
+        return {"d_model": self.d_model, "n_layers": self.n_layers, "n_heads": self.n_heads, "d_ff": self.d_ff,
+                "max_genes": self.max_genes}
+
+    def _check(self) -> list[str]:
+        sizes = self.sizes()
+        if sizes["d_model"] % sizes["n_heads"]:
+            return [f"model: n_heads={sizes['n_heads']} does not divide d_model={sizes['d_model']}"]
+        return []
+
+
+@dataclass(frozen=True)
 class TrainingConfig:
-    """Which backend runs the per-batch training job."""
+    """How each batch is trained, and which backend runs the job."""
 
     backend: Literal["local", "slurm"] = _opt("local", "`local` runs a subprocess here; `slurm` submits over SSH.")
     timeout_s: float = _opt(4 * 3600.0, "Time limit of one training task.", min=1)
     seed: int = _opt(0, "Random seed for sampling, masking and initialisation.", min=0)
+    epochs: int = _opt(1, "Passes over each batch's training cells.", min=1)
+    batch_cells: int = _opt(64, "Cells per optimisation step.", min=1)
+    lr: float = _opt(1e-3, "AdamW learning rate (after warm-up).", min=0)
+    weight_decay: float = _opt(0.01, "AdamW weight decay.", min=0)
+    warmup_steps: int = _opt(20, "Linear learning-rate warm-up, in steps (counted over the whole run).", min=0)
+    mask_ratio: float = _opt(0.15, "Share of a cell's genes whose bin is masked and predicted.", min=0.01, max=0.9)
+    checkpoint_every_steps: int = _opt(100, "Intra-batch checkpoint interval; an interrupted job resumes there.", min=1)
+    block_cells: int = _opt(4096, "Contiguous cells read at once and shuffled together (block shuffle).", min=16)
+    val_fraction: float = _opt(
+        0.2, "Share of a batch's datasets held out for validation (whole datasets: no leakage).", min=0, max=0.9
+    )
+    device: Literal["auto", "cpu", "cuda"] = _opt("auto", "auto: CUDA when available, else CPU.")
 
 
 @dataclass(frozen=True)
@@ -215,6 +258,7 @@ class AtlasConfig:
     download: DownloadConfig = field(default_factory=DownloadConfig)
     qc: QCConfig = field(default_factory=QCConfig)
     genes: GenesConfig = field(default_factory=GenesConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
 

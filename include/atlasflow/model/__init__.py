@@ -1,0 +1,1 @@
+"""The single-cell foundation model: tokenizer, transformer, streaming data, incremental training."""

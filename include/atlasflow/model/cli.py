@@ -1,0 +1,48 @@
+"""``atlasflow train``: train one batch (what the local backend and the SLURM job both run)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any, TextIO
+
+__all__ = ["register", "resolve_vocab"]
+
+
+def resolve_vocab(config: Any, explicit: str | None) -> Any:
+    """The vocabulary a run uses: an explicit file, else the one pinned in ``state/vocab.json``, else the configured one."""
+    from atlasflow.genes import Vocabulary
+
+    if explicit:
+        return Vocabulary.load(explicit)
+    pinned = Path(config.storage.base_dir) / "state" / "vocab.json"
+    if pinned.exists():
+        return Vocabulary.load(pinned)
+    return Vocabulary.load(config.genes.vocab_path)
+
+
+def _train(args: argparse.Namespace, out: TextIO) -> int:
+    from atlasflow.config import load_config
+    from atlasflow.model.train import train_batch
+
+    config = load_config(args.config)
+    batch_dir = Path(args.batch_dir)
+    if not batch_dir.is_dir():
+        raise ValueError(f"--batch-dir {batch_dir} is not a folder")
+    resume = Path(args.resume_from) if args.resume_from else None
+    if resume is not None and not (resume / "model.pt").exists():
+        raise ValueError(f"--resume-from {resume} is not a checkpoint folder (no model.pt)")
+    result = train_batch(config, resolve_vocab(config, args.vocab), batch_dir, Path(args.out), resume_from=resume)
+    out.write(json.dumps(result) + "\n")
+    return 0
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("train", help="train the model on one batch folder of processed h5ad files")
+    p.add_argument("--config", help="config file (default $ATLASFLOW_CONFIG)")
+    p.add_argument("--batch-dir", required=True, help="data/processed/<batch_id>")
+    p.add_argument("--resume-from", help="the previous batch's checkpoint folder")
+    p.add_argument("--out", required=True, help="checkpoint folder to write (models/checkpoints/<batch_id>)")
+    p.add_argument("--vocab", help="vocabulary file (default: state/vocab.json, else genes.vocab_path)")
+    p.set_defaults(func=_train)

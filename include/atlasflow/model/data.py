@@ -1,0 +1,133 @@
+"""Streaming a batch's processed h5ad files into token batches, never loading a dataset whole.
+
+Cells are read in contiguous blocks (one HDF5 read each) and shuffled within the block; the
+order of blocks is shuffled too (block shuffle). The order is a pure function of (seed, batch,
+epoch), so a stream can restart at any cell offset without reading what comes before it: that
+is what makes intra-batch resume exact. Validation holds out whole datasets (files), so no
+dataset is split between training and validation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from atlasflow.genes import Vocabulary
+from atlasflow.model.tokenizer import Tokenizer
+
+__all__ = ["BatchData", "DatasetFile", "split_datasets"]
+
+
+@dataclass(frozen=True)
+class DatasetFile:
+    path: Path
+    dataset_id: str
+    n_cells: int
+    columns: np.ndarray  # file column -> vocabulary position (-1: not in the vocabulary)
+
+
+def _open(path: Path, vocab: Vocabulary) -> DatasetFile:
+    import h5py
+    from anndata.io import read_elem
+
+    with h5py.File(path, "r") as f:
+        var = read_elem(f["var"])
+        n_cells = int(f["X"].attrs["shape"][0])
+    index = {g: i for i, g in enumerate(vocab.symbols)}
+    columns = np.array([index.get(str(g).upper(), -1) for g in var.index], dtype=np.int64)
+    return DatasetFile(path, path.stem, n_cells, columns)
+
+
+def split_datasets(dataset_ids: list[str], *, val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """(train, validation) dataset ids: a deterministic hash order, at least one dataset trains."""
+    if len(dataset_ids) < 2 or val_fraction <= 0:
+        return sorted(dataset_ids), []
+    ranked = sorted(dataset_ids, key=lambda d: hashlib.sha256(f"{seed}:{d}".encode()).hexdigest())
+    n_val = min(max(1, round(val_fraction * len(ranked))), len(ranked) - 1)
+    return sorted(ranked[n_val:]), sorted(ranked[:n_val])
+
+
+class BatchData:
+    """The training and validation cells of one batch folder."""
+
+    def __init__(self, batch_dir: Path, vocab: Vocabulary, tokenizer: Tokenizer, *, seed: int, block_cells: int,
+                 val_fraction: float) -> None:
+        self.batch_dir = batch_dir
+        self.tokenizer = tokenizer
+        self.seed = seed
+        self.block_cells = block_cells
+        files = [_open(p, vocab) for p in sorted(batch_dir.glob("*.h5ad"))]
+        if not files:
+            raise FileNotFoundError(f"{batch_dir}: no processed .h5ad files to train on")
+        train_ids, val_ids = split_datasets([f.dataset_id for f in files], val_fraction=val_fraction, seed=seed)
+        self.train = [f for f in files if f.dataset_id in train_ids]
+        self.val = [f for f in files if f.dataset_id in val_ids]
+        self.batch_key = zlib.crc32(batch_dir.name.encode())
+
+    @property
+    def n_train_cells(self) -> int:
+        return sum(f.n_cells for f in self.train)
+
+    def _blocks(self, files: list[DatasetFile], epoch: int, shuffle: bool) -> list[tuple[int, int, int]]:
+        blocks = [(i, start, min(start + self.block_cells, f.n_cells))
+                  for i, f in enumerate(files) for start in range(0, f.n_cells, self.block_cells)]
+        if shuffle:
+            rng = np.random.default_rng([self.seed, self.batch_key, epoch])
+            order = rng.permutation(len(blocks))
+            blocks = [blocks[k] for k in order]
+        return blocks
+
+    def stream(self, *, epoch: int, start_cell: int = 0, split: str = "train",
+               shuffle: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray, str]]:
+        """Yield ``(tokens, bins, dataset_id)`` blocks from cell ``start_cell`` of the epoch's order."""
+        import h5py
+        from anndata.io import sparse_dataset
+
+        files = self.train if split == "train" else self.val
+        handles: dict[int, tuple[h5py.File, object]] = {}
+        try:
+            skipped = 0
+            for i, start, stop in self._blocks(files, epoch, shuffle):
+                size = stop - start
+                if skipped + size <= start_cell:  # wholly before the resume point: not even read
+                    skipped += size
+                    continue
+                if i not in handles:
+                    h = h5py.File(files[i].path, "r")
+                    handles[i] = (h, sparse_dataset(h["X"]))
+                block = handles[i][1][start:stop].tocsr()
+                if shuffle:
+                    perm = np.random.default_rng([self.seed, self.batch_key, epoch, i, start]).permutation(size)
+                    block = block[perm]
+                tokens, bins = self.tokenizer.encode(block, files[i].columns)
+                offset = max(0, start_cell - skipped)
+                skipped += size
+                yield tokens[offset:], bins[offset:], files[i].dataset_id
+        finally:
+            for h, _ in handles.values():
+                h.close()
+
+    def batches(self, *, epoch: int, batch_cells: int, start_step: int = 0,
+                split: str = "train", shuffle: bool = True) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        """Yield ``(step_in_epoch, tokens, bins)`` of ``batch_cells`` cells (the last may be smaller)."""
+        step = start_step
+        buf_t: list[np.ndarray] = []
+        buf_b: list[np.ndarray] = []
+        have = 0
+        for tokens, bins, _ in self.stream(epoch=epoch, start_cell=start_step * batch_cells, split=split,
+                                           shuffle=shuffle):
+            buf_t.append(tokens)
+            buf_b.append(bins)
+            have += tokens.shape[0]
+            while have >= batch_cells:
+                t, b = np.concatenate(buf_t), np.concatenate(buf_b)
+                yield step, t[:batch_cells], b[:batch_cells]
+                step += 1
+                buf_t, buf_b, have = [t[batch_cells:]], [b[batch_cells:]], have - batch_cells
+        if have:
+            yield step, np.concatenate(buf_t), np.concatenate(buf_b)

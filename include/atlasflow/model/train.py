@@ -1,0 +1,251 @@
+"""Incremental training, one batch at a time, with checkpoints that resume exactly.
+
+A :class:`Trainer` holds everything training depends on — weights, optimizer, scheduler, the
+masking RNG, step counters, loss history and lineage — and saves all of it. Training batch 0,
+saving, loading and training batch 1 therefore gives the same numbers as training both in one
+go; an intra-batch checkpoint every ``training.checkpoint_every_steps`` steps lets a killed job
+resume where it was (the data order is a pure function of seed, batch and epoch).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from atlasflow.config import AtlasConfig
+from atlasflow.fsutil import write_json_atomic
+from atlasflow.genes import Vocabulary
+from atlasflow.model.data import BatchData
+from atlasflow.model.network import AtlasTransformer
+from atlasflow.model.tokenizer import Tokenizer
+
+__all__ = ["Trainer", "train_batch"]
+
+log = logging.getLogger(__name__)
+CHECKPOINT_VERSION = 1
+
+
+@dataclass
+class Progress:
+    """Counters and history saved with every checkpoint."""
+
+    global_step: int = 0
+    batch_id: str | None = None  # the batch being (or last) trained
+    epoch: int = 0  # within the current batch
+    step_in_epoch: int = 0
+    batch_done: bool = False
+    losses: list[float] = field(default_factory=list)  # every step, all batches
+    batches: list[dict[str, Any]] = field(default_factory=list)  # per finished batch: id, steps, metrics
+    datasets_seen: list[str] = field(default_factory=list)
+    cells_seen: int = 0
+    parent: str | None = None  # hash of the checkpoint this one grew from
+
+
+def _device(config: AtlasConfig) -> torch.device:
+    if config.training.device == "cuda" or (config.training.device == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def _file_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+class Trainer:
+    """Model + optimisation state for incremental training; see the module docstring."""
+
+    def __init__(self, config: AtlasConfig, vocab: Vocabulary) -> None:
+        self.config = config
+        self.vocab = vocab
+        sizes = config.model.sizes()
+        self.tokenizer = Tokenizer(len(vocab), sizes["max_genes"], config.model.n_bins)
+        self.device = _device(config)
+        torch.manual_seed(config.training.seed)  # initial weights depend on the seed only
+        self.model = AtlasTransformer(n_tokens=self.tokenizer.n_tokens, n_bins=config.model.n_bins,
+                                      d_model=sizes["d_model"], n_layers=sizes["n_layers"], n_heads=sizes["n_heads"],
+                                      d_ff=sizes["d_ff"], dropout=config.model.dropout).to(self.device)
+        t = config.training
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+        warm = max(t.warmup_steps, 1)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warm))
+        self.generator = torch.Generator().manual_seed(t.seed + 1)
+        self.progress = Progress()
+
+    # ---- persistence -----------------------------------------------------------------------------
+
+    def save(self, path: Path) -> Path:
+        """Write a complete checkpoint folder atomically (temp folder + rename)."""
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        torch.save(self.model.state_dict(), tmp / "model.pt")
+        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                    "generator": self.generator.get_state(), "torch": torch.get_rng_state(),
+                    "numpy": np.random.get_state(), "python": random.getstate()}, tmp / "state.pt")
+        write_json_atomic(tmp / "progress.json", {"version": CHECKPOINT_VERSION, "vocab_version": self.vocab.version,
+                                                  "config": self.config.to_dict(), **asdict(self.progress)})
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: Path, config: AtlasConfig, vocab: Vocabulary) -> Trainer:
+        meta = json.loads((path / "progress.json").read_text())
+        if meta.get("version") != CHECKPOINT_VERSION:
+            raise ValueError(f"{path}: checkpoint version {meta.get('version')} is not {CHECKPOINT_VERSION}")
+        if meta["vocab_version"] != vocab.version:
+            raise ValueError(f"{path}: trained on vocabulary {meta['vocab_version']}, but {vocab.version} is in use")
+        if meta["config"]["model"] != config.to_dict()["model"]:
+            raise ValueError(f"{path}: the model section of the config changed since this checkpoint")
+        trainer = cls(config, vocab)
+        trainer.model.load_state_dict(torch.load(path / "model.pt", map_location=trainer.device, weights_only=True))
+        state = torch.load(path / "state.pt", weights_only=False)
+        trainer.optimizer.load_state_dict(state["optimizer"])
+        trainer.scheduler.load_state_dict(state["scheduler"])
+        trainer.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch"])
+        np.random.set_state(state["numpy"])
+        random.setstate(state["python"])
+        fields = {k: meta[k] for k in Progress.__dataclass_fields__}
+        trainer.progress = Progress(**fields)
+        return trainer
+
+    # ---- training --------------------------------------------------------------------------------
+
+    def _mask(self, tokens: torch.Tensor, bins: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        valid = tokens >= 3  # gene positions (not pad/cls/mask)
+        n_valid = valid.sum(dim=1)
+        k = torch.clamp(torch.round(n_valid * self.config.training.mask_ratio), min=1).long()
+        scores = torch.rand(tokens.shape, generator=generator)
+        scores[~valid] = 2.0
+        ranks = scores.argsort(dim=1).argsort(dim=1)
+        masked = (ranks < k[:, None]) & valid
+        inputs = bins.masked_fill(masked, self.model.mask_bin)
+        labels = bins.masked_fill(~masked, -100)
+        return inputs, labels
+
+    def _loss(self, tokens: np.ndarray, bins: np.ndarray, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        t = torch.from_numpy(tokens)
+        b = torch.from_numpy(bins)
+        inputs, labels = self._mask(t, b, generator)
+        t, inputs, labels = t.to(self.device), inputs.to(self.device), labels.to(self.device)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            logits, _ = self.model(t, inputs)
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+        return loss, logits, labels
+
+    def run_batch(self, batch_dir: Path, *, checkpoint: Path | None = None) -> dict[str, Any]:
+        """Train on one batch folder, continuing wherever the progress says; returns its metrics."""
+        t = self.config.training
+        data = BatchData(batch_dir, self.vocab, self.tokenizer, seed=t.seed, block_cells=t.block_cells,
+                         val_fraction=t.val_fraction)
+        p = self.progress
+        if p.batch_id != batch_dir.name or p.batch_done:
+            p.batch_id, p.epoch, p.step_in_epoch, p.batch_done = batch_dir.name, 0, 0, False
+        t0 = time.monotonic()
+        first_step = p.global_step
+        self.model.train()
+        while p.epoch < t.epochs:
+            for step, tokens, bins in data.batches(epoch=p.epoch, batch_cells=t.batch_cells, start_step=p.step_in_epoch):
+                loss, _, _ = self._loss(tokens, bins, self.generator)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+                self.optimizer.step()
+                self.scheduler.step()
+                p.losses.append(float(loss.detach()))
+                p.global_step += 1
+                p.step_in_epoch = step + 1
+                p.cells_seen += int(tokens.shape[0])
+                if checkpoint is not None and p.global_step % t.checkpoint_every_steps == 0:
+                    self.save(checkpoint)  # intra-batch: a killed job resumes here
+            p.epoch += 1
+            p.step_in_epoch = 0
+        steps = p.global_step - first_step
+        metrics = self.evaluate(data)
+        metrics.update({"batch_id": batch_dir.name, "steps": steps, "seconds": round(time.monotonic() - t0, 3),
+                        "train_cells": data.n_train_cells,
+                        "train_loss": float(np.mean(p.losses[-max(steps, 1):])) if p.losses else None,
+                        "train_datasets": [f.dataset_id for f in data.train],
+                        "val_datasets": [f.dataset_id for f in data.val]})
+        p.datasets_seen = sorted(set(p.datasets_seen) | {f.dataset_id for f in data.train + data.val})
+        p.batches.append(metrics)
+        p.batch_done = True
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self, data: BatchData) -> dict[str, Any]:
+        """Masked-bin loss/accuracy on the held-out datasets, beside the most-frequent-bin baseline."""
+        if not data.val:
+            return {"val_loss": None, "val_masked_acc": None, "val_baseline_acc": None, "val_cells": 0}
+        self.model.eval()
+        gen = torch.Generator().manual_seed(self.config.training.seed + 7)  # same masks every evaluation
+        losses, correct, total, counts = [], 0, 0, np.zeros(self.config.model.n_bins, dtype=np.int64)
+        preds_all, labels_all = [], []
+        for _, tokens, bins in data.batches(epoch=0, batch_cells=256, split="val", shuffle=False):
+            loss, logits, labels = self._loss(tokens, bins, gen)
+            sel = labels != -100
+            pred = logits.argmax(-1)[sel].cpu().numpy()
+            lab = labels[sel].cpu().numpy()
+            losses.append(float(loss) * lab.size)
+            correct += int((pred == lab).sum())
+            total += lab.size
+            counts += np.bincount(lab, minlength=counts.size)
+            preds_all.append(pred)
+            labels_all.append(lab)
+        self.model.train()
+        labels = np.concatenate(labels_all)
+        # baseline in the same run, on the same masked positions: always answer the most frequent bin
+        baseline = float((labels == counts.argmax()).mean()) if total else None
+        return {"val_loss": sum(losses) / total if total else None, "val_masked_acc": correct / total if total else None,
+                "val_baseline_acc": baseline, "val_cells": sum(f.n_cells for f in data.val)}
+
+
+def train_batch(config: AtlasConfig, vocab: Vocabulary, batch_dir: Path, out: Path, *,
+                resume_from: Path | None = None) -> dict[str, Any]:
+    """What ``atlasflow train`` does: resume, train one batch, evaluate, write ``out`` and ``out/result.json``."""
+    t0 = time.monotonic()
+    partial = out.with_name(out.name + ".partial")
+    if (out / "result.json").exists():
+        log.info("%s already trained: %s", batch_dir.name, out)
+        return json.loads((out / "result.json").read_text())
+    if partial.exists():
+        trainer = Trainer.load(partial, config, vocab)
+        log.info("resuming %s from its intra-batch checkpoint at step %d", batch_dir.name, trainer.progress.global_step)
+    elif resume_from is not None:
+        trainer = Trainer.load(resume_from, config, vocab)
+        trainer.progress.parent = _file_hash(resume_from / "model.pt")
+        log.info("continuing from %s (step %d)", resume_from, trainer.progress.global_step)
+    else:
+        trainer = Trainer(config, vocab)
+    metrics = trainer.run_batch(batch_dir, checkpoint=partial)
+    trainer.save(out)
+    shutil.rmtree(partial, ignore_errors=True)
+    p = trainer.progress
+    result = {
+        "batch_id": batch_dir.name, "checkpoint_dir": str(out), "parent_checkpoint": str(resume_from) if resume_from else None,
+        "parent_hash": p.parent, "vocab_version": vocab.version, "cells_seen": p.cells_seen,
+        "datasets_seen": p.datasets_seen, "global_step": p.global_step, "train_loss": metrics["train_loss"],
+        "val_loss": metrics["val_loss"], "val_masked_acc": metrics["val_masked_acc"],
+        "val_baseline_acc": metrics["val_baseline_acc"], "device": str(trainer.device),
+        "n_parameters": trainer.model.n_parameters(), "seconds": round(time.monotonic() - t0, 3),
+    }
+    write_json_atomic(out / "result.json", result)
+    return result

@@ -1,0 +1,148 @@
+"""Incremental training on real cells: exact resume across batches and after a kill mid-batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from atlasflow.config import load_config
+from atlasflow.genes import Vocabulary
+from atlasflow.manifest import Dataset
+from atlasflow.model.data import split_datasets
+from atlasflow.model.train import Trainer, train_batch
+from atlasflow.process import process_dataset
+from atlasflow.testing.realdata import pbmc_counts, write_format
+
+TINY = {"model.preset": "custom", "model.d_model": 32, "model.n_layers": 1, "model.n_heads": 2, "model.d_ff": 64,
+        "model.max_genes": 64, "training.batch_cells": 32, "training.block_cells": 64, "training.warmup_steps": 3,
+        "training.checkpoint_every_steps": 3, "qc.min_genes": 10}
+
+
+@pytest.fixture(scope="module")
+def batches(tmp_path_factory):
+    """Two batch folders of processed files (the contract's format), two datasets each, from real cells."""
+    root = tmp_path_factory.mktemp("batches")
+    pbmc = pbmc_counts()
+    config = load_config(overrides=TINY)
+    vocab = Vocabulary.default()
+    for b, batch in enumerate(("batch_0000", "batch_0001")):
+        for d in range(2):
+            ds = f"d{2 * b + d}"
+            lo = (2 * b + d) * 150
+            raw = root / "raw" / ds
+            write_format(pbmc[lo: lo + 150].copy(), "h5ad", raw)
+            process_dataset(raw, Dataset(ds, "https://h/x.h5ad", "direct", 2), config=config,
+                            out_path=root / batch / f"{ds}.h5ad", vocab=vocab, cache_dir=root / "cache")
+    return root
+
+
+def config_for(tmp_path: Path, **extra):
+    return load_config(overrides={**TINY, "storage.base_dir": str(tmp_path / "base"), **extra})
+
+
+def test_validation_holds_out_whole_datasets():
+    train, val = split_datasets(["a", "b", "c", "d", "e"], val_fraction=0.2, seed=0)
+    assert len(val) == 1 and not set(train) & set(val) and sorted(train + val) == ["a", "b", "c", "d", "e"]
+    assert split_datasets(["a", "b", "c", "d", "e"], val_fraction=0.2, seed=0) == (train, val)
+    assert split_datasets(["only"], val_fraction=0.5, seed=0) == (["only"], [])
+
+
+def test_batch0_then_batch1_from_checkpoint_equals_straight_through(batches, tmp_path):
+    config, vocab = config_for(tmp_path, **{"training.epochs": 3}), Vocabulary.default()
+    straight = Trainer(config, vocab)
+    straight.run_batch(batches / "batch_0000")
+    straight.run_batch(batches / "batch_0001")
+
+    first = Trainer(config, vocab)
+    first.run_batch(batches / "batch_0000")
+    first.save(tmp_path / "ckpt0")
+    resumed = Trainer.load(tmp_path / "ckpt0", config, vocab)
+    resumed.run_batch(batches / "batch_0001")
+
+    a, b = np.array(straight.progress.losses), np.array(resumed.progress.losses)
+    assert a.size == b.size > 10
+    assert np.max(np.abs(a - b)) <= 1e-6
+    assert a[-1] < a[0]  # it learns something
+    metrics = resumed.progress.batches[-1]
+    assert metrics["val_datasets"] and not set(metrics["val_datasets"]) & set(metrics["train_datasets"])
+    assert 0 <= metrics["val_baseline_acc"] <= 1 and 0 <= metrics["val_masked_acc"] <= 1
+
+
+def test_checkpoint_refuses_a_different_vocabulary_or_model(batches, tmp_path):
+    config, vocab = config_for(tmp_path), Vocabulary.default()
+    trainer = Trainer(config, vocab)
+    trainer.run_batch(batches / "batch_0000")
+    trainer.save(tmp_path / "ckpt")
+    other = Vocabulary.from_genes(["A", "B"])
+    with pytest.raises(ValueError, match="trained on vocabulary"):
+        Trainer.load(tmp_path / "ckpt", config, other)
+    with pytest.raises(ValueError, match="model section"):
+        Trainer.load(tmp_path / "ckpt", config.with_overrides({"model.d_model": 64}), vocab)
+
+
+def _cli(config_path: Path, batch: Path, out: Path, resume: Path | None = None) -> list[str]:
+    cmd = [sys.executable, "-m", "atlasflow.cli", "train", "--config", str(config_path), "--batch-dir", str(batch),
+           "--out", str(out)]
+    return cmd + (["--resume-from", str(resume)] if resume else [])
+
+
+def _write_config(tmp_path: Path, **extra) -> Path:
+    import yaml
+
+    data: dict = {}
+    for key, value in {**TINY, "storage.base_dir": str(tmp_path / "base"), **extra}.items():
+        section, name = key.split(".")
+        data.setdefault(section, {})[name] = value
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_cli_writes_checkpoints_with_lineage(batches, tmp_path):
+    cfg = _write_config(tmp_path)
+    out0, out1 = tmp_path / "models" / "batch_0000", tmp_path / "models" / "batch_0001"
+    r0 = json.loads(subprocess.run(_cli(cfg, batches / "batch_0000", out0), capture_output=True, text=True,
+                                   check=True).stdout)
+    r1 = json.loads(subprocess.run(_cli(cfg, batches / "batch_0001", out1, out0), capture_output=True, text=True,
+                                   check=True).stdout)
+    assert json.loads((out1 / "result.json").read_text()) == r1
+    assert r0["parent_checkpoint"] is None and r1["parent_checkpoint"] == str(out0) and len(r1["parent_hash"]) == 16
+    assert r1["global_step"] > r0["global_step"] and r1["cells_seen"] > r0["cells_seen"]
+    assert r1["datasets_seen"] == ["d0", "d1", "d2", "d3"] and r1["vocab_version"] == Vocabulary.default().version
+    assert sorted(p.name for p in out1.iterdir()) == ["model.pt", "progress.json", "result.json", "state.pt"]
+    assert not (tmp_path / "models" / "batch_0001.partial").exists()
+    # re-running a finished batch does no work and returns the same result
+    again = subprocess.run(_cli(cfg, batches / "batch_0001", out1, out0), capture_output=True, text=True, check=True)
+    assert json.loads(again.stdout) == r1
+
+
+def test_killed_job_resumes_from_its_intra_batch_checkpoint(batches, tmp_path):
+    cfg = _write_config(tmp_path, **{"training.epochs": 30, "training.checkpoint_every_steps": 5})
+    reference = train_batch(load_config(cfg), Vocabulary.default(), batches / "batch_0000", tmp_path / "ref")
+    out = tmp_path / "run" / "batch_0000"
+    proc = subprocess.Popen(_cli(cfg, batches / "batch_0000", out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    partial = out.with_name("batch_0000.partial") / "progress.json"
+    deadline = time.time() + 120
+    while time.time() < deadline and not partial.exists() and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "result.json").exists(), "the job finished before it could be killed; make it longer"
+    interrupted_at = json.loads(partial.read_text())["global_step"]
+    assert 0 < interrupted_at < reference["global_step"]
+    done = subprocess.run(_cli(cfg, batches / "batch_0000", out), capture_output=True, text=True, check=True,
+                          env={**os.environ})
+    result = json.loads(done.stdout)
+    assert result["global_step"] == reference["global_step"]
+    ref_losses = json.loads((tmp_path / "ref" / "progress.json").read_text())["losses"]
+    losses = json.loads((out / "progress.json").read_text())["losses"]
+    assert np.max(np.abs(np.array(ref_losses) - np.array(losses))) <= 1e-6
