@@ -26,6 +26,7 @@ __all__ = [
     "ConfigError",
     "DownloadConfig",
     "GenesConfig",
+    "IntegrationConfig",
     "ManifestConfig",
     "ModelConfig",
     "PlanConfig",
@@ -179,6 +180,18 @@ class GenesConfig:
 
 
 @dataclass(frozen=True)
+class IntegrationConfig:
+    """Per-batch integration with scVI; later batches extend the previous model by scArches surgery."""
+
+    enabled: bool = _opt(True, "Run scVI/scArches on every batch (the latent is saved and scored).")
+    max_epochs: int = _opt(20, "scVI epochs for the first batch; query (surgery) training uses the same.", min=1)
+    n_latent: int = _opt(10, "Latent dimensions.", min=2)
+    n_layers: int = _opt(2, "Encoder/decoder layers.", min=1)
+    n_genes: int = _opt(2000, "Genes used: the most often highly variable across the batch's datasets.", min=10)
+    seed: int = _opt(0, "scvi-tools seed.", min=0)
+
+
+@dataclass(frozen=True)
 class SlurmConfig:
     """Submitting training to a SLURM cluster over SSH."""
 
@@ -258,6 +271,7 @@ class AtlasConfig:
     download: DownloadConfig = field(default_factory=DownloadConfig)
     qc: QCConfig = field(default_factory=QCConfig)
     genes: GenesConfig = field(default_factory=GenesConfig)
+    integration: IntegrationConfig = field(default_factory=IntegrationConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
