@@ -112,6 +112,21 @@ class BatchData:
             for h, _ in handles.values():
                 h.close()
 
+    def val_labels_and_counts(self, key: str) -> tuple[np.ndarray | None, object]:
+        """A validation obs column and the counts, in the unshuffled validation order."""
+        import h5py
+        import scipy.sparse as sp
+        from anndata.io import read_elem, sparse_dataset
+
+        labels, blocks = [], []
+        for f in self.val:
+            with h5py.File(f.path, "r") as h:
+                if key not in h["obs"]:
+                    return None, None
+                labels.append(np.asarray(read_elem(h["obs"][key])).astype(str))
+                blocks.append(sparse_dataset(h["X"])[:].tocsr())
+        return np.concatenate(labels), sp.vstack(blocks).tocsr()
+
     def batches(self, *, epoch: int, batch_cells: int, start_step: int = 0,
                 split: str = "train", shuffle: bool = True) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
         """Yield ``(step_in_epoch, tokens, bins)`` of ``batch_cells`` cells (the last may be smaller)."""

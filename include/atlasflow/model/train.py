@@ -86,6 +86,9 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warm))
         self.generator = torch.Generator().manual_seed(t.seed + 1)
         self.progress = Progress()
+        # a small sample of every batch's validation cells, kept with the checkpoint so later
+        # batches can measure forgetting after the processed files are cleaned up
+        self.val_sets: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     # ---- persistence -----------------------------------------------------------------------------
 
@@ -98,6 +101,9 @@ class Trainer:
         torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                     "generator": self.generator.get_state(), "torch": torch.get_rng_state(),
                     "numpy": np.random.get_state(), "python": random.getstate()}, tmp / "state.pt")
+        if self.val_sets:
+            np.savez_compressed(tmp / "val_sets.npz", **{f"{k}__{part}": arr for k, (t, b) in self.val_sets.items()
+                                                        for part, arr in (("tokens", t), ("bins", b))})
         write_json_atomic(tmp / "progress.json", {"version": CHECKPOINT_VERSION, "vocab_version": self.vocab.version,
                                                   "config": self.config.to_dict(), **asdict(self.progress)})
         if path.exists():
@@ -125,6 +131,10 @@ class Trainer:
         random.setstate(state["python"])
         fields = {k: meta[k] for k in Progress.__dataclass_fields__}
         trainer.progress = Progress(**fields)
+        if (path / "val_sets.npz").exists():
+            with np.load(path / "val_sets.npz") as z:
+                names = sorted({k.rsplit("__", 1)[0] for k in z.files})
+                trainer.val_sets = {n: (z[f"{n}__tokens"], z[f"{n}__bins"]) for n in names}
         return trainer
 
     # ---- training --------------------------------------------------------------------------------
@@ -191,31 +201,89 @@ class Trainer:
         return metrics
 
     @torch.no_grad()
-    def evaluate(self, data: BatchData) -> dict[str, Any]:
-        """Masked-bin loss/accuracy on the held-out datasets, beside the most-frequent-bin baseline."""
-        if not data.val:
-            return {"val_loss": None, "val_masked_acc": None, "val_baseline_acc": None, "val_cells": 0}
+    def _masked_metrics(self, tokens: np.ndarray, bins: np.ndarray) -> dict[str, float]:
+        """Masked-bin loss/accuracy, and the most-frequent-bin baseline on the same masked positions."""
         self.model.eval()
         gen = torch.Generator().manual_seed(self.config.training.seed + 7)  # same masks every evaluation
-        losses, correct, total, counts = [], 0, 0, np.zeros(self.config.model.n_bins, dtype=np.int64)
-        preds_all, labels_all = [], []
-        for _, tokens, bins in data.batches(epoch=0, batch_cells=256, split="val", shuffle=False):
-            loss, logits, labels = self._loss(tokens, bins, gen)
+        loss_sum, correct, total = 0.0, 0, 0
+        counts = np.zeros(self.config.model.n_bins, dtype=np.int64)
+        labels_all = []
+        for lo in range(0, tokens.shape[0], 256):
+            loss, logits, labels = self._loss(tokens[lo: lo + 256], bins[lo: lo + 256], gen)
             sel = labels != -100
             pred = logits.argmax(-1)[sel].cpu().numpy()
             lab = labels[sel].cpu().numpy()
-            losses.append(float(loss) * lab.size)
+            loss_sum += float(loss) * lab.size
             correct += int((pred == lab).sum())
             total += lab.size
             counts += np.bincount(lab, minlength=counts.size)
-            preds_all.append(pred)
             labels_all.append(lab)
         self.model.train()
         labels = np.concatenate(labels_all)
-        # baseline in the same run, on the same masked positions: always answer the most frequent bin
-        baseline = float((labels == counts.argmax()).mean()) if total else None
-        return {"val_loss": sum(losses) / total if total else None, "val_masked_acc": correct / total if total else None,
-                "val_baseline_acc": baseline, "val_cells": sum(f.n_cells for f in data.val)}
+        return {"loss": loss_sum / total, "masked_acc": correct / total,
+                "baseline_acc": float((labels == counts.argmax()).mean())}
+
+    @torch.no_grad()
+    def embed_tokens(self, tokens: np.ndarray, bins: np.ndarray) -> np.ndarray:
+        """cls embeddings, unmasked, ``float32[n_cells, d_model]``."""
+        self.model.eval()
+        out = []
+        for lo in range(0, tokens.shape[0], 256):
+            t = torch.from_numpy(tokens[lo: lo + 256]).to(self.device)
+            b = torch.from_numpy(bins[lo: lo + 256]).to(self.device)
+            out.append(self.model(t, b)[1].float().cpu().numpy())
+        self.model.train()
+        return np.concatenate(out) if out else np.zeros((0, self.model.head.in_features), np.float32)
+
+    def evaluate(self, data: BatchData, *, sample_cells: int = 1000) -> dict[str, Any]:
+        """Held-out metrics for this batch, forgetting on earlier batches' samples, and a linear probe.
+
+        Every figure comes with its baseline from the same run and cells: masked-bin accuracy vs always
+        predicting the most frequent bin; the cell-type probe on cls embeddings vs the same probe on
+        PCA(50) of log-normalised counts.
+        """
+        out: dict[str, Any] = {"val_loss": None, "val_masked_acc": None, "val_baseline_acc": None, "val_cells": 0}
+        if data.val:
+            t_parts, b_parts = [], []
+            for _, t, b in data.batches(epoch=0, batch_cells=1024, split="val", shuffle=False):
+                t_parts.append(t)
+                b_parts.append(b)
+            tokens, bins = np.concatenate(t_parts), np.concatenate(b_parts)
+            m = self._masked_metrics(tokens, bins)
+            out.update({"val_loss": m["loss"], "val_masked_acc": m["masked_acc"], "val_baseline_acc": m["baseline_acc"],
+                        "val_cells": int(tokens.shape[0])})
+            pick = np.random.default_rng(self.config.training.seed).permutation(tokens.shape[0])[:sample_cells]
+            self.val_sets[data.batch_dir.name] = (tokens[np.sort(pick)].astype(np.int32), bins[np.sort(pick)].astype(np.int16))
+            out["probe"] = self._probe(data, tokens, bins)
+        out["forgetting"] = {
+            batch: round(self._masked_metrics(t.astype(np.int64), b.astype(np.int64))["masked_acc"], 4)
+            for batch, (t, b) in sorted(self.val_sets.items())
+        }
+        return out
+
+    def _probe(self, data: BatchData, tokens: np.ndarray, bins: np.ndarray) -> dict[str, Any] | None:
+        """5-fold linear probe of cell type on cls embeddings vs on PCA(50) of log-normalised counts."""
+        labels, counts = data.val_labels_and_counts("cell_type")
+        if labels is None:
+            return None
+        classes, sizes = np.unique(labels, return_counts=True)
+        common = np.isin(labels, classes[sizes >= 5])  # 5-fold CV needs 5 cells of a class
+        if len(classes[sizes >= 5]) < 2:
+            return None
+        labels, counts, tokens, bins = labels[common], counts[common], tokens[common], bins[common]
+        from sklearn.decomposition import PCA
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.model_selection import cross_val_score
+
+        emb = self.embed_tokens(tokens, bins)
+        norm = counts.multiply(1e4 / np.maximum(np.asarray(counts.sum(axis=1)), 1)).tocsr()
+        norm.data = np.log1p(norm.data)
+        pca = PCA(n_components=min(50, norm.shape[1] - 1, norm.shape[0] - 1), random_state=0).fit_transform(norm.toarray())
+        probe = LogisticRegression(max_iter=2000)
+        ours = cross_val_score(probe, emb, labels, cv=5).mean()
+        base = cross_val_score(probe, pca, labels, cv=5).mean()
+        return {"cells": int(len(labels)), "classes": int(len(set(labels))), "cls_probe_acc": round(float(ours), 4),
+                "pca50_probe_acc": round(float(base), 4)}
 
 
 def train_batch(config: AtlasConfig, vocab: Vocabulary, batch_dir: Path, out: Path, *,

@@ -39,7 +39,7 @@ def batches(tmp_path_factory):
             lo = (2 * b + d) * 150
             raw = root / "raw" / ds
             write_format(pbmc[lo: lo + 150].copy(), "h5ad", raw)
-            process_dataset(raw, Dataset(ds, "https://h/x.h5ad", "direct", 2), config=config,
+            process_dataset(raw, Dataset(ds, "https://h/x.h5ad", "direct", 2, cell_type_key="bulk_labels"), config=config,
                             out_path=root / batch / f"{ds}.h5ad", vocab=vocab, cache_dir=root / "cache")
     return root
 
@@ -74,6 +74,11 @@ def test_batch0_then_batch1_from_checkpoint_equals_straight_through(batches, tmp
     metrics = resumed.progress.batches[-1]
     assert metrics["val_datasets"] and not set(metrics["val_datasets"]) & set(metrics["train_datasets"])
     assert 0 <= metrics["val_baseline_acc"] <= 1 and 0 <= metrics["val_masked_acc"] <= 1
+    # forgetting: batch 0's held-out sample, kept in the checkpoint, is scored again after batch 1
+    assert set(metrics["forgetting"]) == {"batch_0000", "batch_0001"}
+    assert metrics["forgetting"] == straight.progress.batches[-1]["forgetting"]
+    probe = metrics["probe"]
+    assert probe["classes"] >= 2 and 0 < probe["cls_probe_acc"] <= 1 and 0 < probe["pca50_probe_acc"] <= 1
 
 
 def test_checkpoint_refuses_a_different_vocabulary_or_model(batches, tmp_path):
@@ -117,7 +122,8 @@ def test_cli_writes_checkpoints_with_lineage(batches, tmp_path):
     assert r0["parent_checkpoint"] is None and r1["parent_checkpoint"] == str(out0) and len(r1["parent_hash"]) == 16
     assert r1["global_step"] > r0["global_step"] and r1["cells_seen"] > r0["cells_seen"]
     assert r1["datasets_seen"] == ["d0", "d1", "d2", "d3"] and r1["vocab_version"] == Vocabulary.default().version
-    assert sorted(p.name for p in out1.iterdir()) == ["model.pt", "progress.json", "result.json", "state.pt"]
+    assert sorted(p.name for p in out1.iterdir()) == ["model.pt", "progress.json", "result.json", "state.pt",
+                                                      "val_sets.npz"]
     assert not (tmp_path / "models" / "batch_0001.partial").exists()
     # re-running a finished batch does no work and returns the same result
     again = subprocess.run(_cli(cfg, batches / "batch_0001", out1, out0), capture_output=True, text=True, check=True)
