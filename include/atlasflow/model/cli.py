@@ -38,6 +38,20 @@ def _train(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+def _embed(args: argparse.Namespace, out: TextIO) -> int:
+    from atlasflow.config import load_config
+    from atlasflow.model.train import embed_file
+
+    config = load_config(args.config)
+    checkpoint = Path(args.checkpoint)
+    if not (checkpoint / "model.pt").exists():
+        raise ValueError(f"--checkpoint {checkpoint} is not a checkpoint folder (no model.pt)")
+    result = embed_file(checkpoint, Path(args.input), Path(args.out), config=config,
+                        vocab=resolve_vocab(config, args.vocab))
+    out.write(json.dumps(result) + "\n")
+    return 0
+
+
 def register(sub: Any) -> None:
     p = sub.add_parser("train", help="train the model on one batch folder of processed h5ad files")
     p.add_argument("--config", help="config file (default $ATLASFLOW_CONFIG)")
@@ -46,3 +60,10 @@ def register(sub: Any) -> None:
     p.add_argument("--out", required=True, help="checkpoint folder to write (models/checkpoints/<batch_id>)")
     p.add_argument("--vocab", help="vocabulary file (default: state/vocab.json, else genes.vocab_path)")
     p.set_defaults(func=_train)
+    e = sub.add_parser("embed", help="add cell (obsm X_atlas) and gene (varm X_atlas_gene) embeddings to a file")
+    e.add_argument("--config", help="config file (default $ATLASFLOW_CONFIG); its model section must match")
+    e.add_argument("--checkpoint", required=True)
+    e.add_argument("--input", required=True, help="h5ad or any readable count file")
+    e.add_argument("--out", required=True, help="h5ad to write")
+    e.add_argument("--vocab", help="vocabulary file (default: as for train)")
+    e.set_defaults(func=_embed)

@@ -31,7 +31,7 @@ from atlasflow.model.data import BatchData
 from atlasflow.model.network import AtlasTransformer
 from atlasflow.model.tokenizer import Tokenizer
 
-__all__ = ["Trainer", "train_batch"]
+__all__ = ["Trainer", "embed_file", "train_batch"]
 
 log = logging.getLogger(__name__)
 CHECKPOINT_VERSION = 1
@@ -317,3 +317,41 @@ def train_batch(config: AtlasConfig, vocab: Vocabulary, batch_dir: Path, out: Pa
     }
     write_json_atomic(out / "result.json", result)
     return result
+
+
+def embed_file(checkpoint: Path, input_path: Path, out_path: Path, *, config: AtlasConfig,
+               vocab: Vocabulary | None = None, chunk_cells: int = 4096) -> dict[str, Any]:
+    """Write ``input_path`` with ``obsm["X_atlas"]`` (cls embeddings) and ``varm["X_atlas_gene"]``.
+
+    The input is any readable count file (see :mod:`atlasflow.formats`); cells are tokenised as in
+    training and embedded without masking. Genes outside the vocabulary get a zero gene embedding.
+    """
+    import anndata as ad
+
+    from atlasflow.formats import open_counts, read_counts
+    from atlasflow.genes import map_genes
+
+    if vocab is None:
+        raise ValueError("embed_file needs the vocabulary the checkpoint was trained on")
+    trainer = Trainer.load(checkpoint, config, vocab)
+    src = open_counts(input_path)
+    try:
+        columns = np.asarray(map_genes(src.genes, vocab, gene_ids=src.gene_ids).positions, dtype=np.int64)
+        parts = [trainer.embed_tokens(*trainer.tokenizer.encode(block, columns)) for _, block in src.chunks(chunk_cells)]
+    finally:
+        src.close()
+    adata = ad.read_h5ad(input_path) if input_path.suffix == ".h5ad" else read_counts(input_path)
+    adata.obsm["X_atlas"] = np.concatenate(parts).astype(np.float32)
+    weights = trainer.model.gene.weight.detach().float().cpu().numpy()
+    gene_emb = np.zeros((len(columns), weights.shape[1]), dtype=np.float32)
+    known = columns >= 0
+    gene_emb[known] = weights[3 + columns[known]]
+    adata.varm["X_atlas_gene"] = gene_emb
+    adata.uns["atlasflow_embedding"] = {"checkpoint": str(checkpoint), "vocab_version": vocab.version,
+                                        "genes_in_vocab": int(known.sum())}
+    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    adata.write_h5ad(tmp)
+    os.replace(tmp, out_path)
+    return {"cells": int(adata.n_obs), "dim": int(adata.obsm["X_atlas"].shape[1]), "genes_in_vocab": int(known.sum()),
+            "out": str(out_path)}

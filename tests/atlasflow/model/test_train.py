@@ -152,3 +152,21 @@ def test_killed_job_resumes_from_its_intra_batch_checkpoint(batches, tmp_path):
     ref_losses = json.loads((tmp_path / "ref" / "progress.json").read_text())["losses"]
     losses = json.loads((out / "progress.json").read_text())["losses"]
     assert np.max(np.abs(np.array(ref_losses) - np.array(losses))) <= 1e-6
+
+
+def test_embed_cli_adds_cell_and_gene_embeddings(batches, tmp_path):
+    import anndata as ad
+
+    cfg = _write_config(tmp_path)
+    ckpt = tmp_path / "ckpt"
+    subprocess.run(_cli(cfg, batches / "batch_0000", ckpt), capture_output=True, text=True, check=True)
+    src = tmp_path / "cells.h5ad"
+    pbmc_counts()[:40].copy().write_h5ad(src)
+    done = subprocess.run([sys.executable, "-m", "atlasflow.cli", "embed", "--config", str(cfg), "--checkpoint",
+                           str(ckpt), "--input", str(src), "--out", str(tmp_path / "emb.h5ad")],
+                          capture_output=True, text=True, check=True)
+    info = json.loads(done.stdout)
+    out = ad.read_h5ad(tmp_path / "emb.h5ad")
+    assert out.obsm["X_atlas"].shape == (40, 32) and info["genes_in_vocab"] == 765
+    assert out.varm["X_atlas_gene"].shape == (765, 32) and np.abs(out.varm["X_atlas_gene"]).sum() > 0
+    assert not np.allclose(out.obsm["X_atlas"][0], out.obsm["X_atlas"][1])  # cells differ
