@@ -61,7 +61,7 @@ def _loader(batch: Path) -> dict:
     data = BatchData(batch, Vocabulary.default(), tok, seed=0, block_cells=4096, val_fraction=0)
     t0 = time.perf_counter()
     n = 0
-    for _, t, b in data.batches(epoch=0, batch_cells=256):
+    for _, t, b, _ in data.batches(epoch=0, batch_cells=256):
         torch.from_numpy(t), torch.from_numpy(b)
         n += t.shape[0]
     ours = n / (time.perf_counter() - t0)

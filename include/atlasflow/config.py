@@ -222,6 +222,13 @@ class ModelConfig:
     max_genes: int = _opt(128, "custom: top expressed genes per cell fed to the model (sequence length - 1).", min=4)
     n_bins: int = _opt(51, "Expression bins per cell (as in scGPT); bin 0 means not expressed.", min=3, max=1000)
     dropout: float = _opt(0.0, "Dropout outside attention (attention dropout is 0: 5x slower on CPU).", min=0, max=0.9)
+    cell_types: str | None = _opt(
+        None, "Comma-separated cell-type labels: adds a cell-type head on the cls embedding, trained on cells whose "
+        "obs cell_type is one of them (others are ignored). Empty: no head.")
+    cell_type_weight: float = _opt(0.1, "Weight of the cell-type loss next to the masked-bin loss.", min=0)
+
+    def cell_type_labels(self) -> list[str]:
+        return [x.strip() for x in (self.cell_types or "").split(",") if x.strip()]
 
     def sizes(self) -> dict[str, int]:
         presets = {

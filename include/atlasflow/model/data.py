@@ -29,18 +29,24 @@ class DatasetFile:
     dataset_id: str
     n_cells: int
     columns: np.ndarray  # file column -> vocabulary position (-1: not in the vocabulary)
+    labels: np.ndarray  # per cell: index into the model's cell types, -100 when unlabelled
 
 
-def _open(path: Path, vocab: Vocabulary) -> DatasetFile:
+def _open(path: Path, vocab: Vocabulary, cell_types: list[str]) -> DatasetFile:
     import h5py
     from anndata.io import read_elem
 
     with h5py.File(path, "r") as f:
         var = read_elem(f["var"])
         n_cells = int(f["X"].attrs["shape"][0])
+        labels = np.full(n_cells, -100, dtype=np.int64)
+        if cell_types and "cell_type" in f["obs"]:
+            lookup = {c: i for i, c in enumerate(cell_types)}
+            values = np.asarray(read_elem(f["obs"]["cell_type"])).astype(str)
+            labels = np.array([lookup.get(v, -100) for v in values], dtype=np.int64)
     index = {g: i for i, g in enumerate(vocab.symbols)}
     columns = np.array([index.get(str(g).upper(), -1) for g in var.index], dtype=np.int64)
-    return DatasetFile(path, path.stem, n_cells, columns)
+    return DatasetFile(path, path.stem, n_cells, columns, labels)
 
 
 def split_datasets(dataset_ids: list[str], *, val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
@@ -56,12 +62,12 @@ class BatchData:
     """The training and validation cells of one batch folder."""
 
     def __init__(self, batch_dir: Path, vocab: Vocabulary, tokenizer: Tokenizer, *, seed: int, block_cells: int,
-                 val_fraction: float) -> None:
+                 val_fraction: float, cell_types: list[str] | None = None) -> None:
         self.batch_dir = batch_dir
         self.tokenizer = tokenizer
         self.seed = seed
         self.block_cells = block_cells
-        files = [_open(p, vocab) for p in sorted(batch_dir.glob("*.h5ad"))]
+        files = [_open(p, vocab, cell_types or []) for p in sorted(batch_dir.glob("*.h5ad"))]
         if not files:
             raise FileNotFoundError(f"{batch_dir}: no processed .h5ad files to train on")
         train_ids, val_ids = split_datasets([f.dataset_id for f in files], val_fraction=val_fraction, seed=seed)
@@ -83,8 +89,8 @@ class BatchData:
         return blocks
 
     def stream(self, *, epoch: int, start_cell: int = 0, split: str = "train",
-               shuffle: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray, str]]:
-        """Yield ``(tokens, bins, dataset_id)`` blocks from cell ``start_cell`` of the epoch's order."""
+               shuffle: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Yield ``(tokens, bins, labels)`` blocks from cell ``start_cell`` of the epoch's order."""
         import h5py
         from anndata.io import sparse_dataset
 
@@ -101,13 +107,14 @@ class BatchData:
                     h = h5py.File(files[i].path, "r")
                     handles[i] = (h, sparse_dataset(h["X"]))
                 block = handles[i][1][start:stop].tocsr()
+                labels = files[i].labels[start:stop]
                 if shuffle:
                     perm = np.random.default_rng([self.seed, self.batch_key, epoch, i, start]).permutation(size)
-                    block = block[perm]
+                    block, labels = block[perm], labels[perm]
                 tokens, bins = self.tokenizer.encode(block, files[i].columns)
                 offset = max(0, start_cell - skipped)
                 skipped += size
-                yield tokens[offset:], bins[offset:], files[i].dataset_id
+                yield tokens[offset:], bins[offset:], labels[offset:]
         finally:
             for h, _ in handles.values():
                 h.close()
@@ -128,21 +135,20 @@ class BatchData:
         return np.concatenate(labels), sp.vstack(blocks).tocsr()
 
     def batches(self, *, epoch: int, batch_cells: int, start_step: int = 0,
-                split: str = "train", shuffle: bool = True) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-        """Yield ``(step_in_epoch, tokens, bins)`` of ``batch_cells`` cells (the last may be smaller)."""
+                split: str = "train", shuffle: bool = True
+                ) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
+        """Yield ``(step_in_epoch, tokens, bins, labels)`` of ``batch_cells`` cells (the last may be smaller)."""
         step = start_step
-        buf_t: list[np.ndarray] = []
-        buf_b: list[np.ndarray] = []
+        buf: list[list[np.ndarray]] = [[], [], []]
         have = 0
-        for tokens, bins, _ in self.stream(epoch=epoch, start_cell=start_step * batch_cells, split=split,
-                                           shuffle=shuffle):
-            buf_t.append(tokens)
-            buf_b.append(bins)
-            have += tokens.shape[0]
+        for parts in self.stream(epoch=epoch, start_cell=start_step * batch_cells, split=split, shuffle=shuffle):
+            for k in range(3):
+                buf[k].append(parts[k])
+            have += parts[0].shape[0]
             while have >= batch_cells:
-                t, b = np.concatenate(buf_t), np.concatenate(buf_b)
-                yield step, t[:batch_cells], b[:batch_cells]
+                joined = [np.concatenate(b) for b in buf]
+                yield (step, *(j[:batch_cells] for j in joined))
                 step += 1
-                buf_t, buf_b, have = [t[batch_cells:]], [b[batch_cells:]], have - batch_cells
+                buf, have = [[j[batch_cells:]] for j in joined], have - batch_cells
         if have:
-            yield step, np.concatenate(buf_t), np.concatenate(buf_b)
+            yield (step, *(np.concatenate(b) for b in buf))

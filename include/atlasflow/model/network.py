@@ -37,13 +37,14 @@ class AtlasTransformer(nn.Module):
     """
 
     def __init__(self, *, n_tokens: int, n_bins: int, d_model: int, n_layers: int, n_heads: int, d_ff: int,
-                 dropout: float = 0.0) -> None:
+                 dropout: float = 0.0, n_cell_types: int = 0) -> None:
         super().__init__()
         self.gene = nn.Embedding(n_tokens, d_model, padding_idx=0)
         self.bin = nn.Embedding(n_bins + 1, d_model)  # the extra bin is <mask>
         self.blocks = nn.ModuleList(_Block(d_model, n_heads, d_ff, dropout) for _ in range(n_layers))
         self.norm = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, n_bins)
+        self.cell_head = nn.Linear(d_model, n_cell_types) if n_cell_types else None
         self.mask_bin = n_bins
 
     def forward(self, tokens: torch.Tensor, bins: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

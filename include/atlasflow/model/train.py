@@ -79,7 +79,8 @@ class Trainer:
         torch.manual_seed(config.training.seed)  # initial weights depend on the seed only
         self.model = AtlasTransformer(n_tokens=self.tokenizer.n_tokens, n_bins=config.model.n_bins,
                                       d_model=sizes["d_model"], n_layers=sizes["n_layers"], n_heads=sizes["n_heads"],
-                                      d_ff=sizes["d_ff"], dropout=config.model.dropout).to(self.device)
+                                      d_ff=sizes["d_ff"], dropout=config.model.dropout,
+                                      n_cell_types=len(config.model.cell_type_labels())).to(self.device)
         t = config.training
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
         warm = max(t.warmup_steps, 1)
@@ -151,21 +152,26 @@ class Trainer:
         labels = bins.masked_fill(~masked, -100)
         return inputs, labels
 
-    def _loss(self, tokens: np.ndarray, bins: np.ndarray, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _loss(self, tokens: np.ndarray, bins: np.ndarray, generator: torch.Generator,
+              cell_labels: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         t = torch.from_numpy(tokens)
         b = torch.from_numpy(bins)
         inputs, labels = self._mask(t, b, generator)
         t, inputs, labels = t.to(self.device), inputs.to(self.device), labels.to(self.device)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            logits, _ = self.model(t, inputs)
+            logits, cls = self.model(t, inputs)
         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+        head = self.model.cell_head
+        if head is not None and cell_labels is not None and (cell_labels >= 0).any():
+            target = torch.from_numpy(cell_labels).to(self.device)
+            loss = loss + self.config.model.cell_type_weight * F.cross_entropy(head(cls.float()), target, ignore_index=-100)
         return loss, logits, labels
 
     def run_batch(self, batch_dir: Path, *, checkpoint: Path | None = None) -> dict[str, Any]:
         """Train on one batch folder, continuing wherever the progress says; returns its metrics."""
         t = self.config.training
         data = BatchData(batch_dir, self.vocab, self.tokenizer, seed=t.seed, block_cells=t.block_cells,
-                         val_fraction=t.val_fraction)
+                         val_fraction=t.val_fraction, cell_types=self.config.model.cell_type_labels())
         p = self.progress
         if p.batch_id != batch_dir.name or p.batch_done:
             p.batch_id, p.epoch, p.step_in_epoch, p.batch_done = batch_dir.name, 0, 0, False
@@ -173,8 +179,9 @@ class Trainer:
         first_step = p.global_step
         self.model.train()
         while p.epoch < t.epochs:
-            for step, tokens, bins in data.batches(epoch=p.epoch, batch_cells=t.batch_cells, start_step=p.step_in_epoch):
-                loss, _, _ = self._loss(tokens, bins, self.generator)
+            for step, tokens, bins, cell_labels in data.batches(epoch=p.epoch, batch_cells=t.batch_cells,
+                                                                start_step=p.step_in_epoch):
+                loss, _, _ = self._loss(tokens, bins, self.generator, cell_labels)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
@@ -245,7 +252,7 @@ class Trainer:
         out: dict[str, Any] = {"val_loss": None, "val_masked_acc": None, "val_baseline_acc": None, "val_cells": 0}
         if data.val:
             t_parts, b_parts = [], []
-            for _, t, b in data.batches(epoch=0, batch_cells=1024, split="val", shuffle=False):
+            for _, t, b, _ in data.batches(epoch=0, batch_cells=1024, split="val", shuffle=False):
                 t_parts.append(t)
                 b_parts.append(b)
             tokens, bins = np.concatenate(t_parts), np.concatenate(b_parts)

@@ -170,3 +170,18 @@ def test_embed_cli_adds_cell_and_gene_embeddings(batches, tmp_path):
     assert out.obsm["X_atlas"].shape == (40, 32) and info["genes_in_vocab"] == 765
     assert out.varm["X_atlas_gene"].shape == (765, 32) and np.abs(out.varm["X_atlas_gene"]).sum() > 0
     assert not np.allclose(out.obsm["X_atlas"][0], out.obsm["X_atlas"][1])  # cells differ
+
+
+def test_cell_type_head_trains_on_labelled_cells(batches, tmp_path):
+    import torch
+
+    types = "CD14+ Monocyte,CD19+ B,CD4+/CD25 T Reg,CD56+ NK,CD8+ Cytotoxic T,Dendritic"
+    config = config_for(tmp_path, **{"model.cell_types": types, "model.cell_type_weight": 1.0, "training.epochs": 2})
+    with_head = Trainer(config, Vocabulary.default())
+    assert with_head.model.cell_head is not None and with_head.model.cell_head.out_features == 6
+    with_head.run_batch(batches / "batch_0000")
+    plain = Trainer(config_for(tmp_path, **{"training.epochs": 2}), Vocabulary.default())
+    plain.run_batch(batches / "batch_0000")
+    # the extra loss term is really there: same seed and data, different losses
+    assert with_head.progress.losses != plain.progress.losses
+    assert torch.any(with_head.model.cell_head.weight.grad != 0)
