@@ -69,7 +69,7 @@ def _loader(batch: Path) -> dict:
     loader = AnnLoader(adata, batch_size=256, shuffle=True)
     t0 = time.perf_counter()
     m = 0
-    for i, b in enumerate(loader):
+    for b in loader:
         m += b.X.shape[0]
         if m >= min(n, 50_000):
             break
