@@ -1,19 +1,24 @@
-"""atlas_ingest: manifest → stable batches → per-batch pipeline.
+"""atlas_ingest: manifest → stable batches → admit → download → process → integrate → train → cleanup.
 
-Wiring only. The batches are laid out at parse time from the configured manifest and the saved
-plan (a local file read; no Variables, Connections or network). Every task calls one library
-function; heavy imports happen inside tasks.
+Wiring only: every task calls one library function (``atlasflow.pipeline``), heavy imports
+happen inside tasks, and the batches are laid out at parse time from the configured manifest
+and the saved plan (a local file read; no Variables, Connections or network). Batch *i+1* is
+admitted after batch *i* and trains after it, so it downloads and processes while *i* trains,
+as far as the disk budget allows.
 """
 
 from __future__ import annotations
 
 from datetime import timedelta
 
-from airflow.sdk import Param, TaskGroup, dag, task
+from airflow.sdk import Asset, Param, TaskGroup, dag, get_current_context, task
+from airflow.sdk.exceptions import AirflowSkipException
 
 from atlasflow_airflow.runtime import parse_time_plan
+from atlasflow_airflow.sensors.storage import StorageAdmissionSensor
 
 CONFIG, PLAN, PLAN_PROBLEM = parse_time_plan()
+MODEL_ASSET = Asset("atlasflow://model/checkpoint")
 
 DEFAULT_ARGS = {
     "owner": "atlasflow",
@@ -22,6 +27,90 @@ DEFAULT_ARGS = {
     "retry_exponential_backoff": 2.0,
     "max_retry_delay": timedelta(minutes=15),
 }
+DOWNLOAD_RETRIES = CONFIG.download.retries if CONFIG else 3
+
+
+def _config():
+    from atlasflow_airflow.runtime import task_config
+
+    return task_config(get_current_context())
+
+
+@task
+def prepare() -> dict:
+    """Validate the whole manifest (every problem listed), seal the plan, pin the vocabulary."""
+    from atlasflow.pipeline import prepare_run
+
+    return prepare_run(_config())
+
+
+@task
+def stage(batch_id: str) -> list[str]:
+    """The batch's dataset ids (written to its spec file), to map the downloads over."""
+    from atlasflow.plan import write_batch_spec
+
+    import json
+
+    path = write_batch_spec(_config(), batch_id)
+    return [d["dataset_id"] for d in json.loads(open(path).read())["datasets"]]
+
+
+@task(pool="downloads", retries=DOWNLOAD_RETRIES, map_index_template="{{ dataset_id }}",
+      execution_timeout=timedelta(seconds=CONFIG.download.timeout_s) if CONFIG else None)
+def download(batch_id: str, dataset_id: str) -> dict:
+    """Fetch one dataset; after the last retry a dataset that still fails is quarantined."""
+    from atlasflow.pipeline import download_dataset
+
+    context = get_current_context()
+    context["dataset_id"] = dataset_id
+    ti = context["ti"]
+    return download_dataset(_config(), batch_id, dataset_id, final_try=ti.try_number > ti.max_tries)
+
+
+@task(map_index_template="{{ dataset_id }}")
+def process(batch_id: str, fetched: dict) -> dict:
+    """Read → QC → gene harmonisation → processed h5ad; a bad dataset is quarantined, not fatal."""
+    from atlasflow.pipeline import process_dataset_step
+
+    get_current_context()["dataset_id"] = fetched["dataset_id"]
+    return process_dataset_step(_config(), batch_id, fetched)
+
+
+@task
+def integrate(batch_id: str, processed: list[dict]) -> dict:
+    """scVI on the batch (scArches surgery onto the previous batch's model); skips an empty batch."""
+    from atlasflow.pipeline import integrate_batch_step
+
+    result = integrate_batch_step(_config(), batch_id, list(processed))
+    if result["status"] == "skipped":
+        raise AirflowSkipException(result["reason"])
+    return result
+
+
+@task(pool="gpu", trigger_rule="none_failed")
+def train(batch_id: str, previous_train: str | None) -> dict:
+    """Train on the batch, resuming from the previous batch's checkpoint (XCom)."""
+    from atlasflow.pipeline import train_batch_step
+
+    ti = get_current_context()["ti"]
+    if ti.xcom_pull(task_ids=f"{batch_id}.integrate") is None:
+        raise AirflowSkipException(f"{batch_id} has no usable dataset; nothing to train")
+    previous = ti.xcom_pull(task_ids=previous_train) if previous_train else None
+    return train_batch_step(_config(), batch_id, previous_checkpoint=(previous or {}).get("checkpoint_dir"))
+
+
+@task
+def cleanup(batch_id: str) -> dict:
+    """Free what the policy says (raw, processed, old checkpoints, cache); release the reservation."""
+    from atlasflow.pipeline import cleanup_batch
+
+    return cleanup_batch(_config(), batch_id)
+
+
+@task(outlets=[MODEL_ASSET], trigger_rule="none_failed")
+def publish(last_train: str) -> dict | None:
+    """Announce the newest checkpoint as the model Asset (the retraining DAG listens to it)."""
+    return get_current_context()["ti"].xcom_pull(task_ids=last_train)
 
 
 @dag(
@@ -41,26 +130,28 @@ DEFAULT_ARGS = {
     + (f"\n\nPlanned: {len(PLAN.batches)} batches." if PLAN else ""),
 )
 def atlas_ingest() -> None:
-    @task
-    def freeze_plan() -> dict:
-        """Validate the whole manifest (every problem listed) and save the plan, sealing its batches."""
-        from atlasflow.plan import freeze_plan as freeze
-        from atlasflow_airflow.runtime import task_config
-
-        return freeze(task_config())
-
-    @task
-    def stage_batch(batch_id: str) -> str:
-        """Write the batch's datasets to its spec file; later tasks read the batch from there."""
-        from atlasflow.plan import write_batch_spec
-        from atlasflow_airflow.runtime import task_config
-
-        return write_batch_spec(task_config(), batch_id)
-
-    frozen = freeze_plan()
+    prepared = prepare()
+    previous_admit = previous_train = None
+    previous_train_id: str | None = None
     for batch in PLAN.batches if PLAN else ():
-        with TaskGroup(group_id=batch.batch_id, tooltip=", ".join(batch.dataset_ids)):
-            frozen >> stage_batch.override(task_id="stage")(batch.batch_id)
+        bid = batch.batch_id
+        with TaskGroup(group_id=bid, tooltip=", ".join(batch.dataset_ids)):
+            ids = stage(bid)
+            admit = StorageAdmissionSensor(task_id="admit", batch_id=bid)
+            fetched = download.partial(batch_id=bid).expand(dataset_id=ids)
+            processed = process.partial(batch_id=bid).expand(fetched=fetched)
+            integrated = integrate(bid, processed)
+            trained = train(bid, previous_train_id)
+            done = cleanup(bid)
+            prepared >> ids >> admit >> fetched
+            integrated >> trained >> done
+            done.as_teardown(setups=admit)
+        if previous_admit is not None:
+            previous_admit >> admit  # admission in plan order: no batch starves
+            previous_train >> trained  # training in plan order, each resuming the last checkpoint
+        previous_admit, previous_train, previous_train_id = admit, trained, f"{bid}.train"
+    if previous_train is not None:
+        previous_train >> publish(previous_train_id)
 
 
 atlas_ingest()

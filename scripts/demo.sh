@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# `make demo`: run what the pipeline has today on the embedded defaults (SQLite metadata DB,
-# LocalExecutor, local training backend) in .demo/, and report what actually happened.
-# Everything lives under .demo/ (removed by `make clean`); re-running starts from scratch.
+# `make demo`: the whole pipeline on the embedded defaults (SQLite metadata DB, LocalExecutor,
+# local training backend) against a local HTTP server standing in for GEO, under Airflow's real
+# scheduler. Demo data and state live in .demo/ (re-created each time), Airflow in .airflow/.
+# Every process started here is stopped at the end by its PID (KEEP_UI=1 leaves Airflow and the
+# data server running; stop them with `python scripts/airflow_local.py stop` and the PID file).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
@@ -13,36 +15,40 @@ export ATLASFLOW_CONFIG=$DEMO/atlasflow.yaml
 PORT=${DEMO_HTTP_PORT:-8765}
 
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+stop_all() {
+  python scripts/airflow_local.py stop >/dev/null 2>&1 || true
+  if [ -f "$DEMO/geo_server.pid" ]; then
+    kill "$(cat "$DEMO/geo_server.pid")" 2>/dev/null || true
+    rm -f "$DEMO/geo_server.pid"
+  fi
+}
+[ "${KEEP_UI:-0}" = 1 ] || trap stop_all EXIT
 
-rm -rf "$DEMO/base" "$DEMO/manifest.csv" "$DEMO/bad_manifest.csv"
-mkdir -p "$DEMO"
+if [ -f "$DEMO/geo_server.pid" ] && kill -0 "$(cat "$DEMO/geo_server.pid")" 2>/dev/null; then
+  kill "$(cat "$DEMO/geo_server.pid")"  # a server left by an earlier KEEP_UI=1 demo
+fi
+rm -rf "$DEMO"
+mkdir -p "$DEMO/www"
 
-say "1. A manifest of 7 datasets (direct files on a local server standing in for GEO, GEO and SRA accessions)"
-cat > "$DEMO/manifest.csv" <<EOF
-dataset_id,download_url,type,disease_status,tissue_type,species,format,expected_bytes,notes
-pbmc_a,http://127.0.0.1:$PORT/files/pbmc_a.h5ad,direct,control,blood,human,,120 MB,
-pbmc_b,http://127.0.0.1:$PORT/files/pbmc_b_filtered_feature_bc_matrix.h5,direct,control,blood,human,,80 MB,
-GSE174332,GSE174332,geo,ALS,motor_cortex,human,,40 GB,snRNA-seq ALS/FTLD cortex
-GSE219281,gse219281,geo,ALS,spinal_cord,human,,12 GB,
-pbmc_c,http://127.0.0.1:$PORT/files/pbmc_c.loom,direct,control,blood,human,,60 MB,
-pbmc_d,http://127.0.0.1:$PORT/files/pbmc_d.tar.gz,direct,control,blood,human,10x_mtx,30 MB,
-SRR14740487,SRR14740487,sra,ALS,spinal_cord,human,,6 GB,
-EOF
-cat > "$ATLASFLOW_CONFIG" <<EOF
-storage:
-  base_dir: base
-manifest:
-  path: manifest.csv
-plan:
-  batch_size: 3
-training:
-  backend: local
-EOF
+say "1. A local stand-in for GEO on 127.0.0.1:$PORT, serving real cells (scanpy's pbmc68k_reduced) in 6 formats"
+python -m atlasflow.testing.geo_server --root "$DEMO/www" --port "$PORT" --pid-file "$DEMO/geo_server.pid" \
+  >"$DEMO/geo_server.log" 2>&1 &
+for _ in $(seq 1 50); do [ -f "$DEMO/geo_server.pid" ] && break; sleep 0.1; done
+sleep 0.3
+kill -0 "$(cat "$DEMO/geo_server.pid" 2>/dev/null || echo 0)" 2>/dev/null \
+  || { cat "$DEMO/geo_server.log"; echo "demo: the data server did not start (port $PORT busy? set DEMO_HTTP_PORT)" >&2; exit 1; }
+python -m atlasflow.testing.demo --root "$DEMO" --url "http://127.0.0.1:$PORT"
 atlasflow manifest check
+atlasflow plan
 
 say "2. A broken manifest is refused with every problem named (row, column, reason)"
-sed -e 's/^pbmc_b,/pbmc b,/' -e 's/,geo,ALS,spinal_cord/,gel,ALS,spinal_cord/' -e 's/,6 GB,/,six gigs,/' \
-    -e 's|^pbmc_c,http://|pbmc_a,s3://|' "$DEMO/manifest.csv" > "$DEMO/bad_manifest.csv"
+cat > "$DEMO/bad_manifest.csv" <<EOF
+dataset_id,download_url,type,expected_bytes
+pbmc 1,http://127.0.0.1:$PORT/files/pbmc_1.h5ad,direct,
+GSE12x,GSE12x,geo,
+pbmc_3,s3://bucket/pbmc_3.h5ad,direct,six gigs
+pbmc_3,http://127.0.0.1:$PORT/files/pbmc_3.loom,gel,
+EOF
 set +e
 atlasflow manifest check "$DEMO/bad_manifest.csv"
 bad_rc=$?
@@ -50,48 +56,19 @@ set -e
 echo "(exit code $bad_rc)"
 [ "$bad_rc" -eq 2 ] || { echo "demo: expected exit 2 for the broken manifest" >&2; exit 1; }
 
-say "3. Airflow: metadata DB (SQLite), pools/connection/variables from airflow_settings.yaml"
-airflow db migrate >/dev/null
+say "3. Airflow on 127.0.0.1 (api-server, scheduler, dag-processor, triggerer), settings from airflow_settings.yaml"
+python scripts/airflow_local.py start
 python -m atlasflow_airflow.settings apply airflow_settings.yaml
 
-say "4. Run atlas_ingest under the real scheduler (api-server, scheduler, dag-processor, triggerer on 127.0.0.1)"
-if [ "${KEEP_UI:-0}" != 1 ]; then trap 'python scripts/airflow_local.py stop >/dev/null' EXIT; fi
-python scripts/airflow_local.py start
+say "4. Run atlas_ingest: budget $(python -c 'from atlasflow.config import load_config; print(load_config().storage.max_storage_gb * 1000)') MB, so batches must wait for each other"
 t0=$(date +%s)
 python scripts/airflow_local.py trigger atlas_ingest --wait --timeout "${DEMO_TIMEOUT:-1800}"
 echo "run finished in $(( $(date +%s) - t0 )) s"
-python - <<'PY' 2>/dev/null
-from airflow.models.dagrun import DagRun
-from airflow.utils.session import create_session
-with create_session() as session:
-    run = session.query(DagRun).filter(DagRun.dag_id == "atlas_ingest").order_by(DagRun.id.desc()).first()
-    for ti in sorted(run.get_task_instances(session=session), key=lambda t: t.task_id):
-        print(f"  {ti.task_id:<22} {ti.state}")
-PY
 
-say "5. New rows appended: saved batches keep their ids, new ones are appended"
-cat >> "$DEMO/manifest.csv" <<EOF
-pbmc_e,http://127.0.0.1:$PORT/files/pbmc_e.csv.gz,direct,control,blood,human,,25 MB,
-pbmc_f,http://127.0.0.1:$PORT/files/pbmc_f.tsv,direct,control,blood,human,,25 MB,
-EOF
-atlasflow plan
-
-say "What this demo did"
-python - "$DEMO" <<'PY'
-import json, sys
-from pathlib import Path
-demo = Path(sys.argv[1])
-plan = json.loads((demo / "base/state/plan.json").read_text())
-specs = sorted((demo / "base/state/batches").glob("*.json"))
-print(f"- validated a 7-row manifest and refused a broken one (exit 2, every problem listed)")
-print("- applied airflow_settings.yaml to $AIRFLOW_HOME (pools downloads=5, gpu=1 include_deferred) and ran\n  Airflow's scheduler, dag-processor, triggerer and api-server on 127.0.0.1, stopped again at the end")
-print(f"- ran atlas_ingest: saved the plan ({len(plan['batches'])} sealed batches) to {demo / 'base/state/plan.json'}")
-for s in specs:
-    spec = json.loads(s.read_text())
-    print(f"    {spec['batch_id']}: {', '.join(d['dataset_id'] for d in spec['datasets'])}")
-print("- re-planned after appending 2 rows: the saved batches kept their ids, one new batch was appended")
-print("Not yet part of the pipeline (open issues): downloads, QC, integration, training, cleanup.")
-PY
+say "What the run did"
+python scripts/demo_summary.py
 if [ "${KEEP_UI:-0}" = 1 ]; then
-  echo "The Airflow UI keeps running (KEEP_UI=1): python scripts/airflow_local.py status | stop"
+  echo
+  echo "KEEP_UI=1: Airflow and the data server keep running. Stop them with:"
+  echo "  AIRFLOW_HOME=$AIRFLOW_HOME python scripts/airflow_local.py stop; kill \$(cat $DEMO/geo_server.pid)"
 fi

@@ -251,6 +251,10 @@ class Ledger:
                 reason = (f"{batch_id} waits: {nbytes / GB:.3f} GB needed, {used / GB:.3f} GB on disk + "
                           f"{outstanding / GB:.3f} GB still reserved by {len(others)} batch(es) "
                           f"of a {budget / GB:.3f} GB budget")
+                if not others:
+                    reason += ("; no other batch holds a reservation, so only freeing space (fewer kept "
+                               "checkpoints, `atlasflow storage` shows what is reclaimable) or a larger "
+                               "storage.max_storage_gb will admit it")
                 return Admission(False, batch_id, nbytes, reason, used, outstanding, free)
             if free - outstanding - nbytes < floor:
                 reason = (f"{batch_id} waits: the volume has {free / GB:.3f} GB free, {outstanding / GB:.3f} GB of it "

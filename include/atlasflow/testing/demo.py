@@ -1,0 +1,102 @@
+"""Build the demo: a local "GEO" of real cells in many formats, its manifest and a config.
+
+scanpy's bundled pbmc68k_reduced (700 real PBMCs, raw counts recovered) is split into 7 datasets of
+100 cells, each written in a different format; one is published as a GEO series in GEO's folder
+layout, the others as direct downloads. An eighth row points at a file that does not exist, to
+show quarantine. The budget is small enough that batches must wait for each other.
+
+``python -m atlasflow.testing.demo --root DIR --url http://127.0.0.1:PORT`` writes
+``DIR/www`` (serve it), ``DIR/manifest.xlsx`` and ``DIR/atlasflow.yaml``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["build_demo"]
+
+FORMATS = ["h5ad", "10x_h5", "loom", "csv", "tsv_gz", "10x_mtx_tar", "h5ad"]
+
+
+def build_demo(root: Path, url: str, *, n_datasets: int = 7, cells: int = 100, batch_size: int = 3,
+               budget_mb: float = 10.0, integration_epochs: int = 5, missing_row: bool = True) -> dict[str, Any]:
+    import openpyxl
+
+    from atlasflow.testing.geo_server import geo_series_dir
+    from atlasflow.testing.realdata import pbmc_counts, write_format
+
+    pbmc = pbmc_counts()
+    www = root / "www"
+    rows = []
+    for i in range(n_datasets):
+        part = pbmc[i * cells: (i + 1) * cells].copy()
+        fmt = FORMATS[i % len(FORMATS)]
+        ds = f"pbmc_{i + 1}"
+        if i == 2:  # one dataset published as a GEO series
+            accession = "GSE900001"
+            folder = geo_series_dir(www / "geo", accession)
+            path = write_format(part, fmt, folder, stem=accession)
+            rows.append([accession, accession, "geo", "control", "blood", "human", "", path.stat().st_size, "", ""])
+            continue
+        path = write_format(part, fmt, www / "files", stem=ds)
+        rows.append([ds, f"{url}/files/{path.name}", "direct", "control", "blood", "human", "",
+                     path.stat().st_size, "bulk_labels" if fmt == "h5ad" else "", ""])
+    if missing_row:
+        rows.append(["pbmc_gone", f"{url}/files/pbmc_gone.h5ad", "direct", "control", "blood", "human", "", 200_000,
+                     "", "a dataset the server no longer has: quarantined, the batch goes on"])
+    book = openpyxl.Workbook()
+    ws = book.active
+    ws.title = "datasets"
+    ws.append(["dataset_id", "download_url", "type", "disease_status", "tissue_type", "species", "format",
+               "expected_bytes", "cell_type_key", "notes"])
+    for r in rows:
+        ws.append(r)
+    root.mkdir(parents=True, exist_ok=True)
+    book.save(root / "manifest.xlsx")
+    gb = budget_mb / 1000
+    (root / "atlasflow.yaml").write_text(f"""# demo configuration: a tiny budget so batches have to wait for each other
+storage:
+  base_dir: base
+  max_storage_gb: {gb}
+  data_gb: {gb * 0.5}
+  models_gb: {gb * 0.4}
+  cache_gb: {gb * 0.05}
+  outputs_gb: {gb * 0.05}
+  min_free_gb: 1
+  checkpoint_gb: 0.004
+  keep_checkpoints: 1
+manifest:
+  path: manifest.xlsx
+plan:
+  batch_size: {batch_size}
+download:
+  geo_base_url: {url}/geo
+  retries: 1
+  backoff_s: 0.2
+qc:
+  min_genes: 50
+integration:
+  max_epochs: {integration_epochs}
+training:
+  epochs: 2
+  checkpoint_every_steps: 5
+  val_fraction: 0.34
+""")
+    return {"root": str(root), "datasets": len(rows), "www": str(www)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", type=Path, required=True)
+    parser.add_argument("--url", required=True, help="base URL the demo server will answer on")
+    args = parser.parse_args(argv)
+    info = build_demo(args.root, args.url)
+    sys.stdout.write(f"demo data: {info['datasets']} manifest rows under {info['root']}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
