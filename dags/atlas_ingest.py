@@ -47,9 +47,9 @@ def prepare() -> dict:
 @task
 def stage(batch_id: str) -> list[str]:
     """The batch's dataset ids (written to its spec file), to map the downloads over."""
-    from atlasflow.plan import write_batch_spec
-
     import json
+
+    from atlasflow.plan import write_batch_spec
 
     path = write_batch_spec(_config(), batch_id)
     return [d["dataset_id"] for d in json.loads(open(path).read())["datasets"]]

@@ -11,11 +11,14 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
-from tests.atlasflow.conftest import direct_rows, write_xlsx
+from atlasflow.testing.demo import build_demo
+from atlasflow.testing.geo_server import GeoServer
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "airflow_local.py"
@@ -53,27 +56,31 @@ def postgres_url():
 
 @pytest.fixture(params=["sqlite", "postgres"])
 def local_airflow(request, tmp_path):
+    """The demo's data (real cells, 6 formats, a GEO series, a missing file) behind a local server,
+    and a real Airflow (SQLite, or a real PostgreSQL) pointed at it."""
     home = tmp_path / "airflow"
     home.mkdir()
     db = f"sqlite:///{home}/airflow.db" if request.param == "sqlite" else request.getfixturevalue("postgres_url")
-    manifest = write_xlsx(tmp_path / "m.xlsx", direct_rows(5))
-    config = tmp_path / "atlasflow.yaml"
-    config.write_text(f"storage: {{base_dir: {tmp_path / 'base'}}}\nmanifest: {{path: {manifest}}}\nplan: {{batch_size: 2}}\n")
-    env = {**os.environ, "AIRFLOW_HOME": str(home), "ATLASFLOW_CONFIG": str(config),
-           "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": db,
-           "PYTHONPATH": str(REPO / "plugins"), "AIRFLOW__CORE__PARALLELISM": "4"}
+    root = tmp_path / "demo"
+    (root / "www").mkdir(parents=True)
+    server = GeoServer(root / "www").__enter__()
+    build_demo(root, server.url, integration_epochs=1)
+    env = {**os.environ, "AIRFLOW_HOME": str(home), "ATLASFLOW_CONFIG": str(root / "atlasflow.yaml"),
+           "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": db, "PYTHONPATH": str(REPO / "plugins"),
+           "AIRFLOW__CORE__PARALLELISM": "4", "AIRFLOW__CORE__LOAD_EXAMPLES": "False"}
 
     def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, str(SCRIPT), *args], env=env, capture_output=True, text=True,
-                              check=check, timeout=600)
+                              check=check, timeout=900)
 
-    yield cli, home, tmp_path / "base"
+    yield cli, home, root / "base", db, env
     cli("stop", check=False)
+    server.__exit__(None, None, None)
 
 
 @pytest.mark.parametrize("local_airflow", ["sqlite"], indirect=True)
 def test_busy_port_is_refused(local_airflow):
-    cli, _, _ = local_airflow
+    cli = local_airflow[0]
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
@@ -81,19 +88,54 @@ def test_busy_port_is_refused(local_airflow):
     assert result.returncode != 0 and "is busy" in result.stderr
 
 
-def test_run_under_real_scheduler_then_stop_by_pid(local_airflow):
-    cli, home, base = local_airflow
+def test_ingest_run_under_real_scheduler(local_airflow):
+    """The whole pipeline on real cells: gated admission, quarantine, checkpoint chain, disk under budget."""
+    from sqlalchemy import create_engine, text
+
+    from atlasflow.config import load_config
+    from atlasflow.storage import tree_bytes
+
+    cli, home, base, db, env = local_airflow
     started = cli("start", "--api-port", str(free_port()))
     assert "Airflow UI: http://127.0.0.1:" in started.stdout
     pids = json.loads((home / "local" / "state.json").read_text())["pids"]
     assert set(pids) == {"api-server", "scheduler", "dag-processor", "triggerer"}
-    assert all(alive(p) for p in pids.values())
+    subprocess.run([sys.executable, "-m", "atlasflow_airflow.settings", "apply", str(REPO / "airflow_settings.yaml")],
+                   env=env, check=True, capture_output=True)
+    budget = load_config(env["ATLASFLOW_CONFIG"]).storage.max_storage_bytes
+    peak, stop = [0], threading.Event()
 
-    run = cli("trigger", "atlas_ingest", "--wait", "--timeout", "300", check=False)
+    def sample() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], tree_bytes(base / "data") + tree_bytes(base / "models") + tree_bytes(base / "cache"))
+            time.sleep(0.1)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        run = cli("trigger", "atlas_ingest", "--wait", "--timeout", "800", check=False)
+    finally:
+        stop.set()
+        sampler.join()
     assert run.returncode == 0, run.stdout + run.stderr + (home / "local" / "scheduler.log").read_text()[-3000:]
-    plan = json.loads((base / "state" / "plan.json").read_text())
-    assert [b["batch_id"] for b in plan["batches"]] == ["batch_0000", "batch_0001", "batch_0002"]
-    assert len(list((base / "state" / "batches").glob("batch_*.json"))) == 3
+    assert 0 < peak[0] <= budget
+
+    engine = create_engine(db)
+    with engine.connect() as conn:
+        states = dict(conn.execute(text(
+            "SELECT task_id || ':' || map_index, state FROM task_instance WHERE dag_id = 'atlas_ingest'")).all())
+        waits = dict(conn.execute(text(
+            "SELECT ti.task_id, COUNT(tr.id) FROM task_instance ti LEFT JOIN task_reschedule tr ON tr.ti_id = ti.id "
+            "WHERE ti.task_id LIKE '%.admit' GROUP BY ti.task_id")).all())
+    engine.dispose()
+    assert states["batch_0002.train:-1"] == "success" and states["publish:-1"] == "success"
+    assert waits["batch_0001.admit"] > 0 and waits["batch_0002.admit"] > 0  # the budget made them wait
+
+    gone = json.loads((base / "state" / "quarantine" / "pbmc_gone.json").read_text())
+    assert gone["stage"] == "download" and "404" in gone["reason"]
+    final = json.loads((base / "models" / "checkpoints" / "batch_0002" / "result.json").read_text())
+    assert final["parent_checkpoint"].endswith("batch_0001") and len(final["datasets_seen"]) == 7
+    assert not (base / "data" / "raw").exists() or not any((base / "data" / "raw").iterdir())
 
     cli("stop")
     assert not any(alive(p) for p in pids.values())

@@ -32,7 +32,6 @@ class StorageAdmissionSensor(BaseSensorOperator):
 
     def poke(self, context: Any) -> PokeReturnValue:
         from atlasflow.pipeline import BudgetExceededError, admit_batch
-
         from atlasflow_airflow.runtime import task_config
 
         ti = context["ti"]
