@@ -27,6 +27,7 @@ __all__ = [
     "TransientFetchError",
     "fetch_dataset",
     "geo_listing_url",
+    "geo_suppl_path",
     "pick_geo_files",
 ]
 
@@ -62,15 +63,19 @@ class FetchResult:
                 "files": [f.to_dict() for f in self.files], "skipped": list(self.skipped)}
 
 
-def geo_listing_url(accession: str, base_url: str) -> str:
-    """GEO's supplementary-files folder: ``series/GSE123nnn/GSE123456/suppl/`` (samples likewise)."""
+def geo_suppl_path(accession: str) -> str:
+    """GEO's supplementary-files folder, relative to its root: ``series/GSE123nnn/GSE123456/suppl``."""
     m = re.fullmatch(r"(GSE|GSM)(\d+)", accession)
     if not m:
         raise FetchError(f"{accession!r} is not a GEO series or sample accession")
     prefix, digits = m.groups()
     stub = prefix + (digits[:-3] + "nnn" if len(digits) > 3 else "nnn")
     kind = "series" if prefix == "GSE" else "samples"
-    return f"{base_url.rstrip('/')}/{kind}/{stub}/{accession}/suppl/"
+    return f"{kind}/{stub}/{accession}/suppl"
+
+
+def geo_listing_url(accession: str, base_url: str) -> str:
+    return f"{base_url.rstrip('/')}/{geo_suppl_path(accession)}/"
 
 
 class _Links(html.parser.HTMLParser):

@@ -34,10 +34,9 @@ __all__ = ["GeoServer", "geo_series_dir"]
 
 def geo_series_dir(root: Path, accession: str) -> Path:
     """Where a series' supplementary files go under ``root`` (GEO's ``series/GSEnnn/GSE…/suppl``)."""
-    digits = accession[3:]
-    stub = accession[:3] + (digits[:-3] + "nnn" if len(digits) > 3 else "nnn")
-    kind = "series" if accession.startswith("GSE") else "samples"
-    return root / kind / stub / accession / "suppl"
+    from atlasflow.fetch import geo_suppl_path
+
+    return root / geo_suppl_path(accession)
 
 
 class _Handler(BaseHTTPRequestHandler):
