@@ -1,0 +1,42 @@
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+
+from atlasflow.model.tokenizer import CLS, N_SPECIAL, Tokenizer
+
+
+def test_top_genes_bins_and_ties():
+    tok = Tokenizer(n_genes=10, max_genes=4, n_bins=5)
+    # cell 0: genes 0..5 with values 1..6; cell 1: ties; cell 2: nothing expressed; column 6 is not in the vocab
+    X = sp.csr_matrix(np.array([
+        [1, 2, 3, 4, 5, 6, 9],
+        [2, 2, 0, 0, 0, 7, 0],
+        [0, 0, 0, 0, 0, 0, 3],
+    ], dtype=np.float32))
+    columns = np.array([0, 1, 2, 3, 4, 5, -1])
+    tokens, bins = tok.encode(X, columns)
+    assert tokens.shape == bins.shape == (3, 5) and (tokens[:, 0] == CLS).all()
+    # highest values first: genes 5, 4, 3, 2 (the unmapped column's 9 is ignored)
+    assert list(tokens[0, 1:] - N_SPECIAL) == [5, 4, 3, 2]
+    assert list(bins[0, 1:]) == sorted(bins[0, 1:], reverse=True) and bins[0, 1] == 4 and bins[0, 4] >= 1
+    # ties: genes 0 and 1 both 2 -> same bin, lower gene first; gene 5 (7) first
+    assert list(tokens[1, 1:4] - N_SPECIAL) == [5, 0, 1] and bins[1, 2] == bins[1, 3]
+    assert tokens[1, 4] == 0 and bins[1, 4] == 0  # padding
+    assert (tokens[2, 1:] == 0).all()
+
+
+def test_deterministic_and_matches_a_per_cell_reference():
+    rng = np.random.default_rng(0)
+    X = sp.random(50, 300, density=0.2, random_state=1, format="csr", dtype=np.float32)
+    X.data = np.ceil(X.data * 20)
+    columns = rng.permutation(300)
+    tok = Tokenizer(n_genes=300, max_genes=32, n_bins=11)
+    tokens, bins = tok.encode(X, columns)
+    assert np.array_equal(tokens, tok.encode(X, columns)[0])
+    for i in range(50):  # the chosen genes are exactly a top-32 by value of the cell
+        row = X.getrow(i)
+        vals = dict(zip(columns[row.indices], row.data, strict=True))
+        chosen = [t - N_SPECIAL for t in tokens[i, 1:] if t]
+        cutoff = sorted(vals.values(), reverse=True)[len(chosen) - 1]
+        assert all(vals[g] >= cutoff for g in chosen) and len(chosen) == min(32, len(vals))
