@@ -22,7 +22,7 @@ FORMATS = ["h5ad", "10x_h5", "loom", "csv", "tsv_gz", "10x_mtx_tar", "h5ad"]
 
 
 def build_demo(root: Path, url: str, *, n_datasets: int = 7, cells: int = 100, batch_size: int = 3,
-               budget_mb: float = 9.3, integration_epochs: int = 5, missing_row: bool = True) -> dict[str, Any]:
+               budget_mb: float = 13.5, integration_epochs: int = 5, missing_row: bool = True) -> dict[str, Any]:
     import openpyxl
 
     from atlasflow.testing.geo_server import geo_series_dir
@@ -56,8 +56,9 @@ def build_demo(root: Path, url: str, *, n_datasets: int = 7, cells: int = 100, b
         ws.append(r)
     root.mkdir(parents=True, exist_ok=True)
     book.save(root / "manifest.xlsx")
-    # 9.3 MB: one batch (about 4.6-5.6 MB with its 4 MB checkpoint reservation) next to the ~3.7 MB the
-    # last kept checkpoint and integration model occupy, but never two batches at once
+    # 13.5 MB: one batch (its files plus a 7 MB reservation for its checkpoint, the checkpoint's
+    # transient copies and the integration model, 7.6-8.6 MB in all) next to the ~3.7 MB the last kept
+    # checkpoint and integration model occupy, but never two batches at once
     gb = budget_mb / 1000
     (root / "atlasflow.yaml").write_text(f"""# demo configuration: a tiny budget so batches have to wait for each other
 storage:
@@ -68,7 +69,7 @@ storage:
   cache_gb: {gb * 0.05}
   outputs_gb: {gb * 0.05}
   min_free_gb: 1
-  checkpoint_gb: 0.004
+  checkpoint_gb: 0.007
   keep_checkpoints: 1
 manifest:
   path: manifest.xlsx
