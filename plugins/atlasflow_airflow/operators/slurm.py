@@ -110,9 +110,11 @@ class SlurmJobOperator(BaseOperator):
 
     def execute_complete(self, context: Any, event: dict[str, Any]) -> Any:
         self.job_id = event.get("job_id")
+        # A failed job's output is what the user needs first: log it at WARNING so it is never filtered.
+        level = logging.INFO if event.get("status") == "success" else logging.WARNING
         for key in ("stdout_tail", "stderr_tail"):
             if event.get(key):
-                self.log.info("SLURM job %s %s:\n%s", self.job_id, key.replace("_tail", " (tail)"), event[key])
+                self.log.log(level, "SLURM job %s %s:\n%s", self.job_id, key.replace("_tail", " (tail)"), event[key])
         if event.get("status") != "success":
             raise SlurmJobFailed(f"SLURM {event.get('message') or event}")
         if event.get("result") is None:

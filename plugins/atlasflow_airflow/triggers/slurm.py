@@ -148,10 +148,12 @@ class SlurmJobTrigger(BaseTrigger):
 
     async def on_kill(self) -> None:
         """The user killed the deferred task: cancel the SLURM job (the worker's on_kill does not run)."""
-        try:
-            await self._run(C.scancel_cmd([self.job_id]))
-        finally:
-            self._drop()
+        from airflow.providers.ssh.hooks.ssh import SSHHookAsync
+
+        # Own connection: the poll loop's may be closing concurrently as its task is cancelled.
+        async with await SSHHookAsync(ssh_conn_id=self.conn_id).get_conn() as conn:
+            res = await conn.run(C.scancel_cmd([self.job_id]), check=False, timeout=60)
+        self.log.info("scancel %s: rc %s %s", self.job_id, res.exit_status, str(res.stderr or "").strip())
 
     async def _final_event(self, info: JobInfo) -> dict[str, Any]:
         event: dict[str, Any] = {
