@@ -210,6 +210,12 @@ class SlurmConfig:
     env_activate: str | None = _opt(
         None, "Path of the cluster-side venv or conda env to activate before `atlasflow train`."
     )
+    retry_mem_factor: float = _opt(1.5, "On retry after OUT_OF_MEMORY, multiply --mem by this.", min=1)
+    retry_time_factor: float = _opt(1.5, "On retry after TIMEOUT, multiply --time by this.", min=1)
+    poll_min_s: float = _opt(5.0, "First poll interval; doubles per unchanged poll.", min=0.1)
+    poll_max_s: float = _opt(300.0, "Longest poll interval.", min=0.1)
+    lost_grace_s: float = _opt(600.0, "A job absent from squeue, scontrol and sacct is LOST only after this.", min=0)
+    transient_retries: int = _opt(5, "Consecutive transient SSH/slurmctld errors tolerated while polling.", min=0)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,64 @@
+"""Remote command lines and the state-resolution rule shared by every SLURM client (sync and async)."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from collections.abc import Iterable
+
+from atlasflow.slurm.parse import SACCT_FIELDS, SQUEUE_FORMAT, JobInfo, JobState
+
+#: stderr fragments that mean "try again", not "the job failed".
+TRANSIENT_PATTERNS = re.compile(
+    r"Socket timed out|Unable to contact slurm controller|Connection (reset|refused)|"
+    r"slurm_load_jobs error: (Socket|Unable)|Zero Bytes were transmitted|Transport endpoint|"
+    r"Resource temporarily unavailable|Broken pipe",
+    re.IGNORECASE,
+)
+
+
+def is_transient(stderr: str) -> bool:
+    return bool(TRANSIENT_PATTERNS.search(stderr or ""))
+
+
+def submit_cmd() -> str:
+    """sbatch reading the script from stdin."""
+    return "sbatch --parsable"
+
+
+def squeue_cmd(job_ids: Iterable[str] | None = None) -> str:
+    ids = ",".join(str(int(j)) for j in job_ids) if job_ids is not None else ""
+    sel = f" -j {ids}" if ids else ""
+    return f"squeue -h -t all{sel} -o {shlex.quote(SQUEUE_FORMAT)}"
+
+
+def scontrol_cmd(job_id: str) -> str:
+    return f"scontrol show job -o {int(job_id)}"
+
+
+def sacct_cmd(job_id: str) -> str:
+    return f"sacct -P -n -X -j {int(job_id)} --format={SACCT_FIELDS}"
+
+
+def scancel_cmd(job_ids: Iterable[str]) -> str:
+    return "scancel " + " ".join(str(int(j)) for j in job_ids)
+
+
+def tail_cmd(path: str, nbytes: int = 16000) -> str:
+    return f"tail -c {int(nbytes)} {shlex.quote(path)} 2>/dev/null || true"
+
+
+def cat_cmd(path: str) -> str:
+    return f"cat {shlex.quote(path)}"
+
+
+def result_path_for(stdout_path: str) -> str:
+    """The job writes its result JSON next to its output: ``<stdout>.result.json``."""
+    return f"{stdout_path}.result.json"
+
+
+def lost_or_none(job_id: str, missing_since: float | None, now: float, grace_s: float) -> JobInfo | None:
+    """A job absent from squeue, scontrol and sacct is LOST only once the grace window has passed."""
+    if missing_since is not None and now - missing_since >= grace_s:
+        return JobInfo(job_id, JobState.LOST, reason=f"absent from squeue, scontrol and sacct for {grace_s:.0f}s")
+    return None

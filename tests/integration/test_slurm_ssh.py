@@ -1,0 +1,229 @@
+"""SlurmJobOperator / SlurmJobTrigger / SlurmHook against a real SLURM cluster through a real sshd."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import threading
+import time
+import uuid
+
+import pytest
+
+from .conftest import conn_uri, ssh
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
+
+FAST = {"poll_min_s": 0.5, "poll_max_s": 2.0, "lost_grace_s": 20.0, "gpus": 0, "cpus": 1, "mem_gb": 0.1,
+        "time_limit": "00:05:00"}
+
+
+def _dag(task_kwargs: dict, *, retries: int = 0):
+    from airflow.sdk import DAG
+
+    from atlasflow_airflow.operators.slurm import SlurmJobOperator
+
+    with DAG(f"slurm_{uuid.uuid4().hex[:8]}", schedule=None, start_date=dt.datetime(2024, 1, 1)) as dag:
+        SlurmJobOperator(task_id="train", retries=retries, **task_kwargs)
+    _register(dag)
+    return dag
+
+
+def _register(dag) -> None:
+    """dag.test() needs the DAG serialized in the DB; these DAGs live only in the test."""
+    import tempfile
+
+    from airflow.dag_processing.bundles.manager import DagBundlesManager
+    from airflow.dag_processing.dagbag import DagBag, sync_bag_to_db
+
+    DagBundlesManager().sync_bundles_to_db()
+    bag = DagBag(dag_folder=tempfile.mkdtemp())
+    bag.bag_dag(dag)
+    sync_bag_to_db(bag, "dags-folder", None)
+
+
+def _ti(dr):
+    return next(t for t in dr.get_task_instances() if t.task_id == "train")
+
+
+def _squeue_all(cluster) -> list[list[str]]:
+    out = ssh(cluster, "squeue -h -t all -o '%i|%T|%k'").stdout
+    return [line.split("|") for line in out.splitlines() if line.strip()]
+
+
+def test_job_completes_and_returns_result(slurm_airflow, job_command, tmp_path):
+    dag = _dag(dict(command=job_command("ok", "b1"), dataset_id="GSE1", batch_id="b1",
+                    output_dir=str(tmp_path / "out"), slurm=FAST))
+    dr = dag.test()
+    ti = _ti(dr)
+    assert ti.state == "success"
+    result = ti.xcom_pull(task_ids="train")
+    assert result["checkpoint"] == str(tmp_path / "out" / "ckpt-b1")
+
+
+def test_job_exit_3_fails_task_with_exit_code(slurm_airflow, job_command, tmp_path, capfd):
+    dag = _dag(dict(command=job_command("exit", "3"), dataset_id="GSE1", batch_id="b2",
+                    output_dir=str(tmp_path / "out"), slurm=FAST))
+    dr = dag.test()
+    assert _ti(dr).state == "failed"
+    log = "".join(capfd.readouterr())
+    assert "FAILED, exit code 3, reason NonZeroExitCode" in log
+    # the job's stdout tail was copied into the task log
+    assert "about to fail" in log
+
+
+def _wait_job(cluster, name: str, timeout: float = 60) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in ssh(cluster, "squeue -h -t all -o '%i|%j|%T'").stdout.splitlines():
+            job_id, job_name, state = line.split("|")
+            if job_name == name and state == "RUNNING":
+                return job_id
+        time.sleep(0.5)
+    raise AssertionError(f"job {name} never ran")
+
+
+def test_scancel_from_outside_surfaces_cancelled(slurm_airflow, job_command, tmp_path, capfd):
+    batch = f"c{uuid.uuid4().hex[:6]}"
+    dag = _dag(dict(command=job_command("sleep", "120"), dataset_id="GSE1", batch_id=batch,
+                    output_dir=str(tmp_path / "out"), slurm=FAST))
+
+    def cancel():
+        job_id = _wait_job(slurm_airflow, f"atlasflow-GSE1-{batch}")
+        ssh(slurm_airflow, f"scancel {job_id}")
+
+    t = threading.Thread(target=cancel)
+    t.start()
+    dr = dag.test()
+    t.join()
+    assert _ti(dr).state == "failed"
+    assert "CANCELLED" in "".join(capfd.readouterr())
+
+
+class _TI:
+    def __init__(self, dag_id: str, try_number: int) -> None:
+        self.dag_id, self.run_id, self.task_id, self.map_index, self.try_number = dag_id, "r1", "train", 0, try_number
+
+
+def _operator(job_command, tmp_path, batch, mode="sleep", arg="120", **slurm):
+    from atlasflow_airflow.operators.slurm import SlurmJobOperator
+
+    return SlurmJobOperator(task_id="train", command=job_command(mode, arg), dataset_id="GSE1", batch_id=batch,
+                            output_dir=str(tmp_path / "out"), slurm={**FAST, **slurm})
+
+
+def test_retry_after_worker_death_adopts_running_job(slurm_airflow, job_command, tmp_path):
+    from airflow.sdk.exceptions import TaskDeferred
+
+    from atlasflow.slurm import job_tag
+
+    dag_id = f"adopt_{uuid.uuid4().hex[:6]}"
+    op = _operator(job_command, tmp_path, "a1")
+    with pytest.raises(TaskDeferred) as first:
+        op.execute({"ti": _TI(dag_id, 1)})
+    job_id = first.value.trigger.job_id
+    # The worker dies here (the deferred state is lost); Airflow retries the task: try 2.
+    op2 = _operator(job_command, tmp_path, "a1")
+    with pytest.raises(TaskDeferred) as second:
+        op2.execute({"ti": _TI(dag_id, 2)})
+    assert second.value.trigger.job_id == job_id
+    tag = job_tag(dag_id, "r1", "train", 0)
+    tagged = [row for row in _squeue_all(slurm_airflow) if row[2] == tag]
+    assert len(tagged) == 1, tagged
+    # operator.on_kill (worker side) cancels the SLURM job
+    op2.on_kill()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        states = {row[0]: row[1] for row in _squeue_all(slurm_airflow)}
+        if states[job_id] == "CANCELLED":
+            break
+        time.sleep(0.5)
+    assert states[job_id] == "CANCELLED"
+
+
+def test_trigger_on_kill_cancels_job(slurm_airflow, job_command, tmp_path):
+    import asyncio
+
+    from airflow.sdk.exceptions import TaskDeferred
+
+    op = _operator(job_command, tmp_path, "k1")
+    with pytest.raises(TaskDeferred) as deferred:
+        op.execute({"ti": _TI(f"kill_{uuid.uuid4().hex[:6]}", 1)})
+    trigger = deferred.value.trigger
+
+    async def scenario():
+        poller = asyncio.create_task(anext(trigger.run()))
+        await asyncio.sleep(2)
+        poller.cancel()  # what the triggerer does when the user kills the task, then on_kill
+        with pytest.raises(asyncio.CancelledError):
+            await poller
+        await trigger.on_kill()
+
+    asyncio.run(scenario())
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        states = {row[0]: row[1] for row in _squeue_all(slurm_airflow)}
+        if states[trigger.job_id] == "CANCELLED":
+            break
+        time.sleep(0.5)
+    assert states[trigger.job_id] == "CANCELLED"
+
+
+def test_sshd_restart_mid_poll_is_survived(slurm_airflow, job_command, tmp_path):
+    import asyncio
+    import subprocess
+    import sys
+
+    from airflow.sdk.exceptions import TaskDeferred
+
+    from .conftest import LOCAL_SLURM
+
+    op = _operator(job_command, tmp_path, "s1", mode="sleep", arg="8")
+    with pytest.raises(TaskDeferred) as deferred:
+        op.execute({"ti": _TI(f"sshd_{uuid.uuid4().hex[:6]}", 1)})
+    trigger = deferred.value.trigger
+
+    async def scenario():
+        poller = asyncio.create_task(anext(trigger.run()))
+        await asyncio.sleep(2)
+        assert trigger.connections_opened == 1
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, str(LOCAL_SLURM), "restart-sshd", "--down", "3",
+            "--state-dir", slurm_airflow["state_dir"])
+        assert await proc.wait() == 0
+        return await asyncio.wait_for(poller, 60)
+
+    event = asyncio.run(scenario())
+    assert event.payload["state"] == "COMPLETED", event.payload
+    assert event.payload["result"]["checkpoint"].endswith("ckpt-8")
+    assert trigger.connections_opened >= 2  # the connection really broke and was reopened
+    assert subprocess.run([sys.executable, str(LOCAL_SLURM), "status", "--state-dir",
+                           slurm_airflow["state_dir"]]).returncode == 0
+
+
+def test_wrong_host_key_is_refused(slurm_airflow, tmp_path, monkeypatch):
+    import asyncio
+    import subprocess
+
+    import asyncssh
+    import paramiko
+
+    from atlasflow_airflow.hooks.slurm import SlurmHook
+
+
+    other = tmp_path / "other"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
+    kt, key = (other.with_suffix(".pub")).read_text().split()[:2]
+    bad = tmp_path / "known_hosts"
+    bad.write_text(f"[127.0.0.1]:{slurm_airflow['port']} {kt} {key}\n")
+    monkeypatch.setenv("AIRFLOW_CONN_SLURM_BAD", json.loads(json.dumps(conn_uri(slurm_airflow))).replace(
+        slurm_airflow["known_hosts"], str(bad)))
+    with pytest.raises(paramiko.SSHException):
+        SlurmHook("slurm_bad", transient_retries=0).run("true")
+
+    from airflow.providers.ssh.hooks.ssh import SSHHookAsync
+
+    with pytest.raises(asyncssh.HostKeyNotVerifiable):
+        asyncio.run(SSHHookAsync(ssh_conn_id="slurm_bad").get_conn())
+    # Control: the right known_hosts file connects (so the refusals above are about the key).
+    assert SlurmHook("slurm_ssh").run("true")[0] == 0
