@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -34,6 +35,11 @@ def _train(args: argparse.Namespace, out: TextIO) -> int:
     if resume is not None and not (resume / "model.pt").exists():
         raise ValueError(f"--resume-from {resume} is not a checkpoint folder (no model.pt)")
     result = train_batch(config, resolve_vocab(config, args.vocab), batch_dir, Path(args.out), resume_from=resume)
+    result_path = os.environ.get("ATLASFLOW_RESULT_PATH")
+    if result_path:  # set by the SLURM job script: the operator reads the result from there
+        from atlasflow.fsutil import write_json_atomic
+
+        write_json_atomic(Path(result_path), result)
     out.write(json.dumps(result) + "\n")
     return 0
 
