@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -63,14 +64,15 @@ def conn_uri(cluster: dict, **extra) -> str:
 
 
 @pytest.fixture(scope="session")
-def slurm_airflow(slurm_cluster) -> dict:
+def slurm_airflow(slurm_cluster) -> Iterator[dict]:
     """Migrated Airflow DB + the `slurm_ssh` connection pointing at the local cluster."""
     home = Path(os.environ["AIRFLOW_HOME"])
     if not (home / ".migrated").exists():
         subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], check=True, capture_output=True)
         (home / ".migrated").touch()
     os.environ["AIRFLOW_CONN_SLURM_SSH"] = conn_uri(slurm_cluster)
-    return slurm_cluster
+    yield slurm_cluster
+    os.environ.pop("AIRFLOW_CONN_SLURM_SSH", None)
 
 
 def ssh(cluster: dict, cmd: str) -> subprocess.CompletedProcess:

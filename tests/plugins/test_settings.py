@@ -47,8 +47,13 @@ def test_malformed_settings_are_clear_errors(tmp_path, text, fragment):
     assert any(fragment in p for p in info.value.problems), info.value.problems
 
 
+def _env() -> dict[str, str]:
+    # an AIRFLOW_CONN_SLURM_SSH set by another test would shadow the DB connection under test
+    return {k: v for k, v in os.environ.items() if k != "AIRFLOW_CONN_SLURM_SSH"} | {"PYTHONPATH": str(REPO / "plugins")}
+
+
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(REPO / "plugins")}
+    env = _env()
     return subprocess.run([sys.executable, "-m", "atlasflow_airflow.settings", *args], capture_output=True, text=True, env=env)
 
 
@@ -72,12 +77,12 @@ def test_apply_is_idempotent_against_a_real_metadata_db(tmp_path):
     assert "secret" not in second.stdout
 
     pools = subprocess.run([sys.executable, "-m", "airflow", "pools", "list", "-o", "json"], capture_output=True,
-                           text=True, check=True)
+                           text=True, check=True, env=_env())
     by_name = {p["pool"]: p for p in json.loads(pools.stdout)}
     assert int(by_name["downloads"]["slots"]) == 7 and int(by_name["gpu"]["slots"]) == 1
     assert str(by_name["gpu"]["include_deferred"]).lower() == "true"
     conn = subprocess.run([sys.executable, "-m", "airflow", "connections", "get", "slurm_ssh", "-o", "json"],
-                          capture_output=True, text=True, check=True)
+                          capture_output=True, text=True, check=True, env=_env())
     info = json.loads(conn.stdout)[0]
     extra = info["extra_dejson"]
     assert str((extra if isinstance(extra, dict) else json.loads(extra))["no_host_key_check"]) == "False"
