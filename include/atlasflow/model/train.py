@@ -31,7 +31,7 @@ from atlasflow.model.data import BatchData
 from atlasflow.model.network import AtlasTransformer
 from atlasflow.model.tokenizer import Tokenizer
 
-__all__ = ["Trainer", "embed_file", "train_batch"]
+__all__ = ["Trainer", "embed_file", "linear_probe_accuracy", "log_normalised_pca", "train_batch"]
 
 log = logging.getLogger(__name__)
 CHECKPOINT_VERSION = 1
@@ -107,9 +107,14 @@ class Trainer:
                                                         for part, arr in (("tokens", t), ("bins", b))})
         write_json_atomic(tmp / "progress.json", {"version": CHECKPOINT_VERSION, "vocab_version": self.vocab.version,
                                                   "config": self.config.to_dict(), **asdict(self.progress)})
+        # the previous checkpoint is moved aside, not deleted, until the new one is in place: a kill
+        # at any moment leaves one complete checkpoint under ``path`` or its ``.old`` name
+        old = path.with_name(f".{path.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
         if path.exists():
-            shutil.rmtree(path)
+            os.replace(path, old)
         os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
         return path
 
     @classmethod
@@ -278,19 +283,30 @@ class Trainer:
         if len(classes[sizes >= 5]) < 2:
             return None
         labels, counts, tokens, bins = labels[common], counts[common], tokens[common], bins[common]
-        from sklearn.decomposition import PCA
-        from sklearn.linear_model import LogisticRegression
-        from sklearn.model_selection import cross_val_score
+        ours = linear_probe_accuracy(self.embed_tokens(tokens, bins), labels)
+        base = linear_probe_accuracy(log_normalised_pca(counts), labels)
+        return {"cells": int(len(labels)), "classes": int(len(set(labels))), "cls_probe_acc": round(ours, 4),
+                "pca50_probe_acc": round(base, 4)}
 
-        emb = self.embed_tokens(tokens, bins)
-        norm = counts.multiply(1e4 / np.maximum(np.asarray(counts.sum(axis=1)), 1)).tocsr()
-        norm.data = np.log1p(norm.data)
-        pca = PCA(n_components=min(50, norm.shape[1] - 1, norm.shape[0] - 1), random_state=0).fit_transform(norm.toarray())
-        probe = LogisticRegression(max_iter=2000)
-        ours = cross_val_score(probe, emb, labels, cv=5).mean()
-        base = cross_val_score(probe, pca, labels, cv=5).mean()
-        return {"cells": int(len(labels)), "classes": int(len(set(labels))), "cls_probe_acc": round(float(ours), 4),
-                "pca50_probe_acc": round(float(base), 4)}
+
+def log_normalised_pca(counts: Any, *, n_comps: int = 50, target_sum: float = 1e4) -> np.ndarray:
+    """PCA of log1p(counts per ``target_sum``): the unintegrated baseline representation of cells."""
+    import scipy.sparse as sp
+    from sklearn.decomposition import PCA
+
+    counts = sp.csr_matrix(counts)
+    norm = counts.multiply(target_sum / np.maximum(np.asarray(counts.sum(axis=1)), 1)).tocsr()
+    norm.data = np.log1p(norm.data)
+    n = min(n_comps, norm.shape[1] - 1, norm.shape[0] - 1)
+    return PCA(n_components=n, random_state=0).fit_transform(norm.toarray())
+
+
+def linear_probe_accuracy(features: np.ndarray, labels: np.ndarray, *, folds: int = 5) -> float:
+    """Mean accuracy of a logistic-regression probe in stratified ``folds``-fold cross-validation."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import cross_val_score
+
+    return float(cross_val_score(LogisticRegression(max_iter=2000), features, labels, cv=folds).mean())
 
 
 def train_batch(config: AtlasConfig, vocab: Vocabulary, batch_dir: Path, out: Path, *,
@@ -301,6 +317,9 @@ def train_batch(config: AtlasConfig, vocab: Vocabulary, batch_dir: Path, out: Pa
     if (out / "result.json").exists():
         log.info("%s already trained: %s", batch_dir.name, out)
         return json.loads((out / "result.json").read_text())
+    aside = partial.with_name(f".{partial.name}.old")
+    if not partial.exists() and (aside / "progress.json").exists():
+        os.replace(aside, partial)  # killed between the two renames of Trainer.save
     if partial.exists():
         trainer = Trainer.load(partial, config, vocab)
         log.info("resuming %s from its intra-batch checkpoint at step %d", batch_dir.name, trainer.progress.global_step)
