@@ -177,7 +177,10 @@ class GenesConfig:
     """The shared gene vocabulary every dataset is mapped onto."""
 
     vocab_path: str | None = _opt(
-        None, "Vocabulary file (TSV with symbol[,gene_id] columns, or JSON); the packaged default when empty."
+        None,
+        "Vocabulary: builtin:pbmc68k (765 genes, the default when empty), builtin:human_grch38_ens100 (19,927 "
+        "human protein-coding genes with Ensembl ids and HGNC synonyms), or a file (TSV with symbol[,gene_id"
+        ",previous,aliases] columns, or JSON).",
     )
 
 
@@ -516,7 +519,7 @@ def _resolve_relative(config: AtlasConfig, folder: Path) -> AtlasConfig:
     if manifest.path and not Path(manifest.path).is_absolute():
         manifest = dataclasses.replace(manifest, path=str(folder / manifest.path))
     genes = config.genes
-    if genes.vocab_path and not Path(genes.vocab_path).is_absolute():
+    if genes.vocab_path and not genes.vocab_path.startswith("builtin:") and not Path(genes.vocab_path).is_absolute():
         genes = dataclasses.replace(genes, vocab_path=str(folder / genes.vocab_path))
     if manifest.allowed_file_root and not Path(manifest.allowed_file_root).is_absolute():
         manifest = dataclasses.replace(manifest, allowed_file_root=str(folder / manifest.allowed_file_root))

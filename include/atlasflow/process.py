@@ -49,7 +49,7 @@ def process_dataset(
     sources = []
     try:
         files = primary_files(raw_dir)
-        symbols = vocab.symbol_set()
+        symbols = vocab.symbol_set() | set(vocab.synonyms)  # for telling genes from cells in tables
         for path in files:
             fmt = dataset.format if len(files) == 1 and dataset.format else None
             sources.append(open_counts(path, fmt=fmt, cache=cache_dir / dataset.dataset_id, vocabulary=symbols))

@@ -118,10 +118,8 @@ def run_qc(
     if strategy == "chunked":
         _pin_malloc_threshold()
     n_vocab = len(vocab)
-    maps = []
-    for s in sources:
-        m = map_genes(s.genes, vocab, gene_ids=s.gene_ids)
-        maps.append(np.asarray(m.positions, dtype=np.int64))
+    mappings = [map_genes(s.genes, vocab, gene_ids=s.gene_ids) for s in sources]
+    maps = [np.asarray(m.positions, dtype=np.int64) for m in mappings]
     removed = {"min_genes": 0, "max_genes": 0, "min_counts": 0, "max_counts": 0, "max_pct_mito": 0}
     gene_cells = np.zeros(n_vocab, dtype=np.int64)
     gene_sum = np.zeros(n_vocab, dtype=np.float64)
@@ -185,7 +183,8 @@ def run_qc(
         "vocab_fraction": round(float(present.sum()) / n_vocab, 4),
         "counts_fraction": round(mapped_counts / total_counts, 4) if total_counts else 0.0,
         "genes_mapped": int(present.sum()),
-        "matched_by_id": int(sum(map_genes(s.genes, vocab, gene_ids=s.gene_ids).matched_by_id for s in sources)),
+        "matched_by_id": int(sum(m.matched_by_id for m in mappings)),
+        "matched_by_synonym": int(sum(m.matched_by_synonym for m in mappings)),
     }
     if coverage["vocab_fraction"] < config.min_vocab_coverage:
         raise DatasetQuarantined(

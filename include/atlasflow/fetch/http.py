@@ -1,10 +1,14 @@
 """Resumable, verified, size-capped downloads of one URL (http, https, ftp, file).
 
 The file is streamed to ``NAME.part``; an interrupted transfer resumes with an HTTP ``Range``
-request; the finished file is checked (size announced by the server, sha256/md5 when given) and
+request guarded by ``If-Range`` (the server's ETag or Last-Modified, kept with the URL in
+``NAME.part.json``), so a file that changed on the server, or a part left by another URL, starts
+over instead of being spliced; the finished file is checked (size announced by the server, sha256/md5 when given) and
 renamed into place, with a ``NAME.done.json`` sidecar so a re-run skips it. Transient failures
 (connection resets, timeouts, short reads, 5xx, 429) are retried with exponential backoff; 4xx
-answers are final. No byte beyond ``max_bytes`` is ever written, whatever the server claims.
+answers are final. ``attempts`` counts failures in a row without progress: a transfer that keeps
+moving forward through a flaky link is not given up. No byte beyond ``max_bytes`` is ever
+written, whatever the server claims.
 """
 
 from __future__ import annotations
@@ -27,7 +31,9 @@ from urllib.parse import unquote, urlsplit
 __all__ = ["FetchError", "FetchedFile", "TransientFetchError", "download", "safe_name"]
 
 log = logging.getLogger(__name__)
-CHUNK = 4 << 20
+# 256 KB: 4 MB writes stalled in kernel writeback throttling (512 MB took 0.6-1.7 s, erratic;
+# 256 KB: 0.57-0.78 s on the same disk); see benchmarks/download_throughput.py
+CHUNK = 256 << 10
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+-]")
 
 
@@ -116,19 +122,28 @@ def download(
     fname = safe_name(name or urlsplit(url).path or "download")
     final = dest_dir / fname
     part = dest_dir / f"{fname}.part"
+    owner = dest_dir / f"{fname}.part.json"
     done = dest_dir / f"{fname}.done.json"
     if final.exists() and done.exists():
-        meta = json.loads(done.read_text())
-        if meta.get("bytes") == final.stat().st_size and (not sha256 or meta.get("sha256") == sha256):
+        meta = _read_json(done)
+        if (meta.get("url") == url and meta.get("bytes") == final.stat().st_size
+                and (not sha256 or meta.get("sha256") == sha256)):
             log.info("%s already downloaded (%d bytes); skipping", final, meta["bytes"])
             return FetchedFile(**meta)
+    if part.exists() and owner.exists() and _read_json(owner).get("url") != url:
+        log.warning("%s: discarding %s, left by a download of another URL", url, part)
+        part.unlink()
+        owner.unlink()
     scheme = urlsplit(url).scheme.lower()
     t0 = time.monotonic()
     resumed_from = part.stat().st_size if part.exists() else 0
     last: Exception | None = None
     algos = ("sha256", "md5") if md5 else ("sha256",)
     hashers: dict[str, Any] = {}
-    for attempt in range(1, attempts + 1):
+    attempt = failures = 0
+    while True:
+        attempt += 1
+        held = part.stat().st_size if part.exists() else 0
         try:
             if scheme == "file":
                 _copy_local(url, part, max_bytes)
@@ -142,30 +157,37 @@ def download(
                         while block := fh.read(CHUNK):
                             for h in hashers.values():
                                 h.update(block)
-                _stream(url, part, max_bytes, timeout_s, hashers)
+                _stream(url, part, max_bytes, timeout_s, hashers, owner)
             break
         except TransientFetchError as exc:
             last = exc
-            delay = backoff_s * 2 ** (attempt - 1)
+            progressed = (part.stat().st_size if part.exists() else 0) > held
+            failures = 1 if progressed else failures + 1
+            if failures >= attempts and not progressed:
+                raise TransientFetchError(
+                    f"{url}: gave up after {attempt} attempts ({failures} in a row without progress): {last}"
+                ) from last
+            delay = backoff_s * 2 ** (failures - 1)
             if isinstance(exc.__cause__, urllib.error.HTTPError):
                 delay = _retry_after(exc.__cause__) or delay
-            log.warning("%s: attempt %d/%d failed (%s)%s", url, attempt, attempts, exc,
-                        f"; retrying in {delay:.1f} s" if attempt < attempts else "")
-            if attempt < attempts:
-                time.sleep(delay)
+            log.warning("%s: attempt %d failed (%s); %d bytes held; retrying in %.1f s", url, attempt, exc,
+                        part.stat().st_size if part.exists() else 0, delay)
+            time.sleep(delay)
         except FetchError:
             part.unlink(missing_ok=True)
+            owner.unlink(missing_ok=True)
             raise
-    else:
-        raise TransientFetchError(f"{url}: gave up after {attempts} attempts: {last}") from last
     digest = hashers["sha256"].hexdigest() if hashers else _hash(part, "sha256")
     if sha256 and digest != sha256:
         part.unlink(missing_ok=True)
+        owner.unlink(missing_ok=True)
         raise FetchError(f"{url}: sha256 mismatch: expected {sha256}, got {digest}; the file was deleted")
     if md5 and (got := (hashers["md5"].hexdigest() if hashers else _hash(part, "md5"))) != md5:
         part.unlink(missing_ok=True)
+        owner.unlink(missing_ok=True)
         raise FetchError(f"{url}: md5 mismatch: expected {md5}, got {got}; the file was deleted")
     os.replace(part, final)
+    owner.unlink(missing_ok=True)
     fetched = FetchedFile(fname, str(final), final.stat().st_size, digest, url, resumed_from)
     done.write_text(json.dumps(fetched.to_dict()))
     log.info("downloaded %s: %d bytes in %.1f s%s", url, fetched.bytes, time.monotonic() - t0,
@@ -173,11 +195,31 @@ def download(
     return fetched
 
 
-def _stream(url: str, part: Path, max_bytes: int | None, timeout_s: float, hashers: dict[str, Any]) -> None:
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _validator(headers: Any) -> str | None:
+    """What ``If-Range`` may quote: a strong ETag, else Last-Modified (weak ETags cannot guard ranges)."""
+    etag = headers.get("ETag")
+    return etag if etag and not etag.startswith("W/") else headers.get("Last-Modified")
+
+
+def _stream(
+    url: str, part: Path, max_bytes: int | None, timeout_s: float, hashers: dict[str, Any], owner: Path
+) -> None:
     have = part.stat().st_size if part.exists() else 0
+    held_validator = _read_json(owner).get("validator") if have else None
     req = urllib.request.Request(url, headers={"User-Agent": "atlasflow/0.1"})
     if have and urlsplit(url).scheme in ("http", "https"):
         req.add_header("Range", f"bytes={have}-")
+        if held_validator:
+            # the server sends the rest only if the file is still the one we hold the start of
+            req.add_header("If-Range", held_validator)
     try:
         resp = urllib.request.urlopen(req, timeout=timeout_s)
     except urllib.error.HTTPError as exc:
@@ -197,15 +239,21 @@ def _stream(url: str, part: Path, max_bytes: int | None, timeout_s: float, hashe
         raise TransientFetchError(f"{getattr(exc, 'reason', exc)}") from exc
     with resp:
         status = getattr(resp, "status", 200)
+        validator = _validator(resp.headers)
         if status == 206:
             start = _range_start(resp.headers.get("Content-Range"))
-            if start != have:
-                raise TransientFetchError(f"server resumed at byte {start}, we hold {have}")
+            if start != have or (held_validator and validator and validator != held_validator):
+                part.unlink(missing_ok=True)  # cannot be continued: the next attempt starts over
+                raise TransientFetchError(f"server resumed at byte {start} of a file "
+                                          f"{'that changed' if start == have else 'we hold ' + str(have) + ' bytes of'}")
             mode = "ab"
         else:
-            have, mode = 0, "wb"  # no range support: start over
+            if have:
+                log.info("%s: the server sent the whole file (no range support, or it changed); starting over", url)
+            have, mode = 0, "wb"
             for name in list(hashers):
                 hashers[name] = hashlib.new(name)
+        owner.write_text(json.dumps({"url": url, "validator": validator}))
         length = resp.headers.get("Content-Length")
         expected_total = have + int(length) if length and length.isdigit() else None
         if max_bytes is not None and expected_total is not None and expected_total > max_bytes:

@@ -3,11 +3,14 @@
 Serves a folder on 127.0.0.1 with byte ranges and HTML folder listings (as GEO's HTTPS mirror
 does), and can misbehave on purpose, per path, to exercise the downloader:
 
-- ``fail``: answer the first N requests with a status (e.g. 503 twice),
+- ``fail``: answer the first N requests (``fail_times``) with a status (e.g. 503 twice), or every
+  request from the N-th on (``fail_from``: a host that goes down mid-transfer),
 - ``drop_after``: send only this many body bytes on the first N requests, then hang up,
 - ``lie_length``: announce this many bytes more than the file has,
 - ``no_length``: send no Content-Length,
 - ``rate``: bytes per second (bandwidth throttle).
+
+Files carry an ETag and Last-Modified, and ``If-Range`` is honoured as real servers do.
 
 Run it: ``python -m atlasflow.testing.geo_server --root DIR [--port P] [--pid-file F] [--faults JSON]``.
 """
@@ -23,6 +26,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from email.utils import formatdate
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -60,7 +64,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _serve(self, *, head: bool) -> None:
         rel = unquote(urlsplit(self.path).path)
         fault, hit = self._fault(rel)
-        if fault.get("fail") and hit <= fault.get("fail_times", 1):
+        failing = hit >= fault["fail_from"] if "fail_from" in fault else hit <= fault.get("fail_times", 1)
+        if fault.get("fail") and failing:
             self.send_error(int(fault["fail"]))
             return
         target = (self.server.root / rel.lstrip("/")).resolve()
@@ -70,10 +75,15 @@ class _Handler(BaseHTTPRequestHandler):
         if target.is_dir():
             self._listing(target, rel, head)
             return
-        size = target.stat().st_size
+        st = target.stat()
+        size = st.st_size
+        etag = f'"{size:x}-{st.st_mtime_ns:x}"'
+        modified = formatdate(st.st_mtime, usegmt=True)
         start = 0
         rng = self.headers.get("Range")
-        if rng and rng.startswith("bytes=") and not fault.get("no_range"):
+        # If-Range: the rest of the file only if it is still the file the client holds the start of
+        fresh = self.headers.get("If-Range") in (None, etag, modified)
+        if rng and rng.startswith("bytes=") and not fault.get("no_range") and fresh:
             start = int(rng[6:].split("-", 1)[0] or 0)
             if start >= size:
                 self.send_response(HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE)
@@ -89,6 +99,8 @@ class _Handler(BaseHTTPRequestHandler):
         if not fault.get("no_length"):
             self.send_header("Content-Length", str(body_len + int(fault.get("lie_length", 0))))
         self.send_header("Accept-Ranges", "bytes")
+        self.send_header("ETag", etag)
+        self.send_header("Last-Modified", modified)
         self.send_header("Content-Type", "application/octet-stream")
         if fault.get("no_length"):
             self.send_header("Connection", "close")

@@ -180,3 +180,47 @@ def test_server_module_refuses_a_busy_port(tmp_path):
         result = subprocess.run([sys.executable, "-m", "atlasflow.testing.geo_server", "--root", str(tmp_path),
                                  "--port", str(server.port)], capture_output=True, text=True, timeout=30)
     assert result.returncode == 2 and "cannot listen" in result.stderr
+
+
+# ---- resume safety: never splice two files, never give up on a transfer that keeps moving --------
+
+
+def test_a_file_changed_on_the_server_is_not_spliced_on_resume(served):
+    server, data, dest = served
+    # the host drops the transfer after 100 kB, then goes down: the task gives up holding the part
+    server.faults["/files/data.h5ad"] = {"drop_after": 100_000, "drop_times": 1, "fail": 503, "fail_from": 2}
+    with pytest.raises(TransientFetchError, match="2 in a row without progress"):
+        download(f"{server.url}/files/data.h5ad", dest, attempts=2, backoff_s=0.01, timeout_s=10)
+    assert (dest / "data.h5ad.part").stat().st_size == 100_000
+    newer = os.urandom(SIZE + 5000)  # the submitter replaced the file; no checksum in the manifest
+    (dest.parent / "www" / "files" / "data.h5ad").write_bytes(newer)
+    server.faults.clear()
+    f = download(f"{server.url}/files/data.h5ad", dest, **FAST)
+    assert Path(f.path).read_bytes() == newer  # If-Range made the server send the whole new file
+    assert sorted(p.name for p in dest.iterdir()) == ["data.h5ad", "data.h5ad.done.json"]
+
+
+def test_a_part_left_by_another_url_is_discarded(served):
+    server, data, dest = served
+    other = os.urandom(SIZE)
+    (dest.parent / "www" / "files" / "v2").mkdir()
+    (dest.parent / "www" / "files" / "v2" / "data.h5ad").write_bytes(other)
+    # the host drops the transfer after 100 kB, then goes down: the task gives up holding the part
+    server.faults["/files/data.h5ad"] = {"drop_after": 100_000, "drop_times": 1, "fail": 503, "fail_from": 2}
+    with pytest.raises(TransientFetchError, match="2 in a row without progress"):
+        download(f"{server.url}/files/data.h5ad", dest, attempts=2, backoff_s=0.01, timeout_s=10)
+    # the manifest row now points at another URL with the same file name
+    server.faults.clear()
+    f = download(f"{server.url}/files/v2/data.h5ad", dest, **FAST)
+    assert Path(f.path).read_bytes() == other and f.resumed_from == 0
+    # and a finished file from the first URL is not taken for the second
+    g = download(f"{server.url}/files/data.h5ad", dest, **FAST)
+    assert Path(g.path).read_bytes() == data
+
+
+def test_a_transfer_that_keeps_progressing_is_not_given_up(served):
+    server, data, dest = served
+    # every response is cut after 40 kB: 8 attempts to finish, more than the 4 allowed in a row
+    server.faults["/files/data.h5ad"] = {"drop_after": 40_000, "drop_times": 99}
+    f = download(f"{server.url}/files/data.h5ad", dest, sha256=sha(data), **FAST)
+    assert Path(f.path).read_bytes() == data and server.hits("/files/data.h5ad") == 8
