@@ -14,6 +14,7 @@ from datetime import timedelta
 from airflow.sdk import Asset, Param, TaskGroup, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowSkipException
 
+from atlasflow_airflow.operators.train import TrainBatchOperator
 from atlasflow_airflow.runtime import parse_time_plan
 from atlasflow_airflow.sensors.storage import StorageAdmissionSensor
 
@@ -28,6 +29,7 @@ DEFAULT_ARGS = {
     "max_retry_delay": timedelta(minutes=15),
 }
 DOWNLOAD_RETRIES = CONFIG.download.retries if CONFIG else 3
+PIPELINING = CONFIG.plan.pipelining if CONFIG else True
 
 
 def _config():
@@ -42,17 +44,6 @@ def prepare() -> dict:
     from atlasflow.pipeline import prepare_run
 
     return prepare_run(_config())
-
-
-@task
-def stage(batch_id: str) -> list[str]:
-    """The batch's dataset ids (written to its spec file), to map the downloads over."""
-    import json
-
-    from atlasflow.plan import write_batch_spec
-
-    path = write_batch_spec(_config(), batch_id)
-    return [d["dataset_id"] for d in json.loads(open(path).read())["datasets"]]
 
 
 @task(pool="downloads", retries=DOWNLOAD_RETRIES, map_index_template="{{ dataset_id }}",
@@ -87,18 +78,6 @@ def integrate(batch_id: str, processed: list[dict]) -> dict:
     return result
 
 
-@task(pool="gpu", trigger_rule="none_failed")
-def train(batch_id: str, previous_train: str | None) -> dict:
-    """Train on the batch, resuming from the previous batch's checkpoint (XCom)."""
-    from atlasflow.pipeline import train_batch_step
-
-    ti = get_current_context()["ti"]
-    if ti.xcom_pull(task_ids=f"{batch_id}.integrate") is None:
-        raise AirflowSkipException(f"{batch_id} has no usable dataset; nothing to train")
-    previous = ti.xcom_pull(task_ids=previous_train) if previous_train else None
-    return train_batch_step(_config(), batch_id, previous_checkpoint=(previous or {}).get("checkpoint_dir"))
-
-
 @task
 def cleanup(batch_id: str) -> dict:
     """Free what the policy says (raw, processed, old checkpoints, cache); release the reservation."""
@@ -115,7 +94,7 @@ def publish(last_train: str) -> dict | None:
 
 @dag(
     dag_id="atlas_ingest",
-    schedule=None,
+    schedule=CONFIG.plan.schedule if CONFIG else None,
     catchup=False,
     max_active_runs=1,
     default_args=DEFAULT_ARGS,
@@ -131,25 +110,28 @@ def publish(last_train: str) -> dict | None:
 )
 def atlas_ingest() -> None:
     prepared = prepare()
-    previous_admit = previous_train = None
+    previous_admit = previous_train = previous_cleanup = None
     previous_train_id: str | None = None
     for batch in PLAN.batches if PLAN else ():
         bid = batch.batch_id
         with TaskGroup(group_id=bid, tooltip=", ".join(batch.dataset_ids)):
-            ids = stage(bid)
             admit = StorageAdmissionSensor(task_id="admit", batch_id=bid)
-            fetched = download.partial(batch_id=bid).expand(dataset_id=ids)
+            # The sealed plan fixes a batch's datasets, so the map is known at parse time; it is
+            # still a dynamic map (one instance per dataset, named by its id in the UI).
+            fetched = download.partial(batch_id=bid).expand(dataset_id=list(batch.dataset_ids))
             processed = process.partial(batch_id=bid).expand(fetched=fetched)
             integrated = integrate(bid, processed)
-            trained = train(bid, previous_train_id)
+            trained = TrainBatchOperator(task_id="train", batch_id=bid, previous_train_task_id=previous_train_id)
             done = cleanup(bid)
-            prepared >> ids >> admit >> fetched
+            prepared >> admit >> fetched
             integrated >> trained >> done
             done.as_teardown(setups=admit)
         if previous_admit is not None:
             previous_admit >> admit  # admission in plan order: no batch starves
             previous_train >> trained  # training in plan order, each resuming the last checkpoint
-        previous_admit, previous_train, previous_train_id = admit, trained, f"{bid}.train"
+            if not PIPELINING:
+                previous_cleanup >> admit
+        previous_admit, previous_train, previous_cleanup, previous_train_id = admit, trained, done, f"{bid}.train"
     if previous_train is not None:
         previous_train >> publish(previous_train_id)
 

@@ -126,6 +126,13 @@ class PlanConfig:
     max_batch_gb: float | None = _opt(
         None, "Also close a batch before its expected size would pass this many GB.", min=0.001
     )
+    schedule: str | None = _opt(
+        "@daily", "When atlas_ingest runs by itself (cron or preset; empty: only when triggered). Runs are "
+        "idempotent: a run with no new manifest rows does no expensive work, so this is how new rows get picked up; "
+        "it also makes `airflow backfill create` possible.")
+    pipelining: bool = _opt(
+        True, "Batch i+1 downloads and processes while batch i trains (as far as the budget allows). False: each "
+        "batch starts only after the previous one is cleaned up (for comparison and for the smallest disks).")
 
     @property
     def max_batch_bytes(self) -> int | None:
@@ -213,6 +220,9 @@ class SlurmConfig:
     env_activate: str | None = _opt(
         None, "Path of the cluster-side venv or conda env to activate before `atlasflow train`."
     )
+    python: str | None = _opt(
+        None, "Python that runs `atlasflow train` on the cluster; empty: `python` of env_activate when set, else the "
+        "Airflow worker's own interpreter (a shared filesystem, as in the local test cluster).")
     retry_mem_factor: float = _opt(1.5, "On retry after OUT_OF_MEMORY, multiply --mem by this.", min=1)
     retry_time_factor: float = _opt(1.5, "On retry after TIMEOUT, multiply --time by this.", min=1)
     poll_min_s: float = _opt(5.0, "First poll interval; doubles per unchanged poll.", min=0.1)

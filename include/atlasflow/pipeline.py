@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -23,13 +22,18 @@ from atlasflow.plan import freeze_plan, load_plan
 from atlasflow.storage import BudgetExceededError, Cleaner, Ledger, StorageLayout, batch_footprint
 
 __all__ = [
+    "BudgetExceededError",
     "admit_batch",
+    "batch_trained",
     "cleanup_batch",
     "download_dataset",
     "integrate_batch_step",
+    "load_batch_ids",
     "prepare_run",
     "process_dataset_step",
+    "record_trained",
     "train_batch_step",
+    "training_job",
 ]
 
 log = logging.getLogger(__name__)
@@ -48,11 +52,31 @@ def _spec(config: AtlasConfig, batch_id: str) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def _dataset(config: AtlasConfig, batch_id: str, dataset_id: str) -> Dataset:
+def _dataset(config: AtlasConfig, batch_id: str, dataset_id: str) -> Dataset | None:
+    """The dataset's manifest row as frozen in the batch spec; None when it left the manifest."""
     for row in _spec(config, batch_id)["datasets"]:
         if row["dataset_id"] == dataset_id:
             return Dataset.from_dict(row)
-    raise KeyError(f"{dataset_id} is not in {batch_id}")
+    return None
+
+
+def batch_trained(config: AtlasConfig, batch_id: str) -> dict[str, Any] | None:
+    """The training result of a batch trained by any earlier run, or None.
+
+    The record under ``state/trained/`` outlives the checkpoint folder (cleanup prunes old
+    checkpoints), so a cleared or re-triggered run knows the batch is done without its data.
+    """
+    for path in (config.state_dir / "trained" / f"{batch_id}.json",
+                 _layout(config).checkpoints / batch_id / "result.json"):
+        if path.exists():
+            return json.loads(path.read_text())
+    return None
+
+
+def record_trained(config: AtlasConfig, batch_id: str, result: dict[str, Any]) -> dict[str, Any]:
+    """Remember that ``batch_id`` is trained (lineage included); returns ``result`` for XCom."""
+    write_json_atomic(config.state_dir / "trained" / f"{batch_id}.json", result)
+    return result
 
 
 def _vocab(config: AtlasConfig) -> Vocabulary:
@@ -86,6 +110,9 @@ def admit_batch(config: AtlasConfig, batch_id: str, *, owner: str) -> dict[str, 
     Raises :class:`~atlasflow.storage.BudgetExceededError` when the batch can never fit.
     """
     spec = _spec(config, batch_id)
+    if (done := batch_trained(config, batch_id)) is not None:
+        return {"admitted": True, "batch_id": batch_id, "bytes": 0, "already_trained": True,
+                "reason": f"{batch_id} was trained before ({done.get('checkpoint_dir')}): nothing to reserve"}
     ledger = Ledger(config.storage)
     datasets = [Dataset.from_dict(d) for d in spec["datasets"]]
     footprint = batch_footprint(datasets, ledger)
@@ -103,7 +130,11 @@ def download_dataset(config: AtlasConfig, batch_id: str, dataset_id: str, *, fin
     from atlasflow.fetch import FetchError, TransientFetchError, fetch_dataset
 
     dataset = _dataset(config, batch_id, dataset_id)
+    if dataset is None:
+        return _quarantine(config, batch_id, dataset_id, "download", "no longer in the manifest")
     layout = _layout(config)
+    if batch_trained(config, batch_id) is not None:
+        return {"dataset_id": dataset_id, "status": "ok", "skipped": f"{batch_id} already trained"}
     if (layout.tombstones / f"{dataset_id}.json").exists() and (layout.processed_dir(batch_id) / f"{dataset_id}.h5ad").exists():
         return {"dataset_id": dataset_id, "status": "ok", "skipped": "already processed"}
     cap = int((dataset.expected_bytes or config.storage.unknown_size_gb * GB) * 1.25) + 1_000_000
@@ -132,10 +163,15 @@ def process_dataset_step(config: AtlasConfig, batch_id: str, fetched: dict[str, 
     out = layout.processed_dir(batch_id) / f"{dataset_id}.h5ad"
     cleaner = Cleaner(Ledger(config.storage))
     tomb = cleaner.tombstone(dataset_id)
+    if fetched.get("skipped", "").endswith("already trained"):
+        # its processed file may be gone (cleanup); the tombstone still has the counts for the summary
+        return {"dataset_id": dataset_id, "status": "ok", "path": str(out),
+                "cells_after": (tomb or {}).get("cells_after"), "skipped": fetched["skipped"]}
     if tomb is not None and out.exists() and tomb.get("processed_sha256") == file_sha256(out):
         return {"dataset_id": dataset_id, "status": "ok", "path": str(out), "cells_after": tomb["cells_after"],
                 "skipped": "already processed"}
     dataset = _dataset(config, batch_id, dataset_id)
+    assert dataset is not None  # download quarantined it otherwise
     try:
         summary = process_dataset(layout.raw_dir(dataset_id), dataset, config=config, out_path=out,
                                   vocab=_vocab(config), cache_dir=layout.cache)
@@ -170,6 +206,9 @@ def integrate_batch_step(config: AtlasConfig, batch_id: str, processed: list[dic
     if not ok:
         return {**base, "status": "skipped",
                 "reason": f"no usable dataset in {batch_id}: " + "; ".join(f"{k}: {v}" for k, v in quarantined.items())}
+    if (done := batch_trained(config, batch_id)) is not None:
+        return {**base, "status": "ok", "integration": None, "skipped": f"{batch_id} already trained",
+                "checkpoint_dir": done.get("checkpoint_dir")}
     if not config.integration.enabled:
         return {**base, "status": "ok", "integration": None}
     from atlasflow.integrate import integrate_batch
@@ -180,42 +219,69 @@ def integrate_batch_step(config: AtlasConfig, batch_id: str, processed: list[dic
     return {**base, "status": "ok", "integration": {k: result[k] for k in result if k != "datasets"}}
 
 
-def train_batch_step(config: AtlasConfig, batch_id: str, *, previous_checkpoint: str | None) -> dict[str, Any]:
-    """Run ``atlasflow train`` for the batch as a subprocess (the local backend).
+def training_job(config: AtlasConfig, batch_id: str, *, previous_checkpoint: str | None,
+                 python: str | None = None) -> dict[str, Any]:
+    """The ``atlasflow train`` command line for a batch, run as-is by either backend.
 
-    The same command line is what a SLURM job runs; the config it receives is this run's
-    effective config, written next to the checkpoint.
+    The config the job receives is this run's effective config, written next to the
+    checkpoints. ``python`` is the interpreter on the machine that runs the job (a cluster
+    node's env); by default this one's, which suits a shared filesystem and the local backend.
+    Returns ``{"command": [...], "checkpoint_dir": ..., "log_dir": ...}``.
     """
     layout = _layout(config)
     out = layout.checkpoints / batch_id
     previous = Path(previous_checkpoint) if previous_checkpoint else _previous(layout.checkpoints, batch_id)
+    if previous is not None and not (previous / "model.pt").exists():
+        raise FileNotFoundError(
+            f"{batch_id} should resume from {previous}, which is gone; cleanup keeps the newest "
+            f"storage.keep_checkpoints checkpoints, so restore it or clear the batch that produced it")
     config_file = write_json_atomic(layout.checkpoints / f"{batch_id}.config.json", config.to_dict())
-    cmd = [sys.executable, "-m", "atlasflow.cli", "train", "--config", str(config_file),
+    cmd = [python or sys.executable, "-m", "atlasflow.cli", "train", "--config", str(config_file),
            "--batch-dir", str(layout.processed_dir(batch_id)), "--out", str(out),
            "--vocab", str(config.state_dir / "vocab.json")]
     if previous is not None:
         cmd += ["--resume-from", str(previous)]
+    return {"command": cmd, "checkpoint_dir": str(out), "log_dir": str(config.state_dir / "jobs" / batch_id)}
+
+
+def train_batch_step(config: AtlasConfig, batch_id: str, *, previous_checkpoint: str | None,
+                     tag: str = "local", attempt: int = 1) -> dict[str, Any]:
+    """Train the batch with the local backend: the SLURM job's command, run as a child process.
+
+    A batch trained before (by any run) is not trained again; its recorded result is returned.
+    """
+    from atlasflow.slurm import JobSpec, JobState
+    from atlasflow.slurm.backend import LocalBackend
+
+    if (done := batch_trained(config, batch_id)) is not None:
+        log.info("%s already trained: %s", batch_id, done.get("checkpoint_dir"))
+        return record_trained(config, batch_id, done)
+    job = training_job(config, batch_id, previous_checkpoint=previous_checkpoint)
+    spec = JobSpec(dataset_id="train", batch_id=batch_id, command=tuple(job["command"]), output_dir=job["log_dir"],
+                   tag=tag, attempt=attempt)
     Ledger(config.storage).heartbeat(batch_id)
-    log.info("running %s", " ".join(cmd))
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=config.training.timeout_s)
-    if done.stderr:
-        log.info("training log (tail):\n%s", done.stderr[-4000:])
-    if done.returncode != 0:
-        raise RuntimeError(f"atlasflow train exited {done.returncode} for {batch_id}: {done.stderr.strip()[-1500:]}")
-    return json.loads((out / "result.json").read_text())
+    log.info("running %s", " ".join(job["command"]))
+    ran = LocalBackend().run(spec, timeout_s=config.training.timeout_s)
+    stderr = Path(spec.stderr_path).read_text(errors="replace") if Path(spec.stderr_path).exists() else ""
+    if stderr:
+        log.info("training log (tail, full log %s):\n%s", spec.stderr_path, stderr[-4000:])
+    if ran.info.state is not JobState.COMPLETED or ran.result is None:
+        raise RuntimeError(f"atlasflow train for {batch_id}: {ran.info.describe()}: {stderr.strip()[-1500:]}")
+    return record_trained(config, batch_id, ran.result)
 
 
 def cleanup_batch(config: AtlasConfig, batch_id: str) -> dict[str, Any]:
     """The cleanup policy for a finished (or failed) batch; releases its reservation."""
     spec = _spec(config, batch_id)
     ids = [d["dataset_id"] for d in spec["datasets"]]
-    checkpoint_done = (_layout(config).checkpoints / batch_id / "result.json").exists()
+    trained = batch_trained(config, batch_id)
     cleaner = Cleaner(Ledger(config.storage))
-    if not checkpoint_done:
+    if trained is None:
         # the batch did not train: keep processed files for a retry, free only raw data and cache
         freed = {"raw": sum(cleaner.delete_raw(d, batch_id=batch_id) for d in ids), "cache": cleaner.clear_cache()}
         released = Ledger(config.storage).release(batch_id)
         return {"batch_id": batch_id, "trained": False, "freed_bytes": freed, "released": released}
+    record_trained(config, batch_id, trained)  # before old checkpoints (maybe this one's) are pruned
     return {**cleaner.finish_batch(batch_id, ids), "trained": True}
 
 
@@ -223,5 +289,3 @@ def load_batch_ids(config: AtlasConfig) -> list[str]:
     plan = load_plan(config.plan_path)
     return [b.batch_id for b in plan.batches] if plan else []
 
-
-__all__ += ["BudgetExceededError", "load_batch_ids"]

@@ -17,10 +17,10 @@ KNOWN_POOLS = {"default_pool", "downloads", "gpu"}
 HEAVY = ("scanpy", "anndata", "scvi", "torch", "numpy", "pandas", "lightning")
 
 
-def write_config(tmp_path: Path, manifest: Path, batch_size: int = 2) -> Path:
+def write_config(tmp_path: Path, manifest: Path, batch_size: int = 2, pipelining: bool = True) -> Path:
     path = tmp_path / "atlasflow.yaml"
     path.write_text(f"storage: {{base_dir: {tmp_path / 'base'}}}\nmanifest: {{path: {manifest}}}\n"
-                    f"plan: {{batch_size: {batch_size}}}\n")
+                    f"plan: {{batch_size: {batch_size}, pipelining: {str(pipelining).lower()}}}\n")
     return path
 
 
@@ -56,19 +56,27 @@ def test_batches_are_laid_out_from_the_manifest(monkeypatch, tmp_path):
     groups = sorted({t.task_id.split(".")[0] for t in dag.tasks if "." in t.task_id})
     assert groups == ["batch_0000", "batch_0001", "batch_0002"]
     per_batch = sorted(t.task_id.split(".")[1] for t in dag.tasks if t.task_id.startswith("batch_0001."))
-    assert per_batch == ["admit", "cleanup", "download", "integrate", "process", "stage", "train"]
-    assert dag.get_task("batch_0001.stage").upstream_task_ids == {"prepare"}
+    assert per_batch == ["admit", "cleanup", "download", "integrate", "process", "train"]
+    assert dag.get_task("batch_0000.admit").upstream_task_ids == {"prepare"}
     # pipelining: admission and training chain batch to batch, nothing else does
-    assert dag.get_task("batch_0001.admit").upstream_task_ids == {"batch_0001.stage", "batch_0000.admit"}
+    assert dag.get_task("batch_0001.admit").upstream_task_ids == {"prepare", "batch_0000.admit"}
     assert dag.get_task("batch_0001.train").upstream_task_ids == {"batch_0001.integrate", "batch_0000.train"}
     assert dag.get_task("batch_0001.download").pool == "downloads"
     assert dag.get_task("batch_0001.train").pool == "gpu"
     assert dag.get_task("batch_0001.admit").mode == "reschedule"
     assert dag.get_task("batch_0001.cleanup").is_teardown
     assert dag.get_task("batch_0001.download").map_index_template == "{{ dataset_id }}"
+    assert dag.get_task("batch_0001.download").op_kwargs_expand_input.value["dataset_id"] == ["ds002", "ds003"]
     publish = dag.get_task("publish")
     assert publish.upstream_task_ids == {"batch_0002.train"}
     assert [o.uri for o in publish.outlets] == ["atlasflow://model/checkpoint"]
+
+
+def test_pipelining_off_chains_each_batch_after_the_previous_cleanup(monkeypatch, tmp_path):
+    bag = dagbag(monkeypatch, write_config(tmp_path, write_csv(tmp_path / "m.csv", direct_rows(5)), pipelining=False))
+    dag = bag.dags["atlas_ingest"]
+    assert dag.get_task("batch_0001.admit").upstream_task_ids == {"prepare", "batch_0000.admit", "batch_0000.cleanup"}
+    assert dag.get_task("batch_0000.admit").upstream_task_ids == {"prepare"}
 
 
 def test_broken_manifest_does_not_break_the_dag(monkeypatch, tmp_path):

@@ -22,7 +22,13 @@ FORMATS = ["h5ad", "10x_h5", "loom", "csv", "tsv_gz", "10x_mtx_tar", "h5ad"]
 
 
 def build_demo(root: Path, url: str, *, n_datasets: int = 7, cells: int = 100, batch_size: int = 3,
-               budget_mb: float = 13.5, integration_epochs: int = 5, missing_row: bool = True) -> dict[str, Any]:
+               budget_mb: float = 13.5, integration_epochs: int = 5, missing_row: bool = True,
+               missing_at: int | None = None, keep_checkpoints: int = 1) -> dict[str, Any]:
+    """Write ``root/www`` (to serve at ``url``), ``root/manifest.xlsx`` and ``root/atlasflow.yaml``.
+
+    ``missing_at`` puts the 404 row at that manifest position (default: last);
+    ``keep_checkpoints`` is the cleanup policy's ``storage.keep_checkpoints``.
+    """
     import openpyxl
 
     from atlasflow.testing.geo_server import geo_series_dir
@@ -45,8 +51,9 @@ def build_demo(root: Path, url: str, *, n_datasets: int = 7, cells: int = 100, b
         rows.append([ds, f"{url}/files/{path.name}", "direct", "control", "blood", "human", "",
                      path.stat().st_size, "bulk_labels" if fmt == "h5ad" else "", ""])
     if missing_row:
-        rows.append(["pbmc_gone", f"{url}/files/pbmc_gone.h5ad", "direct", "control", "blood", "human", "", 200_000,
-                     "", "a dataset the server no longer has: quarantined, the batch goes on"])
+        gone = ["pbmc_gone", f"{url}/files/pbmc_gone.h5ad", "direct", "control", "blood", "human", "", 200_000, "",
+                "a dataset the server no longer has: quarantined, the batch goes on"]
+        rows.insert(len(rows) if missing_at is None else missing_at, gone)
     book = openpyxl.Workbook()
     ws = book.active
     ws.title = "datasets"
@@ -70,11 +77,12 @@ storage:
   outputs_gb: {gb * 0.05}
   min_free_gb: 1
   checkpoint_gb: 0.007
-  keep_checkpoints: 1
+  keep_checkpoints: {keep_checkpoints}
 manifest:
   path: manifest.xlsx
 plan:
   batch_size: {batch_size}
+  schedule: null  # the demo triggers its run itself
 download:
   geo_base_url: {url}/geo
   retries: 1

@@ -8,7 +8,10 @@ does), and can misbehave on purpose, per path, to exercise the downloader:
 - ``drop_after``: send only this many body bytes on the first N requests, then hang up,
 - ``lie_length``: announce this many bytes more than the file has,
 - ``no_length``: send no Content-Length,
-- ``rate``: bytes per second (bandwidth throttle).
+- ``rate``: bytes per second (bandwidth throttle); ``rate=`` on the server throttles every file.
+
+Every body transfer is recorded (path, start, end, bytes): tests and benchmarks read how many
+downloads ran at once from ``transfers()`` or from the ``--transfer-log`` JSON-lines file.
 
 Files carry an ETag and Last-Modified, and ``If-Range`` is honoured as real servers do.
 
@@ -33,7 +36,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
-__all__ = ["GeoServer", "geo_series_dir"]
+__all__ = ["GeoServer", "geo_series_dir", "max_concurrent"]
 
 
 def geo_series_dir(root: Path, accession: str) -> Path:
@@ -53,7 +56,10 @@ class _Handler(BaseHTTPRequestHandler):
     def _fault(self, path: str) -> tuple[dict[str, Any], int]:
         with self.server.lock:
             self.server.hits[path] += 1
-            return self.server.faults.get(path, {}), self.server.hits[path]
+            fault = self.server.faults.get(path, {})
+            if self.server.rate and "rate" not in fault:
+                fault = {**fault, "rate": self.server.rate}
+            return fault, self.server.hits[path]
 
     def do_HEAD(self) -> None:  # noqa: N802 (http.server's naming)
         self._serve(head=True)
@@ -111,23 +117,26 @@ class _Handler(BaseHTTPRequestHandler):
         if fault.get("drop_after") is not None and hit <= fault.get("drop_times", 1):
             limit = min(limit, int(fault["drop_after"]))
         rate = fault.get("rate")
-        with target.open("rb") as fh:
-            fh.seek(start)
-            sent = 0
-            t0 = time.monotonic()
-            while sent < limit:
-                block = fh.read(min(64 * 1024, limit - sent))
-                if not block:
-                    break
-                try:
-                    self.wfile.write(block)
-                except (BrokenPipeError, ConnectionResetError):
-                    return
-                sent += len(block)
-                if rate:
-                    ahead = sent / rate - (time.monotonic() - t0)
-                    if ahead > 0:
-                        time.sleep(ahead)
+        sent = 0
+        t0 = time.monotonic()
+        try:
+            with target.open("rb") as fh:
+                fh.seek(start)
+                while sent < limit:
+                    block = fh.read(min(64 * 1024, limit - sent))
+                    if not block:
+                        break
+                    try:
+                        self.wfile.write(block)
+                    except (BrokenPipeError, ConnectionResetError):
+                        return
+                    sent += len(block)
+                    if rate:
+                        ahead = sent / rate - (time.monotonic() - t0)
+                        if ahead > 0:
+                            time.sleep(ahead)
+        finally:
+            self.server.record(rel, t0, time.monotonic(), sent)
         if sent < body_len + int(fault.get("lie_length", 0)) or fault.get("no_length"):
             self.close_connection = True
             self.connection.shutdown(socket.SHUT_RDWR)
@@ -153,20 +162,46 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = False  # a busy port must be reported, not shared
 
-    def __init__(self, root: Path, port: int, faults: dict[str, dict[str, Any]]) -> None:
+    def __init__(self, root: Path, port: int, faults: dict[str, dict[str, Any]], *, rate: float | None = None,
+                 transfer_log: Path | None = None) -> None:
         self.root = root.resolve()
         self.faults = faults
+        self.rate = rate
         self.hits: Counter[str] = Counter()
         self.lock = threading.Lock()
+        self.transfers: list[dict[str, Any]] = []
+        self.transfer_log = transfer_log
         super().__init__(("127.0.0.1", port), _Handler)
+
+    def record(self, path: str, start: float, end: float, nbytes: int) -> None:
+        # wall-clock times, so they line up with Airflow's task start/end dates
+        now, mono = time.time(), time.monotonic()
+        row = {"path": path, "start": now - (mono - start), "end": now - (mono - end), "bytes": nbytes}
+        with self.lock:
+            self.transfers.append(row)
+            if self.transfer_log is not None:
+                with self.transfer_log.open("a") as fh:
+                    fh.write(json.dumps(row) + "\n")
+
+
+def max_concurrent(transfers: list[dict[str, Any]]) -> int:
+    """The most transfers that were under way at the same instant."""
+    events = sorted([(t["start"], 1) for t in transfers] + [(t["end"], -1) for t in transfers],
+                    key=lambda e: (e[0], e[1]))
+    running = peak = 0
+    for _, step in events:
+        running += step
+        peak = max(peak, running)
+    return peak
 
 
 class GeoServer:
     """Start/stop the server in a background thread (tests); ``url`` is its base URL."""
 
-    def __init__(self, root: Path, *, port: int = 0, faults: dict[str, dict[str, Any]] | None = None) -> None:
+    def __init__(self, root: Path, *, port: int = 0, faults: dict[str, dict[str, Any]] | None = None,
+                 rate: float | None = None) -> None:
         try:
-            self._server = _Server(root, port, faults or {})
+            self._server = _Server(root, port, faults or {}, rate=rate)
         except OSError as exc:
             raise OSError(f"cannot listen on 127.0.0.1:{port}: {exc.strerror or exc} (port busy?)") from exc
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
@@ -186,6 +221,11 @@ class GeoServer:
     def hits(self, path: str) -> int:
         return self._server.hits[path]
 
+    def transfers(self) -> list[dict[str, Any]]:
+        """Every body transfer so far: ``{"path", "start", "end", "bytes"}`` (epoch seconds)."""
+        with self._server.lock:
+            return list(self._server.transfers)
+
     def __enter__(self) -> GeoServer:
         self._thread.start()
         return self
@@ -203,10 +243,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pid-file", type=Path, help="write our PID here (the demo stops us by it)")
     parser.add_argument("--port-file", type=Path, help="write the port we listen on here")
     parser.add_argument("--faults", type=Path, help="JSON {path: {fault: value}}")
+    parser.add_argument("--rate", type=float, help="throttle every transfer to this many bytes/s")
+    parser.add_argument("--transfer-log", type=Path, help="append one JSON line per transfer here")
     args = parser.parse_args(argv)
     faults = json.loads(args.faults.read_text()) if args.faults else {}
     try:
-        server = _Server(args.root, args.port, faults)
+        server = _Server(args.root, args.port, faults, rate=args.rate, transfer_log=args.transfer_log)
     except OSError as exc:
         sys.stderr.write(f"geo_server: cannot listen on 127.0.0.1:{args.port}: {exc.strerror or exc}\n")
         return 2

@@ -1,0 +1,55 @@
+"""TrainBatchOperator: train one batch on the configured backend, resuming from the previous checkpoint."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from airflow.sdk.exceptions import AirflowSkipException
+
+from atlasflow_airflow.operators.slurm import SlurmJobOperator
+
+
+class TrainBatchOperator(SlurmJobOperator):
+    """``training.backend`` decides at run time: ``local`` trains in a child process of this task,
+    ``slurm`` submits the very same command line as a SLURM job and defers (no worker slot held).
+
+    The previous batch's checkpoint comes from ``previous_train_task_id``'s XCom; the XCom of this
+    task is the training result (checkpoint path and lineage). A batch trained by any earlier run is
+    not trained again.
+    """
+
+    template_fields = ()
+    ui_color = "#f5e6c8"
+
+    def __init__(self, *, batch_id: str, previous_train_task_id: str | None, **kwargs: Any) -> None:
+        kwargs.setdefault("pool", "gpu")
+        kwargs.setdefault("trigger_rule", "none_failed")
+        super().__init__(command=(), dataset_id="train", batch_id=batch_id, output_dir="", **kwargs)
+        self.previous_train_task_id = previous_train_task_id
+
+    def execute(self, context: Any) -> Any:
+        from atlasflow.pipeline import batch_trained, record_trained, train_batch_step, training_job
+        from atlasflow_airflow.runtime import task_config
+
+        ti = context["ti"]
+        if ti.xcom_pull(task_ids=f"{self.batch_id}.integrate") is None:
+            raise AirflowSkipException(f"{self.batch_id} has no usable dataset; nothing to train")
+        previous = ti.xcom_pull(task_ids=self.previous_train_task_id) if self.previous_train_task_id else None
+        checkpoint = (previous or {}).get("checkpoint_dir")
+        config = task_config(context)
+        if config.training.backend == "local":
+            return train_batch_step(config, self.batch_id, previous_checkpoint=checkpoint,
+                                    tag=f"{ti.run_id}", attempt=int(ti.try_number or 1))
+        if (done := batch_trained(config, self.batch_id)) is not None:
+            self.log.info("%s already trained: %s", self.batch_id, done.get("checkpoint_dir"))
+            return record_trained(config, self.batch_id, done)
+        python = config.slurm.python or ("python" if config.slurm.env_activate else None)
+        job = training_job(config, self.batch_id, previous_checkpoint=checkpoint, python=python)
+        self.command, self.output_dir, self.slurm = job["command"], job["log_dir"], config.slurm
+        return super().execute(context)
+
+    def execute_complete(self, context: Any, event: dict[str, Any]) -> Any:
+        from atlasflow.pipeline import record_trained
+        from atlasflow_airflow.runtime import task_config
+
+        return record_trained(task_config(context), self.batch_id, super().execute_complete(context, event))
