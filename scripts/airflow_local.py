@@ -4,7 +4,12 @@
     airflow_local.py start   [--api-port 8080] [--timeout 180]   (or AIRFLOW_LOCAL_API_PORT)
     airflow_local.py status
     airflow_local.py trigger DAG_ID [--conf JSON] [--wait] [--timeout 1800]
+    airflow_local.py clear DAG_ID RUN_ID --group batch_0001 [--downstream] [--wait]
+    airflow_local.py wait DAG_ID RUN_ID [--timeout 1800]
     airflow_local.py stop
+
+``start`` while some components run starts only the missing ones (e.g. a scheduler that died),
+on the same ports; the workers a dead component left behind are stopped with everything else.
 
 Every process binds 127.0.0.1 (the log servers too), its port is checked for being free before
 start, and its PID is recorded under ``$AIRFLOW_HOME/local/``; ``stop`` ends exactly those PIDs
@@ -109,36 +114,21 @@ def token(state: dict[str, Any]) -> str:
 def start(args: argparse.Namespace) -> int:
     state = read_state()
     running = {c: p for c, p in state.get("pids", {}).items() if alive(p)}
-    if running:
+    if running and len(running) == len(COMPONENTS):
         print(f"already running: {', '.join(f'{c} (pid {p})' for c, p in running.items())}")
         return 0
+    if running:
+        return restart_missing(state, running)
     api_port = args.api_port
     if not port_free(api_port):
         raise SystemExit(f"port {api_port} on 127.0.0.1 is busy; pass --api-port or set AIRFLOW_LOCAL_API_PORT")
     worker_log_port, trigger_log_port = free_port(), free_port()
-    env = {
-        **os.environ,
-        "AIRFLOW__API__HOST": "127.0.0.1",
-        "AIRFLOW__API__PORT": str(api_port),
-        "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{api_port}",
-        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{api_port}/execution/",
-        "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(worker_log_port),
-        "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(trigger_log_port),
-        "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "False",
-    }
+    env = component_env(api_port, worker_log_port, trigger_log_port)
     logs = state_dir()
     migrate = subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], env=env, capture_output=True, text=True)
     if migrate.returncode != 0:
         raise SystemExit(f"airflow db migrate failed:\n{(migrate.stdout + migrate.stderr)[-3000:]}")
-    pids = {}
-    for component in COMPONENTS:
-        cmd = [sys.executable, "-m", "airflow", component]
-        if component == "api-server":
-            cmd += ["--host", "127.0.0.1", "--port", str(api_port)]
-        log = (logs / f"{component}.log").open("ab")
-        # own session: stop() can signal the component and every worker it forked, and nothing else
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        pids[component] = proc.pid
+    pids = {component: launch(component, env, api_port) for component in COMPONENTS}
     state = {"pids": pids, "api_port": api_port, "log_ports": [worker_log_port, trigger_log_port],
              "started": time.time()}
     write_state(state)
@@ -160,9 +150,65 @@ def start(args: argparse.Namespace) -> int:
     raise SystemExit(f"Airflow did not become healthy within {args.timeout} s; see {logs}")
 
 
+def component_env(api_port: int, worker_log_port: int, trigger_log_port: int) -> dict[str, str]:
+    return {
+        **os.environ,
+        "AIRFLOW__API__HOST": "127.0.0.1",
+        "AIRFLOW__API__PORT": str(api_port),
+        "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{api_port}",
+        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{api_port}/execution/",
+        "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(worker_log_port),
+        "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(trigger_log_port),
+        "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "False",
+    }
+
+
+def launch(component: str, env: dict[str, str], api_port: int) -> int:
+    cmd = [sys.executable, "-m", "airflow", component]
+    if component == "api-server":
+        cmd += ["--host", "127.0.0.1", "--port", str(api_port)]
+    log = (state_dir() / f"{component}.log").open("ab")
+    # own session: stop() can signal the component and every worker it forked, and nothing else
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return proc.pid
+
+
+def restart_missing(state: dict[str, Any], running: dict[str, int]) -> int:
+    """Start the components that died, on the recorded ports; remember their old process groups."""
+    env = component_env(state["api_port"], *state["log_ports"])
+    for component in COMPONENTS:
+        if component in running:
+            continue
+        old = state["pids"].get(component)
+        if old is not None:
+            # workers the dead component forked live on in its process group: stop() ends them too
+            state.setdefault("old_groups", []).append(old)
+        state["pids"][component] = launch(component, env, state["api_port"])
+        print(f"restarted {component} (pid {state['pids'][component]})")
+    write_state(state)
+    return 0
+
+
+def group_alive(pgid: int) -> bool:
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
+
+
 def stop(args: argparse.Namespace) -> int:
     state = read_state()
     pids = state.get("pids", {})
+    for pgid in state.get("old_groups", []):
+        if group_alive(pgid):
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
     for pid in pids.values():
         if alive(pid):
             try:
@@ -214,18 +260,40 @@ def trigger(args: argparse.Namespace) -> int:
                   {"logical_date": None, "conf": json.loads(args.conf)}, token=tok)
     run_id = run["dag_run_id"]
     print(f"triggered {args.dag_id} run {run_id}")
-    if not args.wait:
-        return 0
-    deadline = time.time() + args.timeout
+    return wait_run(state, args.dag_id, run_id, args.timeout) if args.wait else 0
+
+
+def wait_run(state: dict[str, Any], dag_id: str, run_id: str, timeout: float) -> int:
+    deadline = time.time() + timeout
+    run: dict[str, Any] = {}
     while time.time() < deadline:
         tok = token(state)  # tokens expire; a long run outlives one
-        run = request(state, "GET", f"/api/v2/dags/{args.dag_id}/dagRuns/{run_id}", token=tok)
+        run = request(state, "GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}", token=tok)
         if run["state"] in ("success", "failed"):
             print(f"run {run_id}: {run['state']}")
             return 0 if run["state"] == "success" else 1
         time.sleep(3)
-    print(f"run {run_id} still {run['state']} after {args.timeout} s")
+    print(f"run {run_id} still {run.get('state')} after {timeout} s")
     return 1
+
+
+def wait(args: argparse.Namespace) -> int:
+    return wait_run(read_state(), args.dag_id, args.run_id, args.timeout)
+
+
+def clear(args: argparse.Namespace) -> int:
+    """Clear one batch group of a run (what the UI's "Clear" on a task group does), via the REST API."""
+    state = read_state()
+    tok = token(state)
+    tasks = request(state, "GET", f"/api/v2/dags/{args.dag_id}/tasks", token=tok)["tasks"]
+    task_ids = [t["task_id"] for t in tasks if t["task_id"].startswith(args.group + ".")]
+    if not task_ids:
+        raise SystemExit(f"no task group {args.group!r} in {args.dag_id}")
+    body = {"dag_run_id": args.run_id, "task_ids": task_ids, "dry_run": False, "only_failed": False,
+            "include_downstream": args.downstream, "include_upstream": False, "reset_dag_runs": True}
+    cleared = request(state, "POST", f"/api/v2/dags/{args.dag_id}/clearTaskInstances", body, token=tok)
+    print(f"cleared {cleared['total_entries']} task instances of {args.group} in {args.run_id}")
+    return wait_run(state, args.dag_id, args.run_id, args.timeout) if args.wait else 0
 
 
 def main() -> int:
@@ -244,6 +312,19 @@ def main() -> int:
     p.add_argument("--timeout", type=float, default=1800)
     p.add_argument("--parse-timeout", type=float, default=120)
     p.set_defaults(func=trigger)
+    p = sub.add_parser("wait")
+    p.add_argument("dag_id")
+    p.add_argument("run_id")
+    p.add_argument("--timeout", type=float, default=1800)
+    p.set_defaults(func=wait)
+    p = sub.add_parser("clear")
+    p.add_argument("dag_id")
+    p.add_argument("run_id")
+    p.add_argument("--group", required=True, help="task group, e.g. batch_0001")
+    p.add_argument("--downstream", action="store_true", help="also clear what depends on it (later batches)")
+    p.add_argument("--wait", action="store_true")
+    p.add_argument("--timeout", type=float, default=1800)
+    p.set_defaults(func=clear)
     args = parser.parse_args()
     return args.func(args)
 

@@ -64,6 +64,7 @@ class BatchData:
     def __init__(self, batch_dir: Path, vocab: Vocabulary, tokenizer: Tokenizer, *, seed: int, block_cells: int,
                  val_fraction: float, cell_types: list[str] | None = None) -> None:
         self.batch_dir = batch_dir
+        self.n_genes = len(vocab)
         self.tokenizer = tokenizer
         self.seed = seed
         self.block_cells = block_cells
@@ -120,18 +121,26 @@ class BatchData:
                 h.close()
 
     def val_labels_and_counts(self, key: str) -> tuple[np.ndarray | None, object]:
-        """A validation obs column and the counts, in the unshuffled validation order."""
+        """A validation obs column and the counts, in the unshuffled validation order.
+
+        Counts are laid out in vocabulary order: QC drops different genes from different datasets,
+        so the files' own gene axes do not line up.
+        """
         import h5py
         import scipy.sparse as sp
         from anndata.io import read_elem, sparse_dataset
 
+        n_genes = self.n_genes
         labels, blocks = [], []
         for f in self.val:
             with h5py.File(f.path, "r") as h:
                 if key not in h["obs"]:
                     return None, None
                 labels.append(np.asarray(read_elem(h["obs"][key])).astype(str))
-                blocks.append(sparse_dataset(h["X"])[:].tocsr())
+                x = sparse_dataset(h["X"])[:].tocsr()
+            known = np.flatnonzero(f.columns >= 0)
+            x = x[:, known].tocsr()
+            blocks.append(sp.csr_matrix((x.data, f.columns[known][x.indices], x.indptr), shape=(x.shape[0], n_genes)))
         return np.concatenate(labels), sp.vstack(blocks).tocsr()
 
     def batches(self, *, epoch: int, batch_cells: int, start_step: int = 0,

@@ -38,8 +38,10 @@ class TrainBatchOperator(SlurmJobOperator):
         checkpoint = (previous or {}).get("checkpoint_dir")
         config = task_config(context)
         if config.training.backend == "local":
-            return train_batch_step(config, self.batch_id, previous_checkpoint=checkpoint,
-                                    tag=f"{ti.run_id}", attempt=int(ti.try_number or 1))
+            from atlasflow.slurm import job_tag
+
+            return train_batch_step(config, self.batch_id, previous_checkpoint=checkpoint, attempt=int(ti.try_number or 1),
+                                    tag=job_tag(ti.dag_id, ti.run_id, ti.task_id, ti.map_index if ti.map_index is not None else -1))
         if (done := batch_trained(config, self.batch_id)) is not None:
             self.log.info("%s already trained: %s", self.batch_id, done.get("checkpoint_dir"))
             return record_trained(config, self.batch_id, done)
