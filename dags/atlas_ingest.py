@@ -30,6 +30,8 @@ DEFAULT_ARGS = {
 }
 DOWNLOAD_RETRIES = CONFIG.download.retries if CONFIG else 3
 PIPELINING = CONFIG.plan.pipelining if CONFIG else True
+ADMISSION_POKE_S = CONFIG.storage.admission_poke_s if CONFIG else 30.0
+ADMISSION_MAX_WAIT = timedelta(seconds=CONFIG.storage.admission_max_wait_s if CONFIG else 300.0)
 
 
 def _config():
@@ -115,7 +117,8 @@ def atlas_ingest() -> None:
     for batch in PLAN.batches if PLAN else ():
         bid = batch.batch_id
         with TaskGroup(group_id=bid, tooltip=", ".join(batch.dataset_ids)):
-            admit = StorageAdmissionSensor(task_id="admit", batch_id=bid)
+            admit = StorageAdmissionSensor(task_id="admit", batch_id=bid, poke_interval=ADMISSION_POKE_S,
+                                           max_wait=ADMISSION_MAX_WAIT)
             # The sealed plan fixes a batch's datasets, so the map is known at parse time; it is
             # still a dynamic map (one instance per dataset, named by its id in the UI).
             fetched = download.partial(batch_id=bid).expand(dataset_id=list(batch.dataset_ids))

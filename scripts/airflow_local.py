@@ -6,6 +6,7 @@
     airflow_local.py trigger DAG_ID [--conf JSON] [--wait] [--timeout 1800]
     airflow_local.py clear DAG_ID RUN_ID --group batch_0001 [--downstream] [--wait]
     airflow_local.py wait DAG_ID RUN_ID [--timeout 1800]
+    airflow_local.py tasks DAG_ID
     airflow_local.py stop
 
 ``start`` while some components run starts only the missing ones (e.g. a scheduler that died),
@@ -281,6 +282,17 @@ def wait(args: argparse.Namespace) -> int:
     return wait_run(read_state(), args.dag_id, args.run_id, args.timeout)
 
 
+def tasks(args: argparse.Namespace) -> int:
+    """Print the task ids of the DAG as the api-server serves it now (after the last parse)."""
+    state = read_state()
+    try:
+        found = request(state, "GET", f"/api/v2/dags/{args.dag_id}/tasks", token=token(state))["tasks"]
+    except urllib.error.HTTPError as exc:
+        raise SystemExit(f"DAG {args.dag_id} not available: HTTP {exc.code}") from None
+    print("\n".join(sorted(t["task_id"] for t in found)))
+    return 0
+
+
 def clear(args: argparse.Namespace) -> int:
     """Clear one batch group of a run (what the UI's "Clear" on a task group does), via the REST API."""
     state = read_state()
@@ -317,6 +329,9 @@ def main() -> int:
     p.add_argument("run_id")
     p.add_argument("--timeout", type=float, default=1800)
     p.set_defaults(func=wait)
+    p = sub.add_parser("tasks")
+    p.add_argument("dag_id")
+    p.set_defaults(func=tasks)
     p = sub.add_parser("clear")
     p.add_argument("dag_id")
     p.add_argument("run_id")

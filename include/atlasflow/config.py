@@ -83,6 +83,11 @@ class StorageConfig:
     default_expansion: float = _opt(
         2.0, "Processed bytes per downloaded byte assumed for a format until one has been measured.", min=0
     )
+    admission_poke_s: float = _opt(
+        30.0, "How often a waiting batch asks the ledger for room (reschedule mode: no worker slot held between).",
+        min=0.5)
+    admission_max_wait_s: float = _opt(
+        300.0, "The wait between asks grows exponentially up to this.", min=0.5)
 
     @property
     def max_storage_bytes(self) -> int:

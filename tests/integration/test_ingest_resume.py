@@ -21,82 +21,15 @@ import sys
 import threading
 import time
 from collections import Counter
-from datetime import datetime
 from pathlib import Path
 
 import pytest
 
 from atlasflow.testing.demo import build_demo
 from atlasflow.testing.geo_server import GeoServer, max_concurrent
+from atlasflow.testing.local_airflow import LocalAirflow
 
-REPO = Path(__file__).resolve().parents[2]
-SCRIPT = REPO / "scripts" / "airflow_local.py"
 pytestmark = pytest.mark.timeout(1500)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class LocalAirflow:
-    """scripts/airflow_local.py driven from a test, with the metadata DB at hand."""
-
-    def __init__(self, home: Path, config: Path, parallelism: int) -> None:
-        self.home = home
-        self.env = {**os.environ, "AIRFLOW_HOME": str(home), "ATLASFLOW_CONFIG": str(config),
-                    "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home}/airflow.db",
-                    "PYTHONPATH": str(REPO / "plugins"), "AIRFLOW__CORE__PARALLELISM": str(parallelism),
-                    "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-                    # the manifest (not the DAG file) changes in these tests: re-parse often
-                    "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "5"}
-
-    def cli(self, *args: str, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess[str]:
-        done = subprocess.run([sys.executable, str(SCRIPT), *args], env=self.env, capture_output=True, text=True,
-                              timeout=timeout)
-        if check and done.returncode != 0:
-            raise AssertionError(f"airflow_local {' '.join(args)}: {done.stdout}{done.stderr}\n"
-                                 + self.log("scheduler")[-4000:])
-        return done
-
-    def log(self, component: str) -> str:
-        path = self.home / "local" / f"{component}.log"
-        return path.read_text(errors="replace") if path.exists() else ""
-
-    def start(self) -> None:
-        self.cli("start", "--api-port", str(free_port()))
-        subprocess.run([sys.executable, "-m", "atlasflow_airflow.settings", "apply",
-                        str(REPO / "airflow_settings.yaml")], env=self.env, check=True, capture_output=True)
-
-    def trigger(self, *, wait: bool = True) -> tuple[str, int]:
-        done = self.cli("trigger", "atlas_ingest", *(["--wait", "--timeout", "900"] if wait else []), check=False)
-        run_id = done.stdout.split("triggered atlas_ingest run ", 1)[1].split()[0]
-        return run_id, done.returncode
-
-    def pids(self) -> dict[str, int]:
-        return json.loads((self.home / "local" / "state.json").read_text())["pids"]
-
-    def query(self, sql: str, **params) -> list[tuple]:
-        from sqlalchemy import create_engine, text
-
-        engine = create_engine(self.env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"])
-        try:
-            with engine.connect() as conn:
-                return [tuple(r) for r in conn.execute(text(sql), params).all()]
-        finally:
-            engine.dispose()
-
-    def task_times(self, run_id: str) -> dict[tuple[str, int], tuple[float, float, int]]:
-        rows = self.query("SELECT task_id, map_index, start_date, end_date, try_number FROM task_instance "
-                          "WHERE dag_id = 'atlas_ingest' AND run_id = :r AND start_date IS NOT NULL", r=run_id)
-
-        def ts(v):
-            return (v if isinstance(v, datetime) else datetime.fromisoformat(str(v))).timestamp()
-
-        return {(t, m): (ts(s), ts(e) if e else time.time(), n) for t, m, s, e, n in rows}
 
 
 @pytest.fixture
@@ -106,7 +39,7 @@ def airflow_factory(tmp_path):
     def make(config: Path, parallelism: int = 4) -> LocalAirflow:
         home = tmp_path / f"airflow{len(started)}"
         home.mkdir()
-        af = LocalAirflow(home, config, parallelism)
+        af = LocalAirflow(home, config, parallelism=parallelism)
         started.append(af)
         af.start()
         return af
@@ -129,8 +62,8 @@ def test_pipelined_pooled_budgeted_run(tmp_path, airflow_factory):
 
     root = tmp_path / "demo"
     (root / "www").mkdir(parents=True)
-    # ~2 s per file at 20 kB/s: six downloads of a batch are queued at once
-    with GeoServer(root / "www", rate=20_000) as server:
+    # 5-30 s per file at 5 kB/s: downloads last long enough to overlap the previous batch's training
+    with GeoServer(root / "www", rate=5_000) as server:
         build_demo(root, server.url, n_datasets=23, cells=30, batch_size=6, budget_mb=21, missing_at=20,
                    integration_epochs=1)
         config = load_config(root / "atlasflow.yaml")
@@ -157,17 +90,17 @@ def test_pipelined_pooled_budgeted_run(tmp_path, airflow_factory):
     times = af.task_times(run_id)
     downloads = [(t, m) for t, m in times if t.endswith(".download")]
     concurrent = max_concurrent(transfers)
-    waits = dict(af.query("SELECT ti.task_id, COUNT(tr.id) FROM task_instance ti LEFT JOIN task_reschedule tr "
-                          "ON tr.ti_id = ti.id WHERE ti.task_id LIKE '%.admit' AND ti.run_id = :r GROUP BY ti.task_id",
-                          r=run_id))
+    running = max_concurrent([{"start": times[d][0], "end": times[d][1]} for d in downloads])
+    waits = af.admission_waits(run_id)
     pipelined = [i for i in range(3)
                  if any(overlaps(times[d][:2], times[(f"batch_{i:04d}.train", -1)][:2])
                         for d in downloads if d[0] == f"batch_{i + 1:04d}.download")]
-    print(f"\npeak {peak[0]} B of {budget} B; {concurrent} downloads at once; waits {waits}; "
+    print(f"\npeak {peak[0]} B of {budget} B; {concurrent} transfers / {running} download tasks at once; "
+          f"waits {waits}; "
           f"batch i+1 downloading while batch i trains for i in {pipelined}")
 
     assert len(downloads) == 24
-    assert 1 < concurrent <= 5  # the pool's 5 slots hold back parallelism 8 and 6-12 ready downloads
+    assert 1 < concurrent <= 5 and running <= 5  # the pool's 5 slots hold back parallelism 8 and 6-12 downloads
     assert 0 < peak[0] <= budget
     assert sum(1 for w in waits.values() if w > 0) >= 2  # the budget made at least two batches wait
     assert pipelined, "no batch downloaded while the one before it trained"
@@ -178,3 +111,132 @@ def test_pipelined_pooled_budgeted_run(tmp_path, airflow_factory):
     # every dataset file went over the wire exactly once
     served = Counter(t["path"] for t in transfers if t["bytes"] > 0)
     assert len(served) == 23 and set(served.values()) == {1}
+
+
+def _served(server: GeoServer) -> Counter:
+    """Bytes sent per path (Range resumes add up; a second full download doubles it)."""
+    sent: Counter = Counter()
+    for t in server.transfers():
+        sent[t["path"]] += t["bytes"]
+    return sent
+
+
+def _job_logs(base: Path) -> Counter:
+    """Training jobs launched per batch (one stdout file per job attempt)."""
+    return Counter(p.parent.name for p in (base / "state" / "jobs").glob("*/*.out"))
+
+
+def _wait_for(predicate, timeout: float, what: str, interval: float = 1.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if value := predicate():
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def test_kill_clear_append_backfill(tmp_path, airflow_factory):
+    import openpyxl
+
+    from atlasflow.config import load_config
+
+    root = tmp_path / "demo"
+    (root / "www").mkdir(parents=True)
+    with GeoServer(root / "www", rate=60_000) as server:
+        build_demo(root, server.url, n_datasets=8, cells=80, batch_size=2, budget_mb=500, keep_checkpoints=4,
+                   missing_row=False, integration_epochs=1)
+        book = openpyxl.load_workbook(root / "manifest.xlsx")
+        sheet = book["datasets"]
+        later = [[c.value for c in row] for row in sheet.iter_rows(min_row=8, max_row=9)]  # pbmc_7, pbmc_8
+        sheet.delete_rows(8, 2)
+        book.save(root / "manifest.xlsx")
+        config = load_config(root / "atlasflow.yaml")
+        base = Path(config.storage.base_dir)
+        sizes = {f"/files/{p.name}": p.stat().st_size for p in (root / "www" / "files").iterdir()}
+        af = airflow_factory(root / "atlasflow.yaml")
+
+        # 1. SIGKILL the scheduler while batch_0001 is under way, start it again: the run completes
+        run_id, _ = af.trigger(wait=False)
+        _wait_for(lambda: any(t.startswith("batch_0001.") for t, _ in af.task_times(run_id)), 300, "batch_0001 to start")
+        old_scheduler = af.pids()["scheduler"]
+        os.kill(old_scheduler, signal.SIGKILL)
+        time.sleep(3)
+        assert "restarted scheduler" in af.cli("start").stdout
+        assert af.pids()["scheduler"] != old_scheduler
+        assert af.cli("wait", "atlas_ingest", run_id, "--timeout", "900", check=False).returncode == 0, \
+            af.log("scheduler")[-4000:]
+        served = _served(server)
+        first_files = {p for p in served if p.startswith("/files/")}
+        assert {p: served[p] for p in first_files} == {p: sizes[p] for p in first_files}  # no byte twice
+        assert _job_logs(base) == {"batch_0000": 1, "batch_0001": 1, "batch_0002": 1}  # no training twice
+        trained = {b: json.loads((base / "state" / "trained" / f"{b}.json").read_text())
+                   for b in ("batch_0000", "batch_0001", "batch_0002")}
+        assert trained["batch_0002"]["parent_checkpoint"] == trained["batch_0001"]["checkpoint_dir"]
+
+        # 2. batch_0001's checkpoint is lost: clearing its group rebuilds it from batch_0000's checkpoint
+        import shutil
+
+        shutil.rmtree(trained["batch_0001"]["checkpoint_dir"])
+        (base / "state" / "trained" / "batch_0001.json").unlink()
+        tries_before = {k: v[2] for k, v in af.task_times(run_id).items()}
+        af.cli("clear", "atlas_ingest", run_id, "--group", "batch_0001", "--downstream", "--wait", "--timeout", "900")
+        rebuilt = json.loads((base / "state" / "trained" / "batch_0001.json").read_text())
+        assert rebuilt["parent_checkpoint"] == trained["batch_0000"]["checkpoint_dir"]
+        assert Path(rebuilt["checkpoint_dir"], "model.pt").exists()
+        tries_after = {k: v[2] for k, v in af.task_times(run_id).items()}
+        assert tries_after[("batch_0000.train", -1)] == tries_before[("batch_0000.train", -1)]  # not cleared
+        assert tries_after[("batch_0001.train", -1)] > tries_before[("batch_0001.train", -1)]
+        assert tries_after[("batch_0002.train", -1)] > tries_before[("batch_0002.train", -1)]  # cleared, but ...
+        assert json.loads((base / "state" / "trained" / "batch_0002.json").read_text()) == trained["batch_0002"]
+        assert _job_logs(base) == {"batch_0000": 1, "batch_0001": 2, "batch_0002": 1}  # ... only 0001 trained
+        again = _served(server)
+        refetched = {p for p in first_files if again[p] > served[p]}
+        assert refetched == {f"/files/{n}" for n in os.listdir(root / "www" / "files")
+                             if n.split(".")[0] in ("pbmc_4",)}  # batch_0001 = pbmc_3 (GEO) + pbmc_4
+        assert again[f"/geo/{_geo_file(root)}"] == 2 * sizes_geo(root)
+
+        # 3. rows appended to the manifest: the next run trains only the new batch, from the newest checkpoint
+        book = openpyxl.load_workbook(root / "manifest.xlsx")
+        for row in later:
+            book["datasets"].append(row)
+        book.save(root / "manifest.xlsx")
+        _wait_for(lambda: "batch_0003.train" in af.cli("tasks", "atlas_ingest").stdout, 120, "the re-parsed DAG")
+        before = _served(server)
+        second_run, rc = af.trigger()
+        assert rc == 0, af.log("scheduler")[-4000:]
+        newest = json.loads((base / "state" / "trained" / "batch_0003.json").read_text())
+        assert newest["parent_checkpoint"] == trained["batch_0002"]["checkpoint_dir"]
+        assert _job_logs(base) == {"batch_0000": 1, "batch_0001": 2, "batch_0002": 1, "batch_0003": 1}
+        fetched = {p for p, n in _served(server).items() if n > before[p]}
+        assert fetched == {f"/files/{n}" for n in os.listdir(root / "www" / "files") if n.split(".")[0] in
+                           ("pbmc_7", "pbmc_8")}
+
+        # 4. with a schedule, `airflow backfill create` works and its runs do no expensive work
+        cfg = root / "atlasflow.yaml"
+        cfg.write_text(cfg.read_text().replace("schedule: null", "schedule: '@daily'"))
+        _wait_for(lambda: af.query("SELECT timetable_summary FROM dag WHERE dag_id = 'atlas_ingest'")[0][0] == "@daily",
+                  120, "the daily schedule to be parsed")
+        before = _served(server)
+        created = subprocess.run([sys.executable, "-m", "airflow", "backfill", "create", "--dag-id", "atlas_ingest",
+                                  "--from-date", "2026-01-01", "--to-date", "2026-01-02"],
+                                 env=af.env, capture_output=True, text=True, timeout=300)
+        assert created.returncode == 0, created.stdout + created.stderr
+
+        def backfill_done():
+            states = [s for (s,) in af.query("SELECT state FROM dag_run WHERE dag_id = 'atlas_ingest' "
+                                             "AND run_type = 'backfill'")]
+            return states if states and all(s in ("success", "failed") for s in states) else None
+
+        states = _wait_for(backfill_done, 600, "the backfill runs", interval=3)
+        assert set(states) == {"success"}, af.log("scheduler")[-4000:]
+        assert _served(server) == before
+        assert _job_logs(base) == {"batch_0000": 1, "batch_0001": 2, "batch_0002": 1, "batch_0003": 1}
+
+
+def _geo_file(root: Path) -> str:
+    (path,) = [p for p in (root / "www" / "geo").rglob("*") if p.is_file()]
+    return str(path.relative_to(root / "www" / "geo"))
+
+
+def sizes_geo(root: Path) -> int:
+    return (root / "www" / "geo" / _geo_file(root)).stat().st_size

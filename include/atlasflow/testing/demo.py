@@ -78,6 +78,8 @@ storage:
   min_free_gb: 1
   checkpoint_gb: 0.007
   keep_checkpoints: {keep_checkpoints}
+  admission_poke_s: 2
+  admission_max_wait_s: 8
 manifest:
   path: manifest.xlsx
 plan:

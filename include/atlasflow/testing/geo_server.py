@@ -122,19 +122,21 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             with target.open("rb") as fh:
                 fh.seek(start)
+                step = min(64 * 1024, max(1024, int(rate / 8))) if rate else 64 * 1024
                 while sent < limit:
-                    block = fh.read(min(64 * 1024, limit - sent))
+                    block = fh.read(min(step, limit - sent))
                     if not block:
                         break
+                    if rate:
+                        # pace before writing, so the transfer ends with its last byte (no trailing sleep)
+                        ahead = sent / rate - (time.monotonic() - t0)
+                        if ahead > 0:
+                            time.sleep(ahead)
                     try:
                         self.wfile.write(block)
                     except (BrokenPipeError, ConnectionResetError):
                         return
                     sent += len(block)
-                    if rate:
-                        ahead = sent / rate - (time.monotonic() - t0)
-                        if ahead > 0:
-                            time.sleep(ahead)
         finally:
             self.server.record(rel, t0, time.monotonic(), sent)
         if sent < body_len + int(fault.get("lie_length", 0)) or fault.get("no_length"):
