@@ -289,3 +289,20 @@ def test_serialize_round_trip_has_no_poller_state():
     assert path == "atlasflow_airflow.triggers.slurm.SlurmJobTrigger"
     assert kwargs == {"job_id": "12", **{k: v for k, v in FAST.items()}}
     assert T.SlurmJobTrigger(**kwargs).serialize() == (path, kwargs)
+
+
+def test_unexpected_poller_error_fails_every_waiting_trigger(cluster, monkeypatch):
+    class WrongHostKey(Exception):
+        pass
+
+    async def _open(self):
+        raise WrongHostKey("host key mismatch")
+
+    monkeypatch.setattr(T._SharedPoller, "_open", _open)
+
+    async def scenario():
+        results = await asyncio.gather(_start(_trigger("1")), _start(_trigger("2")), return_exceptions=True)
+        assert [type(r) for r in results] == [WrongHostKey, WrongHostKey]
+        assert not T._SharedPoller._registry
+
+    asyncio.run(scenario())

@@ -89,7 +89,6 @@ class _Watch:
         if self.errors > self.transient_retries:
             self.fail(PollFailed(f"{self.errors} transient errors in a row: {exc}"))
         else:
-            log.warning("transient error polling job %s (%d): %s", self.job_id, self.errors, exc)
             self.due = now + min(self.poll_max_s, self.poll_min_s * 2**self.errors)
 
 
@@ -255,6 +254,8 @@ class _SharedPoller:
         try:
             infos = await self.poll([w.job_id for w in watches])
         except ConnectionError as exc:
+            # One line per failed cycle, not one per job: 50 identical warnings would say nothing more.
+            log.warning("transient error polling %d SLURM job(s) via %s: %s", len(watches), self.conn_id, exc)
             now = time.monotonic()
             for w in watches:
                 w.transient_error(exc, now)
