@@ -227,3 +227,61 @@ def test_wrong_host_key_is_refused(slurm_airflow, tmp_path, monkeypatch):
         asyncio.run(SSHHookAsync(ssh_conn_id="slurm_bad").get_conn())
     # Control: the right known_hosts file connects (so the refusals above are about the key).
     assert SlurmHook("slurm_ssh").run("true")[0] == 0
+
+
+def _deferred_trigger(op, dag_id: str):
+    from airflow.sdk.exceptions import TaskDeferred
+
+    with pytest.raises(TaskDeferred) as deferred:
+        op.execute({"ti": _TI(dag_id, 1)})
+    return deferred.value.trigger
+
+
+def test_concurrent_triggers_share_one_connection_and_one_squeue_per_cycle(slurm_airflow, job_command, tmp_path,
+                                                                         monkeypatch):
+    """Five deferred tasks in one triggerer loop: one SSH connection, one squeue per cycle, all complete."""
+    import asyncio
+
+    from atlasflow_airflow.triggers.slurm import _SharedPoller
+
+    commands: list[str] = []
+    real_run = _SharedPoller.run
+
+    async def recording_run(self, cmd):
+        commands.append(cmd)
+        return await real_run(self, cmd)
+
+    monkeypatch.setattr(_SharedPoller, "run", recording_run)
+    triggers = [
+        _deferred_trigger(_operator(job_command, tmp_path, f"p{i}", arg=str(1 + i % 3)), f"pool_{uuid.uuid4().hex[:6]}")
+        for i in range(5)
+    ]
+
+    async def scenario():
+        return await asyncio.wait_for(asyncio.gather(*(anext(t.run()) for t in triggers)), 120)
+
+    events = asyncio.run(scenario())
+    assert [e.payload["state"] for e in events] == ["COMPLETED"] * 5, [e.payload for e in events]
+    assert all(e.payload["result"]["mode"] == "sleep" for e in events)
+    pollers = {id(t.poller): t.poller for t in triggers}
+    assert len(pollers) == 1
+    poller = next(iter(pollers.values()))
+    assert poller.connections_opened == 1
+    squeues = [c for c in commands if c.startswith("squeue ")]
+    assert len(squeues) == poller.cycles >= 2
+    ids = ",".join(sorted((t.job_id for t in triggers), key=int))
+    assert f"--jobs={ids}" in squeues[0]  # the first cycle asked about all five at once
+
+
+def test_time_limit_surfaces_timeout(slurm_airflow, job_command, tmp_path):
+    """A job over its --time is killed by SLURM; the task fails with state TIMEOUT (~1.5 min: one such test)."""
+    import asyncio
+
+    from atlasflow_airflow.operators.slurm import SlurmJobFailed
+
+    op = _operator(job_command, tmp_path, "t1", arg="600", time_limit="00:01:00", poll_max_s=5.0)
+    trigger = _deferred_trigger(op, f"timeout_{uuid.uuid4().hex[:6]}")
+    event = asyncio.run(asyncio.wait_for(anext(trigger.run()), 200))
+    assert event.payload["state"] == "TIMEOUT", event.payload
+    with pytest.raises(SlurmJobFailed, match="TIMEOUT"):
+        op.execute_complete({}, event.payload)

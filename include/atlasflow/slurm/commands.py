@@ -26,9 +26,19 @@ def submit_cmd() -> str:
     return "sbatch --parsable"
 
 
+def job_id_list(job_ids: str | Iterable[str]) -> str:
+    """``a,b,c`` for squeue/sacct ``--jobs``: each id validated as an integer, duplicates dropped, sorted.
+
+    A single ``str`` is one id (not an iterable of characters).
+    """
+    ids = [job_ids] if isinstance(job_ids, str) else list(job_ids)
+    return ",".join(str(j) for j in sorted({int(j) for j in ids}))
+
+
 def squeue_cmd(job_ids: Iterable[str] | None = None) -> str:
-    ids = ",".join(str(int(j)) for j in job_ids) if job_ids is not None else ""
-    sel = f" -j {ids}" if ids else ""
+    """squeue of the given jobs (all states, so jobs slurmctld still remembers as finished show), or of all."""
+    ids = job_id_list(job_ids) if job_ids is not None else ""
+    sel = f" --jobs={shlex.quote(ids)}" if ids else ""
     return f"squeue -h -t all{sel} -o {shlex.quote(SQUEUE_FORMAT)}"
 
 
@@ -36,8 +46,9 @@ def scontrol_cmd(job_id: str) -> str:
     return f"scontrol show job -o {int(job_id)}"
 
 
-def sacct_cmd(job_id: str) -> str:
-    return f"sacct -P -n -X -j {int(job_id)} --format={SACCT_FIELDS}"
+def sacct_cmd(job_ids: str | Iterable[str]) -> str:
+    """sacct of one job id or of several at once (one slurmdbd query for a whole batch)."""
+    return f"sacct -P -n -X --jobs={shlex.quote(job_id_list(job_ids))} --format={shlex.quote(SACCT_FIELDS)}"
 
 
 def scancel_cmd(job_ids: Iterable[str]) -> str:
