@@ -191,8 +191,7 @@ def test_kill_clear_append_backfill(tmp_path, airflow_factory):
         assert _job_logs(base) == {"batch_0000": 1, "batch_0001": 2, "batch_0002": 1}  # ... only 0001 trained
         again = _served(server)
         refetched = {p for p in first_files if again[p] > served[p]}
-        assert refetched == {f"/files/{n}" for n in os.listdir(root / "www" / "files")
-                             if n.split(".")[0] in ("pbmc_4",)}  # batch_0001 = pbmc_3 (GEO) + pbmc_4
+        assert refetched == _files_of(root, "pbmc_4")  # batch_0001 = GSE900001 (pbmc_3) + pbmc_4
         assert again[f"/geo/{_geo_file(root)}"] == 2 * sizes_geo(root)
 
         # 3. rows appended to the manifest: the next run trains only the new batch, from the newest checkpoint
@@ -208,8 +207,7 @@ def test_kill_clear_append_backfill(tmp_path, airflow_factory):
         assert newest["parent_checkpoint"] == trained["batch_0002"]["checkpoint_dir"]
         assert _job_logs(base) == {"batch_0000": 1, "batch_0001": 2, "batch_0002": 1, "batch_0003": 1}
         fetched = {p for p, n in _served(server).items() if n > before[p]}
-        assert fetched == {f"/files/{n}" for n in os.listdir(root / "www" / "files") if n.split(".")[0] in
-                           ("pbmc_7", "pbmc_8")}
+        assert fetched == _files_of(root, "pbmc_7", "pbmc_8")
 
         # 4. with a schedule, `airflow backfill create` works and its runs do no expensive work
         cfg = root / "atlasflow.yaml"
@@ -231,6 +229,12 @@ def test_kill_clear_append_backfill(tmp_path, airflow_factory):
         assert set(states) == {"success"}, af.log("scheduler")[-4000:]
         assert _served(server) == before
         assert _job_logs(base) == {"batch_0000": 1, "batch_0001": 2, "batch_0002": 1, "batch_0003": 1}
+
+
+def _files_of(root: Path, *dataset_ids: str) -> set[str]:
+    """Server paths of the direct-download files written for these datasets (``<id>.h5ad``, ``<id>_counts.csv``…)."""
+    return {f"/files/{n}" for n in os.listdir(root / "www" / "files")
+            if any(n.startswith((f"{d}.", f"{d}_")) for d in dataset_ids)}
 
 
 def _geo_file(root: Path) -> str:
