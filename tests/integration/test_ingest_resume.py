@@ -212,8 +212,9 @@ def test_kill_clear_append_backfill(tmp_path, airflow_factory):
         # 4. with a schedule, `airflow backfill create` works and its runs do no expensive work
         cfg = root / "atlasflow.yaml"
         cfg.write_text(cfg.read_text().replace("schedule: null", "schedule: '@daily'"))
-        _wait_for(lambda: af.query("SELECT timetable_summary FROM dag WHERE dag_id = 'atlas_ingest'")[0][0] == "@daily",
-                  120, "the daily schedule to be parsed")
+        # Airflow stores the preset expanded ("0 0 * * *").
+        _wait_for(lambda: af.query("SELECT timetable_summary FROM dag WHERE dag_id = 'atlas_ingest'")[0][0]
+                  in ("@daily", "0 0 * * *"), 120, "the daily schedule to be parsed")
         before = _served(server)
         created = subprocess.run([sys.executable, "-m", "airflow", "backfill", "create", "--dag-id", "atlas_ingest",
                                   "--from-date", "2026-01-01", "--to-date", "2026-01-02"],

@@ -285,3 +285,48 @@ def test_time_limit_surfaces_timeout(slurm_airflow, job_command, tmp_path):
     assert event.payload["state"] == "TIMEOUT", event.payload
     with pytest.raises(SlurmJobFailed, match="TIMEOUT"):
         op.execute_complete({}, event.payload)
+
+
+def test_local_and_slurm_backends_give_identical_checkpoints(slurm_airflow, tmp_path):
+    """The same batch trained by the local backend and as a real SLURM job: bit-identical weights."""
+    import shutil
+    from pathlib import Path
+
+    import torch
+
+    from atlasflow import pipeline as P
+    from atlasflow.config import load_config
+    from atlasflow.plan import write_batch_spec
+    from atlasflow.testing.demo import build_demo
+    from atlasflow.testing.geo_server import GeoServer
+
+    (tmp_path / "www").mkdir()
+    with GeoServer(tmp_path / "www") as server:
+        build_demo(tmp_path, server.url, n_datasets=3, cells=60, batch_size=3, budget_mb=100, missing_row=False)
+        local = load_config(tmp_path / "atlasflow.yaml", overrides={"integration.enabled": False,
+                                                                   "training.epochs": 1})
+        P.prepare_run(local)
+        ids = [d["dataset_id"] for d in json.loads(Path(write_batch_spec(local, "batch_0000")).read_text())["datasets"]]
+        assert P.admit_batch(local, "batch_0000", owner="test")["admitted"]
+        for d in ids:
+            P.process_dataset_step(local, "batch_0000", P.download_dataset(local, "batch_0000", d, final_try=True))
+    other = tmp_path / "base_slurm"
+    shutil.copytree(local.storage.base_dir, other)  # the same processed batch, before any training
+    by_local = P.train_batch_step(local, "batch_0000", previous_checkpoint=None)
+
+    slurm = load_config(tmp_path / "atlasflow.yaml", overrides={"integration.enabled": False, "training.epochs": 1,
+                                                               "storage.base_dir": str(other)})
+    job = P.training_job(slurm, "batch_0000", previous_checkpoint=None)
+    dag = _dag(dict(command=job["command"], dataset_id="train", batch_id="batch_0000", output_dir=job["log_dir"],
+                    slurm={**FAST, "time_limit": "00:10:00", "mem_gb": 2}))
+    ti = _ti(dag.test())
+    assert ti.state == "success"
+    by_slurm = ti.xcom_pull(task_ids="train")
+    assert by_slurm["checkpoint_dir"] == str(other / "models" / "checkpoints" / "batch_0000")
+    for key in ("global_step", "cells_seen", "train_loss", "val_loss", "val_masked_acc"):
+        assert by_slurm[key] == by_local[key], key
+    weights_a = torch.load(Path(by_local["checkpoint_dir"]) / "model.pt", map_location="cpu")
+    weights_b = torch.load(Path(by_slurm["checkpoint_dir"]) / "model.pt", map_location="cpu")
+    assert weights_a.keys() == weights_b.keys()
+    for key in weights_a:
+        assert torch.equal(weights_a[key], weights_b[key]), key
