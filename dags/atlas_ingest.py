@@ -15,6 +15,7 @@ from airflow.sdk import Asset, Param, TaskGroup, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowSkipException
 
 from atlasflow_airflow.operators.train import TrainBatchOperator
+from atlasflow_airflow.operators.validate import SystemValidationOperator
 from atlasflow_airflow.runtime import parse_time_plan
 from atlasflow_airflow.sensors.storage import StorageAdmissionSensor
 
@@ -112,6 +113,8 @@ def publish(last_train: str) -> dict | None:
 )
 def atlas_ingest() -> None:
     prepared = prepare()
+    # Fails the run before any download when the budget exceeds the disk or a tool is missing.
+    SystemValidationOperator(task_id="validate_system", retries=1) >> prepared
     previous_admit = previous_train = previous_cleanup = None
     previous_train_id: str | None = None
     for batch in PLAN.batches if PLAN else ():

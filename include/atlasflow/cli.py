@@ -148,17 +148,16 @@ def cmd_config_docs(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def cmd_validate_system(args: argparse.Namespace, out: TextIO) -> int:
-    from atlasflow.validate import run_checks, summarize
+    from atlasflow.validate import system_report
 
     requirements = Path(args.requirements) if args.requirements else Path(__file__).resolve().parents[2] / "requirements.txt"
-    checks = run_checks(_config(args), requirements=requirements, gpu=not args.no_gpu)
-    summary = summarize(checks)
+    summary = system_report(_config(args), requirements=requirements, gpu=not args.no_gpu)
     if args.json:
         json.dump(summary, out, indent=1)
         out.write("\n")
     else:
-        for c in checks:
-            out.write(f"[{c.status:>4}] {c.name:<22} {c.detail}\n")
+        for c in summary["checks"]:
+            out.write(f"[{c['status']:>4}] {c['name']:<22} {c['detail']}\n")
         out.write(f"overall: {summary['status']}\n")
     return 1 if summary["status"] == "fail" else 0
 
@@ -201,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     show = csub.add_parser("show", help="print the effective configuration (validates it)")
     common(show)
     show.set_defaults(func=cmd_config_show)
-    validate = sub.add_parser("validate-system", help="check Python, packages, GPU, disk, memory and the manifest")
+    validate = sub.add_parser("validate-system", help="check Python, packages, GPU, disk, memory, the manifest and its tools; pick the memory strategy")
     common(validate)
     validate.add_argument("--requirements", help="pins to compare installed versions with (default: the checkout's)")
     validate.add_argument("--no-gpu", action="store_true", help="skip the CUDA check (avoids importing torch)")

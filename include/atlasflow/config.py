@@ -179,6 +179,10 @@ class QCConfig:
         "auto", "auto picks in_memory when the matrix fits comfortably in available RAM, else chunked."
     )
     chunk_cells: int = _opt(10_000, "Cells per chunk in the chunked strategy.", min=100)
+    memory_fraction: float = _opt(
+        0.5, "auto: share of available RAM a dataset's in-memory QC may plan to use before going chunked.",
+        min=0.01, max=1,
+    )
     min_vocab_coverage: float = _opt(
         0.5, "Quarantine a dataset whose genes cover less than this share of the vocabulary.", min=0, max=1
     )

@@ -16,6 +16,7 @@ from atlasflow.formats import FormatError, open_counts, primary_files
 from atlasflow.genes import Vocabulary
 from atlasflow.manifest import Dataset
 from atlasflow.qc import DatasetQuarantined, run_qc
+from atlasflow.validate import apply_memory_strategy, recorded_memory_strategy
 
 __all__ = ["DatasetQuarantined", "process_dataset"]
 
@@ -55,7 +56,8 @@ def process_dataset(
             sources.append(open_counts(path, fmt=fmt, cache=cache_dir / dataset.dataset_id, vocabulary=symbols))
         raw_bytes = sum(p.stat().st_size for p in files)
         meta = {"disease_status": dataset.disease_status, "tissue_type": dataset.tissue_type, "species": dataset.species}
-        result = run_qc(sources, out_path, dataset_id=dataset.dataset_id, vocab=vocab, config=config.qc,
+        qc = apply_memory_strategy(config.qc, recorded_memory_strategy(config))
+        result = run_qc(sources, out_path, dataset_id=dataset.dataset_id, vocab=vocab, config=qc,
                         obs_meta=meta, batch_key=dataset.batch_key, cell_type_key=dataset.cell_type_key)
     except FormatError as exc:
         raise DatasetQuarantined(str(exc)) from exc

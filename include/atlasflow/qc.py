@@ -58,7 +58,7 @@ class QCResult:
 
 
 def choose_strategy(sources: Sequence[CountSource], config: QCConfig) -> str:
-    """``in_memory`` when the largest matrix (×4 for copies) fits in half the free RAM, else ``chunked``."""
+    """``in_memory`` when the largest matrix (×4 for copies) fits in ``memory_fraction`` of the free RAM, else ``chunked``."""
     if config.strategy != "auto":
         return config.strategy
     import psutil
@@ -66,7 +66,7 @@ def choose_strategy(sources: Sequence[CountSource], config: QCConfig) -> str:
     available = psutil.virtual_memory().available
     # ~12 bytes per stored value in CSR (float32 data + int32/64 index); assume 5 % density if unknown
     need = max(s.n_cells * len(s.genes) for s in sources) * 0.05 * 12 * 4
-    strategy = "in_memory" if need < available * 0.5 else "chunked"
+    strategy = "in_memory" if need < available * config.memory_fraction else "chunked"
     log.info("QC strategy %s: ~%.2f GB needed in memory, %.2f GB available", strategy, need / 1e9, available / 1e9)
     return strategy
 

@@ -13,14 +13,27 @@ import os
 import platform
 import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from atlasflow.config import GB, AtlasConfig
+from atlasflow.config import GB, AtlasConfig, QCConfig
+from atlasflow.fsutil import write_json_atomic
 
-__all__ = ["Check", "run_checks", "summarize"]
+__all__ = [
+    "STRATEGIES",
+    "Check",
+    "MemoryStrategy",
+    "SystemValidationError",
+    "apply_memory_strategy",
+    "choose_memory_strategy",
+    "recorded_memory_strategy",
+    "run_checks",
+    "summarize",
+    "system_report",
+    "validate_for_run",
+]
 
 log = logging.getLogger(__name__)
 
@@ -90,18 +103,28 @@ def _accelerator() -> Check:
 
 
 def _disk(config: AtlasConfig) -> Check:
+    from atlasflow.storage import tree_bytes
+
     base = Path(config.storage.base_dir)
     probe = base
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     usage = shutil.disk_usage(probe)
     budget = config.storage.max_storage_bytes
-    need = budget + int(config.storage.min_free_gb * GB)
-    detail = f"{usage.free / GB:.1f} GB free on the volume of {base}; budget {budget / GB:g} GB"
-    if usage.free < int(config.storage.min_free_gb * GB):
+    # What the pipeline already holds under base_dir counts towards the budget, so it is not "missing" space.
+    held = tree_bytes(base) if base.is_dir() else 0
+    room = usage.free + held
+    min_free = int(config.storage.min_free_gb * GB)
+    detail = (f"{usage.free / GB:.1f} GB free on the volume of {base} (+{held / GB:.2f} GB already under it); "
+              f"budget {budget / GB:g} GB")
+    if usage.free < min_free:
         return Check("disk", "fail", detail + f"; less than min_free_gb={config.storage.min_free_gb:g}")
-    if usage.free < need:
-        return Check("disk", "warn", detail + " (the budget cannot be used in full; admission will wait on free space)")
+    if room < budget:
+        return Check("disk", "fail", detail + "; the budget exceeds the free disk: lower storage.max_storage_gb "
+                                              "or free space")
+    if room < budget + min_free:
+        return Check("disk", "warn", detail + f"; using the whole budget would leave less than min_free_gb="
+                                              f"{config.storage.min_free_gb:g} (admission will wait on free space)")
     return Check("disk", "ok", detail)
 
 
@@ -127,21 +150,109 @@ def _memory() -> Check:
     return Check("memory", "ok", detail)
 
 
-def _manifest(config: AtlasConfig) -> Check:
+def _manifest(config: AtlasConfig) -> list[Check]:
+    """The manifest parses, and the programs its rows need are installed."""
     if not config.manifest.path:
-        return Check("manifest", "warn", "no manifest.path configured")
+        return [Check("manifest", "warn", "no manifest.path configured")]
+    import shlex
+
     from atlasflow.manifest import ManifestError, read_manifest
 
     try:
         m = read_manifest(config.manifest.path, sheet=config.manifest.sheet,
                           allowed_file_root=config.manifest.allowed_file_root)
     except ManifestError as exc:
-        return Check("manifest", "fail", f"{len(exc.problems)} problem(s), first: {exc.lines()[0]}")
-    return Check("manifest", "ok", f"{m.source}: {len(m)} datasets")
+        return [Check("manifest", "fail", f"{len(exc.problems)} problem(s), first: {exc.lines()[0]}")]
+    checks = [Check("manifest", "ok", f"{m.source}: {len(m)} datasets")]
+    sra_rows = [d.dataset_id for d in m if d.type == "sra"]
+    if sra_rows:
+        program = (shlex.split(config.download.sra_command) or [""])[0]
+        found = shutil.which(program) if program else None
+        rows = ", ".join(sra_rows[:3]) + (" …" if len(sra_rows) > 3 else "")
+        checks.append(Check("tool:sra", "ok", f"{found} for {len(sra_rows)} sra row(s)") if found else
+                      Check("tool:sra", "fail", f"{program or 'download.sra_command'} is not on PATH, needed by "
+                                                f"{len(sra_rows)} sra row(s) ({rows}): install sra-tools or set "
+                                                "download.sra_command"))
+    return checks
 
 
-def run_checks(config: AtlasConfig, *, requirements: Path | None = None, gpu: bool = True) -> list[Check]:
-    """Run every check; none raises. ``gpu=False`` skips importing torch (a second or two)."""
+@dataclass(frozen=True)
+class MemoryStrategy:
+    """One row of the design documents' strategy matrix, in terms of this pipeline's QC knobs."""
+
+    name: Literal["conservative", "moderate", "split", "aggressive"]
+    max_genes: int | None  # vocabulary sizes the row is meant for (None: any larger)
+    min_ram_gib: float  # the system RAM the row asks for
+    memory_fraction: float  # share of available RAM that in-memory QC may plan to use
+    chunk_cells: int
+    always_chunked: bool  # "split build": never hold a whole matrix
+
+
+STRATEGIES = (
+    MemoryStrategy("conservative", 5_000, 16, 0.25, 5_000, False),
+    MemoryStrategy("moderate", 10_000, 32, 0.5, 10_000, False),
+    MemoryStrategy("split", 15_000, 46, 0.5, 20_000, True),
+    MemoryStrategy("aggressive", None, 64, 0.75, 50_000, False),
+)
+
+
+def choose_memory_strategy(n_genes: int, ram_bytes: int) -> tuple[MemoryStrategy, str]:
+    """Pick the matrix row for this vocabulary size, stepping down while the machine has too little RAM.
+
+    Returns the strategy and a one-line reason; below the conservative row's RAM the conservative
+    row is still used, and the reason says so.
+    """
+    ram_gib = ram_bytes / 2**30
+    wanted = STRATEGIES[next(i for i, s in enumerate(STRATEGIES) if s.max_genes is None or n_genes <= s.max_genes)]
+    fits = [s for s in STRATEGIES[: STRATEGIES.index(wanted) + 1] if ram_gib >= s.min_ram_gib]
+    chosen = fits[-1] if fits else STRATEGIES[0]
+    reason = f"{n_genes} genes, {ram_gib:.1f} GiB RAM → {chosen.name}"
+    if chosen is not wanted:
+        reason += f" (stepped down from {wanted.name}, which asks for {wanted.min_ram_gib:g} GiB)"
+    if not fits:
+        reason += f"; below even its {chosen.min_ram_gib:g} GiB: expect slow, chunked QC"
+    return chosen, reason
+
+
+def apply_memory_strategy(qc: QCConfig, recorded: dict[str, Any] | None) -> QCConfig:
+    """The QC settings a recorded strategy implies; an explicit ``qc.strategy`` (not auto) always wins."""
+    if qc.strategy != "auto" or not recorded:
+        return qc
+    import dataclasses
+
+    return dataclasses.replace(qc, memory_fraction=recorded["memory_fraction"], chunk_cells=recorded["chunk_cells"],
+                               strategy="chunked" if recorded["always_chunked"] else "auto")
+
+
+def _system_file(config: AtlasConfig) -> Path:
+    return config.state_dir / "system.json"
+
+
+def recorded_memory_strategy(config: AtlasConfig) -> dict[str, Any] | None:
+    """The strategy the last system validation recorded for this base dir, if any."""
+    import json
+
+    try:
+        return json.loads(_system_file(config).read_text())["memory_strategy"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+class SystemValidationError(RuntimeError):
+    """At least one check failed; the message lists every failure, ``failed`` their names."""
+
+    def __init__(self, message: str, failed: list[str]) -> None:
+        super().__init__(message)
+        self.failed = failed
+
+
+def run_checks(config: AtlasConfig, *, requirements: Path | None = None, gpu: bool = True,
+               extra: Sequence[Callable[[], Check | list[Check]]] = ()) -> list[Check]:
+    """Run every check; none raises. ``gpu=False`` skips importing torch (a second or two).
+
+    ``extra`` adds checks that need more than the library, e.g. SLURM reachability over an Airflow
+    SSH connection.
+    """
     steps: list[Callable[[], Check | list[Check]]] = [
         _python,
         lambda: _packages(requirements),
@@ -149,6 +260,7 @@ def run_checks(config: AtlasConfig, *, requirements: Path | None = None, gpu: bo
         lambda: _disk(config),
         _memory,
         lambda: _manifest(config),
+        *extra,
     ]
     if gpu:
         steps.append(_accelerator)
@@ -168,3 +280,50 @@ def summarize(checks: list[Check]) -> dict[str, Any]:
     worst: Status = "fail" if any(c.status == "fail" for c in checks) else (
         "warn" if any(c.status == "warn" for c in checks) else "ok")
     return {"status": worst, "checks": [c.to_dict() for c in checks]}
+
+
+def system_report(config: AtlasConfig, *, requirements: Path | None = None, gpu: bool = True,
+                  extra: Sequence[Callable[[], Check | list[Check]]] = ()) -> dict[str, Any]:
+    """Run the checks, pick the memory strategy, and record both in ``state/system.json``.
+
+    The QC steps read the strategy from there (:func:`recorded_memory_strategy`); the run report
+    shows the checks. Never raises for a failed check: see :func:`validate_for_run`.
+    """
+    import psutil
+
+    from atlasflow.genes import Vocabulary
+
+    if requirements is None:
+        candidate = Path(__file__).resolve().parents[2] / "requirements.txt"
+        requirements = candidate if candidate.is_file() else None
+    checks = run_checks(config, requirements=requirements, gpu=gpu, extra=extra)
+    pinned = config.state_dir / "vocab.json"
+    n_genes = len(Vocabulary.load(str(pinned) if pinned.exists() else config.genes.vocab_path))
+    strategy, reason = choose_memory_strategy(n_genes, psutil.virtual_memory().total)
+    checks.append(Check("memory_strategy", "ok", reason))
+    summary = {**summarize(checks), "memory_strategy": {**asdict(strategy), "reason": reason}}
+    try:
+        write_json_atomic(_system_file(config), summary)
+    except OSError as exc:  # an unwritable base_dir is already a failed check; say it, don't crash
+        log.warning("could not record %s: %s", _system_file(config), exc)
+    log.info("memory strategy: %s", reason)
+    return summary
+
+
+def validate_for_run(config: AtlasConfig, *, requirements: Path | None = None,
+                     extra: Sequence[Callable[[], Check | list[Check]]] = ()) -> dict[str, Any]:
+    """The first task of an ingest run: :func:`system_report`, then stop the run if anything failed.
+
+    Raises
+    ------
+    SystemValidationError
+        When any check fails, naming each failure, before anything is downloaded.
+    """
+    summary = system_report(config, requirements=requirements, extra=extra)
+    failed = [c for c in summary["checks"] if c["status"] == "fail"]
+    if failed:
+        raise SystemValidationError("system validation failed: " + "; ".join(f"{c['name']}: {c['detail']}"
+                                                                           for c in failed),
+                                    [c["name"] for c in failed])
+    return {"status": summary["status"], "memory_strategy": summary["memory_strategy"]["name"],
+            "warnings": [f"{c['name']}: {c['detail']}" for c in summary["checks"] if c["status"] == "warn"]}

@@ -1,9 +1,22 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
+
+import pytest
 
 from atlasflow.config import load_config
-from atlasflow.validate import run_checks, summarize
+from atlasflow.validate import (
+    STRATEGIES,
+    SystemValidationError,
+    apply_memory_strategy,
+    choose_memory_strategy,
+    recorded_memory_strategy,
+    run_checks,
+    summarize,
+    system_report,
+    validate_for_run,
+)
 
 from .conftest import direct_rows
 from .test_cli import run
@@ -11,6 +24,11 @@ from .test_cli import run
 
 def by_name(checks):
     return {c.name: c for c in checks}
+
+
+def budget(gb: float) -> dict[str, float]:
+    """Overrides for a budget of ``gb``, its areas a quarter each."""
+    return {"storage.max_storage_gb": gb, **{f"storage.{a}_gb": gb / 4 for a in ("data", "models", "cache", "outputs")}}
 
 
 def test_checks_on_this_machine(tmp_path, repo, manifest_csv):
@@ -49,8 +67,79 @@ def test_version_drift_is_a_warning(tmp_path):
 
 def test_cli(tmp_path):
     config = tmp_path / "c.yaml"
-    config.write_text(f"storage: {{base_dir: {tmp_path / 'b'}, min_free_gb: 0}}\n")
+    areas = ", ".join(f"{a}_gb: 0.0025" for a in ("data", "models", "cache", "outputs"))
+    config.write_text(f"storage: {{base_dir: {tmp_path / 'b'}, min_free_gb: 0, max_storage_gb: 0.01, {areas}}}\n")
     code, out = run("validate-system", "--config", str(config), "--json", "--no-gpu")
     data = json.loads(out)
     assert code == 0 and data["status"] in {"ok", "warn"}
-    assert {c["name"] for c in data["checks"]} >= {"python", "disk", "memory", "base_dir", "manifest"}
+    assert {c["name"] for c in data["checks"]} >= {"python", "disk", "memory", "base_dir", "manifest", "memory_strategy"}
+    assert data["memory_strategy"]["name"] in {s.name for s in STRATEGIES}
+    assert json.loads((tmp_path / "b" / "state" / "system.json").read_text()) == data  # recorded for the QC steps
+
+
+def test_budget_beyond_free_disk_fails_the_run_early(tmp_path):
+    import shutil
+
+    free_gb = shutil.disk_usage(tmp_path).free / 1e9
+    config = load_config(overrides={"storage.base_dir": str(tmp_path / "b"), "storage.min_free_gb": 0,
+                                    **budget(round(free_gb * 2 + 1))})
+    with pytest.raises(SystemValidationError, match="the budget exceeds the free disk") as err:
+        validate_for_run(config)
+    assert err.value.failed == ["disk"]
+    ok = load_config(overrides={"storage.base_dir": str(tmp_path / "b"), "storage.min_free_gb": 0, **budget(0.01)})
+    assert by_name(run_checks(ok, gpu=False))["disk"].status == "ok"
+
+
+def test_held_bytes_count_towards_the_room_for_the_budget(tmp_path):
+    """Data the pipeline already keeps under base_dir is part of the budget, not missing free space."""
+    import shutil
+
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "held.bin").write_bytes(b"x" * 4_000_000)
+    free = shutil.disk_usage(tmp_path).free
+    config = load_config(overrides={"storage.base_dir": str(tmp_path / "b"), "storage.min_free_gb": 0,
+                                    **budget((free + 2_000_000) / 1e9)})
+    disk = by_name(run_checks(config, gpu=False))["disk"]
+    assert disk.status == "ok", disk.detail
+
+
+def test_sra_rows_need_their_tool(tmp_path, manifest_csv):
+    rows = direct_rows(1) + [["srr1", "SRR000001", "sra", "", ""]]
+    base = {"storage.base_dir": str(tmp_path / "b"), "manifest.path": str(manifest_csv(rows))}
+    missing = by_name(run_checks(load_config(overrides={**base, "download.sra_command":
+                                                        "no-such-fasterq-dump {accession} {outdir}"}), gpu=False))
+    assert missing["tool:sra"].status == "fail"
+    assert "no-such-fasterq-dump is not on PATH" in missing["tool:sra"].detail and "srr1" in missing["tool:sra"].detail
+    present = by_name(run_checks(load_config(overrides={**base, "download.sra_command": "true {accession} {outdir}"}),
+                                 gpu=False))
+    assert present["tool:sra"].status == "ok"
+    assert "tool:sra" not in by_name(run_checks(load_config(overrides={
+        "storage.base_dir": str(tmp_path / "b"), "manifest.path": str(manifest_csv(direct_rows(2), name="d.csv"))}),
+        gpu=False))
+
+
+@pytest.mark.parametrize(("genes", "ram_gib", "expected"), [
+    (1_000, 16, "conservative"), (1_000, 256, "conservative"),  # small vocabularies never need more
+    (8_000, 32, "moderate"), (8_000, 20, "conservative"),  # stepped down: too little RAM
+    (12_000, 46, "split"), (12_000, 40, "moderate"),
+    (20_000, 64, "aggressive"), (20_000, 50, "split"), (20_000, 8, "conservative"),
+])
+def test_memory_strategy_matrix(genes, ram_gib, expected):
+    strategy, reason = choose_memory_strategy(genes, int(ram_gib * 2**30))
+    assert strategy.name == expected, reason
+    assert ("stepped down" in reason) == (expected != choose_memory_strategy(genes, 2**40)[0].name)
+
+
+def test_recorded_strategy_drives_auto_qc_only(tmp_path):
+    config = load_config(overrides={"storage.base_dir": str(tmp_path / "b")})
+    assert apply_memory_strategy(config.qc, None) == config.qc
+    split = asdict(next(s for s in STRATEGIES if s.name == "split"))
+    qc = apply_memory_strategy(config.qc, split)
+    assert (qc.strategy, qc.chunk_cells, qc.memory_fraction) == ("chunked", 20_000, 0.5)
+    conservative = apply_memory_strategy(config.qc, asdict(STRATEGIES[0]))
+    assert (conservative.strategy, conservative.chunk_cells, conservative.memory_fraction) == ("auto", 5_000, 0.25)
+    pinned = config.with_overrides({"qc.strategy": "in_memory"}).qc
+    assert apply_memory_strategy(pinned, split) == pinned  # an explicit choice wins
+    assert recorded_memory_strategy(config) is None
+    system_report(config, gpu=False)
+    assert recorded_memory_strategy(config)["name"] in {s.name for s in STRATEGIES}

@@ -229,6 +229,23 @@ def test_wrong_host_key_is_refused(slurm_airflow, tmp_path, monkeypatch):
     assert SlurmHook("slurm_ssh").run("true")[0] == 0
 
 
+def test_system_validation_reaches_slurm_and_refuses_a_wrong_host_key(slurm_airflow, tmp_path, monkeypatch):
+    import subprocess
+
+    from atlasflow_airflow.operators.validate import slurm_reachability
+
+    up = slurm_reachability("slurm_ssh")
+    assert up.status == "ok" and "is UP" in up.detail, up
+    other = tmp_path / "other"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
+    kt, key = (other.with_suffix(".pub")).read_text().split()[:2]
+    bad = tmp_path / "known_hosts"
+    bad.write_text(f"[127.0.0.1]:{slurm_airflow['port']} {kt} {key}\n")
+    monkeypatch.setenv("AIRFLOW_CONN_SLURM_BAD", conn_uri(slurm_airflow).replace(slurm_airflow["known_hosts"], str(bad)))
+    refused = slurm_reachability("slurm_bad")
+    assert refused.status == "fail" and "'slurm_bad'" in refused.detail, refused
+
+
 def _deferred_trigger(op, dag_id: str):
     from airflow.sdk.exceptions import TaskDeferred
 

@@ -42,6 +42,15 @@ def squeue_cmd(job_ids: Iterable[str] | None = None) -> str:
     return f"squeue -h -t all{sel} -o {shlex.quote(SQUEUE_FORMAT)}"
 
 
+def ping_cmd() -> str:
+    """Asks slurmctld whether it answers (``Slurmctld(primary) at HOST is UP``)."""
+    return "scontrol ping"
+
+
+def ping_ok(stdout: str) -> bool:
+    return " is UP" in stdout
+
+
 def scontrol_cmd(job_id: str) -> str:
     return f"scontrol show job -o {int(job_id)}"
 

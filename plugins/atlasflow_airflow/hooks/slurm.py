@@ -119,6 +119,11 @@ class SlurmHook(SSHHook):
             return parse_sacct(out).get(str(job_id))
         return None
 
+    def ping(self) -> tuple[bool, str]:
+        """Whether the login node answers over SSH and slurmctld is up, with the reply for the log."""
+        rc, out, err = self.run(C.ping_cmd(), check=False)
+        return rc == 0 and C.ping_ok(out), (out or err).strip()
+
     def cancel(self, job_ids: list[str]) -> None:
         if job_ids:
             self.run(C.scancel_cmd(job_ids), check=False)

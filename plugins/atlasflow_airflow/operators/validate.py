@@ -1,0 +1,44 @@
+"""SystemValidationOperator: the first task of an ingest run; stops the run before any download if
+this worker (or, with the slurm backend, the cluster) cannot run the pipeline."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from airflow.sdk import BaseOperator
+
+
+def slurm_reachability(conn_id: str) -> Any:
+    """A check that the SSH connection opens (host key verified) and slurmctld answers ``scontrol ping``."""
+    from atlasflow.validate import Check
+    from atlasflow_airflow.hooks.slurm import SlurmHook
+
+    try:
+        up, reply = SlurmHook(ssh_conn_id=conn_id, transient_retries=1).ping()
+    except Exception as exc:  # host key refused, connection missing, auth failure: all say the same thing
+        return Check("slurm", "fail", f"connection {conn_id!r}: {type(exc).__name__}: {exc}")
+    if not up:
+        return Check("slurm", "fail", f"connection {conn_id!r} opened but slurmctld did not answer: {reply[:300]}")
+    return Check("slurm", "ok", f"{conn_id}: {reply.splitlines()[0] if reply else 'UP'}")
+
+
+class SystemValidationOperator(BaseOperator):
+    """Runs :func:`atlasflow.validate.validate_for_run` (plus SLURM reachability when
+    ``training.backend`` is ``slurm``) and records the memory strategy for the run's QC steps."""
+
+    ui_color = "#e8f0e8"
+
+    def execute(self, context: Any) -> dict[str, Any]:
+        from airflow.sdk.exceptions import AirflowFailException
+
+        from atlasflow.validate import SystemValidationError, validate_for_run
+        from atlasflow_airflow.runtime import task_config
+
+        config = task_config(context)
+        extra = [lambda: slurm_reachability(config.slurm.conn_id)] if config.training.backend == "slurm" else []
+        try:
+            return validate_for_run(config, extra=extra)
+        except SystemValidationError as exc:
+            if exc.failed == ["slurm"]:
+                raise  # a cluster that does not answer may answer at the next try
+            raise AirflowFailException(str(exc)) from exc  # disk, tools, versions: retrying changes nothing
