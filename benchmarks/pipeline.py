@@ -56,7 +56,10 @@ def run_mode(pipelining: bool, work: Path) -> dict:
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
         try:
-            run_id, rc = airflow.trigger(timeout=3000)
+            try:
+                run_id, rc = airflow.trigger(timeout=3000)
+            except RuntimeError as exc:
+                raise RuntimeError(f"{exc}\n--- dag-processor log ---\n{airflow.log('dag-processor')[-4000:]}") from None
             times = airflow.task_times(run_id)
             start, end = airflow.run_times(run_id)
         finally:

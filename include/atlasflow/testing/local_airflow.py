@@ -58,6 +58,9 @@ class LocalAirflow:
                     "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{self.db}",
                     "PYTHONPATH": str(REPO / "plugins"), "AIRFLOW__CORE__PARALLELISM": str(parallelism),
                     "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+                    # this checkout's DAGs and plugins, also when not run under pytest (benchmarks)
+                    "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
+                    "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
                     # the manifest (not the DAG file) changes between runs: re-parse often
                     "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "5"}
 
