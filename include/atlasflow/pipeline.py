@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -30,8 +31,12 @@ __all__ = [
     "integrate_batch_step",
     "load_batch_ids",
     "prepare_run",
+    "finish_quant",
     "process_dataset_step",
+    "quant_dataset_step",
+    "quant_job",
     "record_trained",
+    "run_quant",
     "train_batch_step",
     "training_job",
 ]
@@ -115,7 +120,7 @@ def admit_batch(config: AtlasConfig, batch_id: str, *, owner: str) -> dict[str, 
                 "reason": f"{batch_id} was trained before ({done.get('checkpoint_dir')}): nothing to reserve"}
     ledger = Ledger(config.storage)
     datasets = [Dataset.from_dict(d) for d in spec["datasets"]]
-    footprint = batch_footprint(datasets, ledger)
+    footprint = batch_footprint(datasets, ledger, quant=config.quant)
     index = spec["index"]
     paths = [f"data/raw/{d.dataset_id}" for d in datasets] + [f"data/processed/{batch_id}",
                                                               f"models/checkpoints/{batch_id}",
@@ -137,6 +142,11 @@ def download_dataset(config: AtlasConfig, batch_id: str, dataset_id: str, *, fin
         return {"dataset_id": dataset_id, "status": "ok", "skipped": f"{batch_id} already trained"}
     if (layout.tombstones / f"{dataset_id}.json").exists() and (layout.processed_dir(batch_id) / f"{dataset_id}.h5ad").exists():
         return {"dataset_id": dataset_id, "status": "ok", "skipped": "already processed"}
+    if dataset.is_reads:
+        from atlasflow.quant import quantified
+
+        if quantified(layout.raw_dir(dataset_id)) is not None:  # its FASTQ files are gone by design
+            return {"dataset_id": dataset_id, "status": "ok", "skipped": "already quantified"}
     cap = int((dataset.expected_bytes or config.storage.unknown_size_gb * GB) * 1.25) + 1_000_000
     Ledger(config.storage).heartbeat(batch_id)
     try:
@@ -149,6 +159,75 @@ def download_dataset(config: AtlasConfig, batch_id: str, dataset_id: str, *, fin
         return _quarantine(config, batch_id, dataset_id, "download", str(exc))
     return {"dataset_id": dataset_id, "status": "ok", "bytes": result.bytes, "files": len(result.files),
             "seconds": round(result.seconds, 2)}
+
+
+def run_quant(config: AtlasConfig, batch_id: str, dataset_id: str) -> dict[str, Any]:
+    """``kb count`` on one downloaded reads dataset (the part a SLURM job runs).
+
+    Never raises for bad input: returns ``{"status": "ok", ...summary}`` or
+    ``{"status": "failed", "reason": ...}`` for :func:`finish_quant`, which runs on the Airflow side
+    (ledger, deletions, quarantine).
+    """
+    from atlasflow.quant import QuantError, quantify
+
+    dataset = _dataset(config, batch_id, dataset_id)
+    base = {"dataset_id": dataset_id, "batch_id": batch_id}
+    if dataset is None:
+        return {**base, "status": "failed", "reason": "no longer in the manifest"}
+    layout = _layout(config)
+    try:
+        summary = quantify(layout.raw_dir(dataset_id), technology=dataset.technology or "",
+                           config=config.quant, work_dir=layout.cache / "quant" / dataset_id)
+    except QuantError as exc:
+        return {**base, "status": "failed", "reason": str(exc)}
+    return {**base, "status": "ok", **summary}
+
+
+def finish_quant(config: AtlasConfig, batch_id: str, dataset_id: str, outcome: dict[str, Any]) -> dict[str, Any]:
+    """After :func:`run_quant`: delete the FASTQ files (the ledger records the bytes freed), or quarantine."""
+    from atlasflow.quant import fastq_files
+
+    layout = _layout(config)
+    cleaner = Cleaner(Ledger(config.storage))
+    if outcome.get("status") != "ok":
+        cleaner.delete_raw(dataset_id, batch_id=batch_id)
+        shutil.rmtree(layout.cache / "quant" / dataset_id, ignore_errors=True)
+        return _quarantine(config, batch_id, dataset_id, "quant", str(outcome.get("reason")))
+    freed = 0
+    if config.quant.delete_fastq:
+        for path in fastq_files(layout.raw_dir(dataset_id)):
+            freed += cleaner.remove(path, "FASTQ quantified (counts kept)", batch_id=batch_id, dataset_id=dataset_id)
+    keep = ("reads_processed", "reads_pseudoaligned", "percent_pseudoaligned", "barcodes", "genes", "seconds",
+            "fastq_bytes")
+    return {"dataset_id": dataset_id, "status": "ok", "quant": {k: outcome.get(k) for k in keep}, "fastq_freed": freed}
+
+
+def quant_dataset_step(config: AtlasConfig, batch_id: str, fetched: dict[str, Any]) -> dict[str, Any]:
+    """The quant task with the local backend: reads → counts → FASTQ deleted. Other datasets pass through."""
+    dataset_id = fetched["dataset_id"]
+    if fetched.get("status") != "ok" or "already" in str(fetched.get("skipped", "")):
+        return fetched
+    dataset = _dataset(config, batch_id, dataset_id)
+    if dataset is None or not dataset.is_reads:
+        return fetched
+    Ledger(config.storage).heartbeat(batch_id)
+    return finish_quant(config, batch_id, dataset_id, run_quant(config, batch_id, dataset_id))
+
+
+def quant_job(config: AtlasConfig, batch_id: str, dataset_id: str, *, python: str | None = None) -> dict[str, Any]:
+    """The ``atlasflow quant run`` command line for one dataset, and the SLURM settings for it (CPU partition)."""
+    import dataclasses
+
+    layout = _layout(config)
+    config_file = write_json_atomic(layout.state / "jobs" / batch_id / f"quant-{dataset_id}.config.json",
+                                    config.to_dict())
+    cmd = [python or sys.executable, "-m", "atlasflow.cli", "quant", "run", "--config", str(config_file),
+           "--batch-id", batch_id, "--dataset-id", dataset_id]
+    minutes = max(1, int(config.quant.timeout_s // 60) + 1)
+    slurm = dataclasses.replace(config.slurm, partition=config.quant.slurm_partition or config.slurm.partition,
+                                gpus=0, cpus=config.quant.threads, mem_gb=config.quant.slurm_mem_gb,
+                                time_limit=f"{minutes // 60:02d}:{minutes % 60:02d}:00")
+    return {"command": cmd, "log_dir": str(config.state_dir / "jobs" / batch_id), "slurm": slurm}
 
 
 def process_dataset_step(config: AtlasConfig, batch_id: str, fetched: dict[str, Any]) -> dict[str, Any]:
