@@ -35,6 +35,7 @@ __all__ = [
     "process_dataset_step",
     "quant_dataset_step",
     "quant_job",
+    "reads_to_quantify",
     "record_trained",
     "run_quant",
     "train_batch_step",
@@ -202,15 +203,20 @@ def finish_quant(config: AtlasConfig, batch_id: str, dataset_id: str, outcome: d
     return {"dataset_id": dataset_id, "status": "ok", "quant": {k: outcome.get(k) for k in keep}, "fastq_freed": freed}
 
 
+def reads_to_quantify(config: AtlasConfig, batch_id: str, fetched: dict[str, Any]) -> bool:
+    """Whether a download result is raw reads still to be quantified (else the quant task passes it on)."""
+    if fetched.get("status") != "ok" or "already" in str(fetched.get("skipped", "")):
+        return False
+    dataset = _dataset(config, batch_id, fetched["dataset_id"])
+    return dataset is not None and dataset.is_reads
+
+
 def quant_dataset_step(config: AtlasConfig, batch_id: str, fetched: dict[str, Any]) -> dict[str, Any]:
     """The quant task with the local backend: reads → counts → FASTQ deleted. Other datasets pass through."""
-    dataset_id = fetched["dataset_id"]
-    if fetched.get("status") != "ok" or "already" in str(fetched.get("skipped", "")):
-        return fetched
-    dataset = _dataset(config, batch_id, dataset_id)
-    if dataset is None or not dataset.is_reads:
+    if not reads_to_quantify(config, batch_id, fetched):
         return fetched
     Ledger(config.storage).heartbeat(batch_id)
+    dataset_id = fetched["dataset_id"]
     return finish_quant(config, batch_id, dataset_id, run_quant(config, batch_id, dataset_id))
 
 

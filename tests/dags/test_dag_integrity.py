@@ -13,7 +13,7 @@ from tests.atlasflow.conftest import direct_rows, write_csv, write_xlsx
 
 REPO = Path(__file__).resolve().parents[2]
 DAGS = REPO / "dags"
-KNOWN_POOLS = {"default_pool", "downloads", "gpu"}
+KNOWN_POOLS = {"default_pool", "downloads", "gpu", "quant"}
 HEAVY = ("scanpy", "anndata", "scvi", "torch", "numpy", "pandas", "lightning")
 
 
@@ -56,13 +56,19 @@ def test_batches_are_laid_out_from_the_manifest(monkeypatch, tmp_path):
     groups = sorted({t.task_id.split(".")[0] for t in dag.tasks if "." in t.task_id})
     assert groups == ["batch_0000", "batch_0001", "batch_0002"]
     per_batch = sorted(t.task_id.split(".")[1] for t in dag.tasks if t.task_id.startswith("batch_0001."))
-    assert per_batch == ["admit", "cleanup", "download", "integrate", "process", "train"]
+    assert per_batch == ["admit", "cleanup", "download", "integrate", "process", "quant", "train"]
     assert dag.get_task("batch_0000.admit").upstream_task_ids == {"prepare"}
     # pipelining: admission and training chain batch to batch, nothing else does
     assert dag.get_task("batch_0001.admit").upstream_task_ids == {"prepare", "batch_0000.admit"}
     assert dag.get_task("batch_0001.train").upstream_task_ids == {"batch_0001.integrate", "batch_0000.train"}
     assert dag.get_task("batch_0001.download").pool == "downloads"
     assert dag.get_task("batch_0001.train").pool == "gpu"
+    # raw reads are quantified between download and process, two at a time (pool quant)
+    quant = dag.get_task("batch_0001.quant")
+    assert quant.pool == "quant" and quant.map_index_template == "{{ dataset_id }}"
+    assert quant.upstream_task_ids == {"batch_0001.download"}
+    assert dag.get_task("batch_0001.process").upstream_task_ids == {"batch_0001.quant"}
+    assert quant.execution_timeout.total_seconds() == 600 + 120
     assert dag.get_task("batch_0001.admit").mode == "reschedule"
     assert dag.get_task("batch_0001.cleanup").is_teardown
     assert dag.get_task("batch_0001.download").map_index_template == "{{ dataset_id }}"

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["CHEMISTRY_LAYOUT", "Reference", "SimulatedRun", "make_reference", "simulate_10x", "write_fastq"]
+__all__ = ["CHEMISTRY_LAYOUT", "ENA_HOST", "Reference", "SimulatedRun", "make_reference", "publish_ena", "simulate_10x",
+           "write_fastq"]
 
 log = logging.getLogger(__name__)
 _BASES = np.frombuffer(b"ACGT", dtype=np.uint8)
@@ -49,9 +50,11 @@ def _random_seq(rng: np.random.Generator, n: int) -> str:
     return _BASES[rng.integers(0, 4, n)].tobytes().decode()
 
 
-def make_reference(folder: Path, *, n_genes: int = 12, seed: int = 0, gene_prefix: str = "SIMG") -> Reference:
+def make_reference(folder: Path, *, n_genes: int = 12, seed: int = 0, gene_prefix: str = "SIMG",
+                   gene_names: list[str] | None = None) -> Reference:
     """Write ``genome.fa`` and ``genes.gtf`` under ``folder``: ``n_genes`` genes on chr1, every
-    third one on the minus strand and every other one with two exons (so ``kb ref`` must splice)."""
+    third one on the minus strand and every other one with two exons (so ``kb ref`` must splice).
+    ``gene_names`` (e.g. symbols of the vocabulary) replaces the ``SIMG1…`` names."""
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     pieces: list[str] = []
@@ -69,7 +72,8 @@ def make_reference(folder: Path, *, n_genes: int = 12, seed: int = 0, gene_prefi
 
     add(_random_seq(rng, 300))
     for g in range(n_genes):
-        gid, tid, name = f"ENSSIM{g:05d}", f"ENSSIMT{g:05d}", f"{gene_prefix}{g + 1}"
+        gid, tid = f"ENSSIM{g:05d}", f"ENSSIMT{g:05d}"
+        name = gene_names[g] if gene_names else f"{gene_prefix}{g + 1}"
         strand = "-" if g % 3 == 2 else "+"
         exon_lens = [int(rng.integers(400, 700))] + ([int(rng.integers(300, 500))] if g % 2 else [])
         exons: list[tuple[int, int, str]] = []
@@ -174,3 +178,102 @@ def simulate_10x(
     p2 = write_fastq(out_dir / f"{prefix}_R2.fastq.gz", r2)
     log.info("simulated %d reads, %d UMIs in %d cells x %d genes", n, int(truth.sum()), n_cells, len(genes))
     return SimulatedRun(p1, p2, tuple(barcodes), truth, n)
+
+
+ENA_HOST = "ftp.sra.ebi.ac.uk"
+
+
+def publish_ena(root: Path, accession: str, files: list[Path], *, api_path: str = "ena/portal/api") -> str:
+    """Serve ``files`` as ENA would, below a local server's ``root``: the FASTQ under
+    ``vol1/fastq/<acc>/`` and a ``filereport`` answer (TSV with links, sizes, MD5s) for the run.
+
+    Returns the API base URL path (``/ena/portal/api``) to put after the server's address. The
+    links name ENA's own host, as the real API does: ``download.ena_fastq_base_url`` redirects them.
+    """
+    import hashlib
+    import shutil
+
+    folder = root / "vol1" / "fastq" / accession
+    folder.mkdir(parents=True, exist_ok=True)
+    links, sizes, md5s = [], [], []
+    for i, f in enumerate(files, start=1):
+        name = f"{accession}_{i}.fastq.gz"
+        shutil.copyfile(f, folder / name)
+        links.append(f"{ENA_HOST}/vol1/fastq/{accession}/{name}")
+        sizes.append(str(f.stat().st_size))
+        md5s.append(hashlib.md5(f.read_bytes()).hexdigest())
+    report = root / api_path / "filereport"
+    report.mkdir(parents=True, exist_ok=True)
+    (report / f"{accession}.tsv").write_text("run_accession\tfastq_ftp\tfastq_bytes\tfastq_md5\n"
+                                             f"{accession}\t{';'.join(links)}\t{';'.join(sizes)}\t{';'.join(md5s)}\n")
+    return "/" + api_path
+
+
+def build_fastq_demo(root: Path, url: str, *, reference: Reference, index: str, t2g: str, onlist: str,
+                     barcodes: list[str], n_samples: int = 3, n_cells: int = 10, mean_umis: float = 2.5,
+                     batch_size: int | None = None, extra_rows: list[list[str]] | None = None,
+                     seed: int = 0) -> dict[str, object]:
+    """A reads-only ingest set-up under ``root``: ``n_samples`` simulated 10x v3 runs published as
+    ENA runs ``SRR9000000…`` below ``root/www`` (serve it at ``url``), ``root/manifest.csv`` (sra
+    rows with ``technology: 10xv3`` and ``expected_bytes`` = the FASTQ sizes, plus ``extra_rows``)
+    and ``root/atlasflow.yaml`` pointing the ENA resolver and kb count at them.
+
+    Returns ``{"truth": {dataset_id: (barcodes, matrix)}, "fastq_bytes": {dataset_id: bytes}}``.
+    """
+    import csv
+
+    www = root / "www"
+    truth: dict[str, tuple[tuple[str, ...], np.ndarray]] = {}
+    sizes: dict[str, int] = {}
+    rows = []
+    for i in range(n_samples):
+        acc, ds = f"SRR{9_000_000 + i}", f"fq{i}"
+        run = simulate_10x(reference, root / "sim" / acc, n_cells=n_cells, mean_umis=mean_umis, whitelist=barcodes,
+                           seed=seed + i)
+        publish_ena(www, acc, [run.r1, run.r2])
+        truth[ds] = (run.barcodes, run.truth)
+        sizes[ds] = run.r1.stat().st_size + run.r2.stat().st_size
+        rows.append([ds, acc, "sra", "", str(sizes[ds]), "10xv3"])
+    with (root / "manifest.csv").open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["dataset_id", "download_url", "type", "format", "expected_bytes", "technology"])
+        writer.writerows(rows + list(extra_rows or []))
+    (root / "atlasflow.yaml").write_text(f"""# simulated FASTQ runs behind a local ENA stand-in
+storage:
+  base_dir: base
+  max_storage_gb: 1
+  data_gb: 0.5
+  models_gb: 0.4
+  cache_gb: 0.05
+  outputs_gb: 0.05
+  min_free_gb: 0
+  checkpoint_gb: 0.001
+  unknown_size_gb: 0.001
+manifest:
+  path: manifest.csv
+  allowed_file_root: www
+plan:
+  batch_size: {batch_size or n_samples + len(extra_rows or [])}
+  schedule: null
+download:
+  sra_resolver: ena
+  ena_base_url: {url}/ena/portal/api
+  ena_fastq_base_url: {url}
+  retries: 1
+  backoff_s: 0.1
+quant:
+  index: {index}
+  t2g: {t2g}
+  onlist: {onlist}
+  threads: 1
+  index_gb: 0.001
+  work_fixed_gb: 0.001
+qc:
+  min_genes: 1
+  min_cells: 1
+  max_pct_mito: 100
+  min_vocab_coverage: 0
+integration:
+  enabled: false
+""")
+    return {"truth": truth, "fastq_bytes": sizes}
