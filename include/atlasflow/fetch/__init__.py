@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 # of per-sample raw data whose contents we cannot know in advance).
 GEO_MATRIX = re.compile(
     r"(\.h5ad|\.h5|\.loom|matrix\.mtx(\.gz)?|barcodes\.tsv(\.gz)?|(features|genes)\.tsv(\.gz)?|"
-    r"\.(csv|tsv|txt)(\.gz)?)$",
+    r"\.(csv|tsv|txt)(\.gz)?|\.rds)$",
     re.IGNORECASE,
 )
 GEO_SKIP = re.compile(r"(_RAW\.tar$|\.(png|jpe?g|tiff?|pdf|bam|bai|bw|bigwig|bed(\.gz)?|fastq(\.gz)?)$|filelist\.txt$)",
