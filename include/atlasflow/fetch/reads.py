@@ -88,6 +88,8 @@ def ena_files(accession: str, config: DownloadConfig) -> list[EnaFile]:
         raise FetchError(f"ENA has no runs for {accession} (HTTP {exc.code} from {url})") from exc
     except (urllib.error.URLError, OSError) as exc:
         raise TransientFetchError(f"ENA filereport for {accession}: {getattr(exc, 'reason', exc)}") from exc
+    if not text.startswith("run_accession"):  # ENA answers an unknown accession with an empty body
+        raise FetchError(f"ENA has no runs for {accession} (no filereport table from {url})")
     rows = list(csv.DictReader(io.StringIO(text), delimiter="\t"))
     if not rows:
         raise FetchError(f"ENA lists no runs for {accession} ({url})")

@@ -83,8 +83,12 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_error(HTTPStatus.NOT_FOUND)
             return
         accession = parse_qs(urlsplit(self.path).query).get("accession", [""])[0]
-        if target.is_dir() and re.fullmatch(r"[A-Za-z0-9]{1,32}", accession) and (target / f"{accession}.tsv").is_file():
-            target = target / f"{accession}.tsv"  # an API answer keyed by ?accession= (ENA's filereport)
+        if target.is_dir() and accession:  # an API answer keyed by ?accession= (ENA's filereport)
+            keyed = target / f"{accession}.tsv"
+            if not re.fullmatch(r"[A-Za-z0-9]{1,32}", accession) or not keyed.is_file():
+                self.send_error(HTTPStatus.NOT_FOUND)
+                return
+            target = keyed
         if target.is_dir():
             self._listing(target, rel, head)
             return

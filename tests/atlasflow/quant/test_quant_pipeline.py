@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 from pathlib import Path
 
 import anndata as ad
@@ -118,3 +119,35 @@ def test_non_reads_datasets_pass_the_quant_step_untouched(reads_demo):
     assert P.quant_dataset_step(config, "batch_0000", passed) is passed
     with gzip.open(root / "sim" / "SRR9000000" / "sample_R1.fastq.gz", "rt") as fh:
         assert len(fh.readline()) > 1  # the fixture really wrote reads
+
+
+def test_slurm_backend_runs_the_same_quantification_as_a_cpu_job(reads_demo, tmp_path):
+    """What the QuantOperator submits with quant.backend slurm: `atlasflow quant run` on the CPU
+    partition; the job writes its result JSON and the Airflow side then deletes the FASTQ files."""
+    import subprocess
+    import sys
+
+    root, _, _ = reads_demo
+    config = load_config(root / "atlasflow.yaml", overrides={"quant.backend": "slurm", "quant.slurm_partition": "cpu",
+                                                             "quant.threads": 2, "plan.batch_size": 1})
+    P.prepare_run(config)
+    write_batch_spec(config, "batch_0000")
+    assert P.admit_batch(config, "batch_0000", owner="test")["admitted"]
+    fetched = P.download_dataset(config, "batch_0000", "fq0", final_try=True)
+    assert P.reads_to_quantify(config, "batch_0000", fetched)
+    job = P.quant_job(config, "batch_0000", "fq0")
+    assert job["command"][1:5] == ["-m", "atlasflow.cli", "quant", "run"]
+    assert job["command"][-4:] == ["--batch-id", "batch_0000", "--dataset-id", "fq0"]
+    slurm = job["slurm"]
+    assert (slurm.partition, slurm.gpus, slurm.cpus, slurm.mem_gb, slurm.time_limit) == ("cpu", 0, 2, 8.0, "00:11:00")
+    result_path = tmp_path / "result.json"
+    done = subprocess.run(job["command"], env={**os.environ, "ATLASFLOW_RESULT_PATH": str(result_path),
+                                               "PYTHONPATH": os.pathsep.join(sys.path)},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    outcome = json.loads(result_path.read_text())
+    assert outcome["status"] == "ok" and outcome["dataset_id"] == "fq0" and outcome["percent_pseudoaligned"] == 100.0
+    raw = config.base_dir / "data" / "raw" / "fq0"
+    assert len(list(raw.glob("*.fastq.gz"))) == 2  # the job leaves deletion to the Airflow side
+    finished = P.finish_quant(config, "batch_0000", "fq0", outcome)
+    assert finished["status"] == "ok" and list(raw.glob("*.fastq.gz")) == []
