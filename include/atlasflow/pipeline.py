@@ -265,7 +265,11 @@ def process_dataset_step(config: AtlasConfig, batch_id: str, fetched: dict[str, 
         return _quarantine(config, batch_id, dataset_id, "process", exc.reason)
     fetch_info = layout.raw_dir(dataset_id) / "fetch.json"
     checksums = json.loads(fetch_info.read_text())["files"] if fetch_info.exists() else []
-    Ledger(config.storage).record_expansion(dataset_id, summary["format"], summary["raw_bytes"], summary["processed_bytes"])
+    ledger = Ledger(config.storage)
+    ledger.record_expansion(dataset_id, summary["format"], summary["raw_bytes"], summary["processed_bytes"])
+    if dataset.is_reads and (quant := _quant_summary(layout.raw_dir(dataset_id))):
+        # what admission needs for the next reads sample: processed bytes per FASTQ byte
+        ledger.record_expansion(dataset_id, "fastq", quant.get("fastq_bytes", 0), summary["processed_bytes"])
     cleaner.write_tombstone(dataset_id, {
         "batch_id": batch_id, "downloads": [{"name": f["name"], "sha256": f["sha256"], "bytes": f["bytes"]} for f in checksums],
         "processed_sha256": file_sha256(out), "cells_before": summary["cells_before"], "cells_after": summary["cells_after"],
@@ -275,6 +279,12 @@ def process_dataset_step(config: AtlasConfig, batch_id: str, fetched: dict[str, 
     keep = ("dataset_id", "status", "path", "format", "raw_bytes", "processed_bytes", "cells_before", "cells_after",
             "genes_after", "removed", "coverage", "strategy", "non_integer", "seconds")
     return {k: summary[k] for k in keep}
+
+
+def _quant_summary(raw_dir: Path) -> dict[str, Any] | None:
+    from atlasflow.quant import quantified
+
+    return quantified(raw_dir)
 
 
 def _previous(root: Path, batch_id: str) -> Path | None:

@@ -185,8 +185,12 @@ def check_fastq(path: Path) -> FastqStats:
     return FastqStats(str(path), lines // 4, min(lengths), max(lengths))
 
 
-def order_reads(files: Sequence[Path], technology: str) -> list[Path]:
+def order_reads(files: Sequence[Path], technology: str, lengths: dict[Path, int] | None = None) -> list[Path]:
     """The FASTQ files in the order ``kb count`` wants: R1, R2 per run (index reads dropped).
+
+    ``lengths`` (longest read per file) settles runs dumped with three reads
+    (``fasterq-dump --include-technical`` of a 10x run: index, barcode+UMI and cDNA reads, in the
+    order they were submitted): the shortest is the index read, the longest the cDNA.
 
     Raises
     ------
@@ -213,10 +217,11 @@ def order_reads(files: Sequence[Path], technology: str) -> list[Path]:
     ordered: list[Path] = []
     for stem in sorted(groups):
         reads = groups[stem]
-        if "1" in reads and "2" in reads:
-            # fasterq-dump --include-technical of a 10x run: _1 can be the index read; the barcode
-            # read is the one of barcode+UMI length, so read 3 (cDNA) follows it
-            ordered += [reads["1"], reads["2"]] if "3" not in reads else [reads["2"], reads["3"]]
+        if {"1", "2", "3"} <= set(reads) and lengths:
+            by_length = sorted((reads[k] for k in ("1", "2", "3")), key=lambda p: lengths[p])
+            ordered += by_length[1:]  # barcode+UMI read, then cDNA; the index read is not quantified
+        elif "1" in reads and "2" in reads:
+            ordered += [reads["1"], reads["2"]]
         else:
             raise QuantError(f"{technology} needs read 1 (barcode+UMI) and read 2 (cDNA) of each run; for {stem!r} "
                              f"found only {', '.join(p.name for p in reads.values())}")
@@ -333,8 +338,10 @@ def quantify(raw_dir: Path, *, technology: str, config: QuantConfig, work_dir: P
     if config.onlist and not Path(config.onlist).is_file():
         raise QuantError(f"quant.onlist {config.onlist} does not exist")
     t0 = time.monotonic()
-    files = order_reads(fastq_files(raw_dir), technology)
-    stats = [check_fastq(f) for f in files]
+    found = fastq_files(raw_dir)
+    checked = {f: check_fastq(f) for f in found}  # every file, index reads too: a cut file is never quantified
+    files = order_reads(found, technology, {f: st.max_length for f, st in checked.items()})
+    stats = [checked[f] for f in files]
     _check_lengths(stats, technology)
     chem = CHEMISTRIES[technology]
     shutil.rmtree(work_dir, ignore_errors=True)  # a killed earlier try leaves half-written BUS files

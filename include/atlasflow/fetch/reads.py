@@ -173,9 +173,12 @@ def fetch_reads(dataset: Dataset, dest: Path, *, config: DownloadConfig, max_byt
     kw = {"attempts": attempts, "backoff_s": backoff_s, "timeout_s": timeout_s}
     files: list[FetchedFile] = []
     if dataset.type == "direct":
-        for url in dataset.urls():
+        urls = dataset.urls()
+        # a checksum in the manifest belongs to a one-file row; R1;R2 rows are checked by the FASTQ checks
+        sums = {"sha256": dataset.sha256, "md5": dataset.md5} if len(urls) == 1 else {}
+        for url in urls:
             budget = None if max_bytes is None else max_bytes - sum(f.bytes for f in files)
-            files.append(download(url, dest, max_bytes=budget, **kw))
+            files.append(download(url, dest, max_bytes=budget, **sums, **kw))
         return files, "direct"
     if resolver_for(config) == "sra-tools":
         return _sra_tools(dataset, dest, config), "sra-tools"

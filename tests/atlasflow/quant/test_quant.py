@@ -118,3 +118,13 @@ def test_unpaired_files_for_a_paired_chemistry_are_refused(tmp_path):
         (tmp_path / name).write_bytes(b"")
     with pytest.raises(QuantError, match="needs read 1 .* and read 2"):
         order_reads(sorted(tmp_path.iterdir()), "10xv3")
+
+
+@pytest.mark.parametrize(("layout", "expected"), [
+    ((8, 28, 90), ["SRR1_2.fastq.gz", "SRR1_3.fastq.gz"]),  # index, barcode+UMI, cDNA (as submitted)
+    ((28, 90, 8), ["SRR1_1.fastq.gz", "SRR1_2.fastq.gz"]),  # barcode+UMI, cDNA, index
+])
+def test_three_read_dumps_drop_the_index_read_by_length(tmp_path, layout, expected):
+    files = [write_fastq(tmp_path / f"SRR1_{i}.fastq.gz", [("r", "A" * n)]) for i, n in enumerate(layout, start=1)]
+    lengths = {f: check_fastq(f).max_length for f in files}
+    assert [p.name for p in order_reads(files, "10xv3", lengths)] == expected

@@ -82,8 +82,12 @@ def test_sra_rows_are_quantified_and_bad_samples_quarantined(reads_demo):
     assert saved["reason"] == by_id["bad_len"]["reason"]
     assert not (raw / "bad_trunc").exists()  # a quarantined sample's reads are not kept
 
+    ledger = Ledger(config.storage)
+    assert ledger.expansion_factor("fastq") == 0.05  # the seed, until a reads sample is processed
     processed = [P.process_dataset_step(config, "batch_0000", q) for q in quant]
     assert [p["status"] for p in processed] == ["ok", "ok", "quarantined", "quarantined"]
+    # measured now: processed bytes per FASTQ byte, for the next batch's reservation
+    assert ledger.expansion_factor("fastq") != 0.05 and ledger.expansion_factor("fastq") > 0
     assert processed[0]["format"] == "10x_mtx" and processed[0]["cells_after"] == 10
     out = ad.read_h5ad(processed[0]["path"])
     barcodes, truth = info["truth"]["fq0"]
