@@ -264,8 +264,9 @@ def ingest_trigger(config: AtlasConfig, detected: Mapping[str, Any], *, run_id: 
     """Whether to trigger atlas_ingest for ``detected``'s new rows, and the run conf saying why.
 
     Only untrained manifest rows trigger ingest (feedback is turned into the retraining set by
-    :func:`build_retrain_set`, which ingest does not read). The same set of datasets triggers once:
-    when the ingest run it started leaves them untrained, it is not triggered again in a loop
+    :func:`build_retrain_set`, which ingest does not read). The same set of datasets triggers once
+    (per atlas_retrain run: clearing that run triggers again): when the ingest run it started leaves
+    them untrained, the Asset update that run still publishes does not trigger it again in a loop
     (atlas_ingest's own schedule, or a manual run, takes it from there).
 
     Returns ``{"trigger": bool, "reason": str, "conf": dict | None}``.
@@ -276,7 +277,8 @@ def ingest_trigger(config: AtlasConfig, detected: Mapping[str, Any], *, run_id: 
     key = hashlib.sha256("\n".join(datasets).encode()).hexdigest()
     path = _retrain_state(config) / "triggered.json"
     last = _read_json(path, {})
-    if last.get("datasets_sha256") == key:
+    # the same run may ask again (a cleared or retried run whose trigger failed); another run may not
+    if last.get("datasets_sha256") == key and last.get("run_id") != run_id:
         return {"trigger": False, "conf": None,
                 "reason": f"atlas_ingest was already triggered for these {len(datasets)} datasets by {last.get('run_id')} "
                           f"at {last.get('at')}; not triggering again (run atlas_ingest to retry them)"}

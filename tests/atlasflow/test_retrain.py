@@ -128,6 +128,7 @@ def test_promote_keep_and_resume_from_production(demo):
                                                                                         + specs["batch_0001"])
     again = R.ingest_trigger(config, R.detect_changes(config), run_id="r2")
     assert not again["trigger"] and "already triggered" in again["reason"]  # no trigger loop
+    assert R.ingest_trigger(config, R.detect_changes(config), run_id="r1")["trigger"]  # the same run, cleared
 
     first = run_batch(config, "batch_0000", specs["batch_0000"], None)["trained"]
     ckpt0 = Path(first["checkpoint_dir"])
