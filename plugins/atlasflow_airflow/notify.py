@@ -29,12 +29,17 @@ def notify_failure(context: Any) -> None:
     """
     try:
         from atlasflow.notify import failure_message, send
-        from atlasflow_airflow.runtime import task_config
+        from atlasflow_airflow.runtime import parse_time_config, task_config
 
         ti = context["ti"]
         message = failure_message(dag_id=ti.dag_id, task_id=ti.task_id, run_id=ti.run_id,
                                   try_number=getattr(ti, "try_number", None), error=context.get("exception"),
                                   log_url=getattr(ti, "log_url", None))
-        send(task_config(context).notify, message, smtp=smtp_sender)
+        try:
+            config = task_config(context)
+        except Exception as exc:  # a broken overrides Variable/Param must not silence the notification
+            log.warning("run-time config unavailable (%s); notifying with the config file's notify section", exc)
+            config = parse_time_config()
+        send(config.notify, message, smtp=smtp_sender)
     except Exception:  # the failure itself is already recorded by Airflow; this is best effort
         log.exception("atlasflow failure notification could not be prepared")

@@ -88,3 +88,45 @@ def test_retrain_dag_parses_without_heavy_imports(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
     assert json.loads(out.strip().splitlines()[-1]) == []
     assert Path(DAGS / "atlas_retrain.py").exists()
+
+
+def test_retrain_run_triggers_ingest_once_with_a_conf_that_says_why(monkeypatch, tmp_path, airflow_db):
+    """A real run (dag.test): untrained manifest rows trigger atlas_ingest; the next run skips the trigger."""
+    from airflow.models import DagRun
+    from airflow.utils.session import create_session
+
+    bag = dagbag(monkeypatch, write_config(tmp_path, write_csv(tmp_path / "m.csv", direct_rows(3))))
+    dag = bag.dags["atlas_retrain"]
+    first = dag.test()
+    states = {ti.task_id: ti.state for ti in first.get_task_instances()}
+    assert first.state == "success" and states["trigger_ingest"] == "success", states
+    with create_session() as session:
+        runs = [r for r in session.query(DagRun).filter(DagRun.dag_id == "atlas_ingest")
+                if (r.conf or {}).get("retrain_run_id") == first.run_id]
+    assert len(runs) == 1
+    assert runs[0].conf["new_datasets"] == ["ds000", "ds001", "ds002"]
+    assert runs[0].conf["reason"] == "new manifest rows: ds000, ds001, ds002 (batch_0000, batch_0001)"
+    decision = next(ti for ti in first.get_task_instances() if ti.task_id == "promote").xcom_pull(task_ids="promote")
+    assert decision["action"] == "none" and decision["reason"] == "no trained checkpoint yet"
+
+    second = dag.test()
+    states = {ti.task_id: ti.state for ti in second.get_task_instances()}
+    assert second.state == "success" and states["gate_ingest"] == states["trigger_ingest"] == "skipped", states
+
+
+def test_failure_callback_posts_to_the_webhook(monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    from atlasflow_airflow.notify import notify_failure
+    from tests.atlasflow.test_notify import WebhookServer
+
+    config = write_config(tmp_path, write_csv(tmp_path / "m.csv", direct_rows(1)))
+    with WebhookServer() as hook:
+        config.write_text(config.read_text() + f"notify: {{channel: webhook, webhook_url: '{hook.url}'}}\n")
+        monkeypatch.setenv("ATLASFLOW_CONFIG", str(config))
+        ti = SimpleNamespace(dag_id="atlas_ingest", task_id="batch_0000.train", run_id="manual__x", try_number=3,
+                             log_url="http://127.0.0.1:8080/log")
+        notify_failure({"ti": ti, "exception": RuntimeError("job OUT_OF_MEMORY"), "params": {}})
+    assert [m["event"] for m in hook.received] == ["task_failed"]
+    assert hook.received[0]["details"]["error"] == "RuntimeError: job OUT_OF_MEMORY"
+    assert "atlas_ingest.batch_0000.train failed in run manual__x (try 3)" in hook.received[0]["text"]
