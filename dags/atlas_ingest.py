@@ -14,13 +14,15 @@ from datetime import timedelta
 from airflow.sdk import Asset, Param, TaskGroup, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowSkipException
 
+from atlasflow.assets import MODEL_CHECKPOINT_URI
+from atlasflow_airflow.notify import notify_failure
 from atlasflow_airflow.operators.train import TrainBatchOperator
 from atlasflow_airflow.operators.validate import SystemValidationOperator
 from atlasflow_airflow.runtime import parse_time_plan
 from atlasflow_airflow.sensors.storage import StorageAdmissionSensor
 
 CONFIG, PLAN, PLAN_PROBLEM = parse_time_plan()
-MODEL_ASSET = Asset("atlasflow://model/checkpoint")
+MODEL_ASSET = Asset(MODEL_CHECKPOINT_URI)
 
 DEFAULT_ARGS = {
     "owner": "atlasflow",
@@ -28,6 +30,7 @@ DEFAULT_ARGS = {
     "retry_delay": timedelta(seconds=30),
     "retry_exponential_backoff": 2.0,
     "max_retry_delay": timedelta(minutes=15),
+    "on_failure_callback": notify_failure,  # notify.channel: log (default), webhook or smtp
 }
 DOWNLOAD_RETRIES = CONFIG.download.retries if CONFIG else 3
 PIPELINING = CONFIG.plan.pipelining if CONFIG else True

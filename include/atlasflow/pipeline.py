@@ -19,6 +19,7 @@ from atlasflow.genes import Vocabulary
 from atlasflow.manifest import Dataset
 from atlasflow.plan import batch_id as make_batch_id
 from atlasflow.plan import freeze_plan, load_plan
+from atlasflow.retrain import resume_checkpoint
 from atlasflow.storage import BudgetExceededError, Cleaner, Ledger, StorageLayout, batch_footprint
 
 __all__ = [
@@ -231,6 +232,8 @@ def training_job(config: AtlasConfig, batch_id: str, *, previous_checkpoint: str
     layout = _layout(config)
     out = layout.checkpoints / batch_id
     previous = Path(previous_checkpoint) if previous_checkpoint else _previous(layout.checkpoints, batch_id)
+    # a checkpoint atlas_retrain did not promote is not built upon: resume from production instead
+    previous = resume_checkpoint(config, previous)
     if previous is not None and not (previous / "model.pt").exists():
         raise FileNotFoundError(
             f"{batch_id} should resume from {previous}, which is gone; cleanup keeps the newest "

@@ -74,6 +74,11 @@ class StorageLayout:
         return self.models / "checkpoints"
 
     @property
+    def production_pointer(self) -> Path:
+        """``models/production.json``: the promoted checkpoint (written by atlas_retrain)."""
+        return self.models / "production.json"
+
+    @property
     def integration(self) -> Path:
         return self.models / "integration"
 
