@@ -242,21 +242,33 @@ def status(args: argparse.Namespace) -> int:
     return 0 if all(alive(p) for p in state["pids"].values()) else 1
 
 
-def trigger(args: argparse.Namespace) -> int:
-    state = read_state()
+def unpause_when_parsed(state: dict[str, Any], dag_id: str, parse_timeout: float) -> str:
+    """Wait until the dag-processor has serialised ``dag_id`` (a moment after start), unpause it; returns a token."""
     if not state.get("pids"):
         raise SystemExit("Airflow is not running: start it first")
     tok = token(state)
-    deadline = time.time() + args.parse_timeout
-    while True:  # the dag-processor needs a moment to serialise the DAG after start
+    deadline = time.time() + parse_timeout
+    while True:
         try:
-            request(state, "GET", f"/api/v2/dags/{args.dag_id}", token=tok)
+            request(state, "GET", f"/api/v2/dags/{dag_id}", token=tok)
             break
         except urllib.error.HTTPError as exc:
             if exc.code != 404 or time.time() > deadline:
-                raise SystemExit(f"DAG {args.dag_id} not available: HTTP {exc.code}") from None
+                raise SystemExit(f"DAG {dag_id} not available: HTTP {exc.code}") from None
             time.sleep(2)
-    request(state, "PATCH", f"/api/v2/dags/{args.dag_id}", {"is_paused": False}, token=tok)
+    request(state, "PATCH", f"/api/v2/dags/{dag_id}", {"is_paused": False}, token=tok)
+    return tok
+
+
+def unpause(args: argparse.Namespace) -> int:
+    unpause_when_parsed(read_state(), args.dag_id, args.parse_timeout)
+    print(f"unpaused {args.dag_id}")
+    return 0
+
+
+def trigger(args: argparse.Namespace) -> int:
+    state = read_state()
+    tok = unpause_when_parsed(state, args.dag_id, args.parse_timeout)
     run = request(state, "POST", f"/api/v2/dags/{args.dag_id}/dagRuns",
                   {"logical_date": None, "conf": json.loads(args.conf)}, token=tok)
     run_id = run["dag_run_id"]
@@ -324,6 +336,10 @@ def main() -> int:
     p.add_argument("--timeout", type=float, default=1800)
     p.add_argument("--parse-timeout", type=float, default=120)
     p.set_defaults(func=trigger)
+    p = sub.add_parser("unpause", help="unpause a DAG (e.g. atlas_retrain) once it is parsed")
+    p.add_argument("dag_id")
+    p.add_argument("--parse-timeout", type=float, default=120)
+    p.set_defaults(func=unpause)
     p = sub.add_parser("wait")
     p.add_argument("dag_id")
     p.add_argument("run_id")
