@@ -156,7 +156,9 @@ def atlas_ingest() -> None:
                 previous_cleanup >> admit
         previous_admit, previous_train, previous_cleanup, previous_train_id = admit, trained, done, f"{bid}.train"
     if previous_train is not None:
-        [publish(previous_train_id), *cleanups] >> reported
+        published = publish(previous_train_id)
+        previous_train >> published
+        [published, *cleanups] >> reported
     else:
         prepared >> reported
 

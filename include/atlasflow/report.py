@@ -20,7 +20,7 @@ import json
 import logging
 import re
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -195,7 +195,7 @@ def run_metrics(data: dict[str, Any], run_id: str) -> dict[str, Any]:
                                                       ds["dataset_id"] if stage in DATASET_STAGES else None)))
                for ds in data["datasets"] for stage in STAGES]
     return {
-        "run_id": run_id, "generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "run_id": run_id, "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "base_dir": data["base_dir"], "budget_bytes": data["budget_bytes"], "peak_used_bytes": data["peak_used_bytes"],
         "peak_used_plus_reserved_bytes": data["peak_used_plus_reserved_bytes"],
         "bottleneck": data["stage_summary"]["bottleneck"], "stage_summary": data["stage_summary"]["stages"],
@@ -342,7 +342,7 @@ def _num(x: Any) -> str:
 
 
 def _when(t: Any) -> str:
-    return "" if t is None else datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return "" if t is None else datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def _table(headers: list[str], rows: list[list[Any]], *, row_attrs: list[str] | None = None) -> str:
@@ -484,7 +484,7 @@ def write_run_report(config: AtlasConfig, run_id: str, *, out: Path | None = Non
     write_text_atomic(html_path, render_html(data, metrics))
     metrics_path = write_json_atomic(html_path.with_name("run_metrics.json"), metrics)
     pointer = {"run_id": run_id, "html": str(html_path), "metrics": str(metrics_path),
-               "written_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+               "written_at": datetime.now(UTC).isoformat(timespec="seconds")}
     if out is None:
         write_json_atomic(reports / "latest.json", pointer)  # last: it never points at a half-written report
     log.info("run report %s (%d datasets, bottleneck %s)", html_path, len(data["datasets"]), metrics["bottleneck"])
@@ -497,7 +497,7 @@ def _run(args: argparse.Namespace, out: TextIO) -> int:
     config = dataclasses.replace(config, storage=dataclasses.replace(config.storage, base_dir=args.run_dir))
     if not (Path(args.run_dir) / "state").is_dir():
         raise ValueError(f"{args.run_dir} is not a run dir: it has no state/ folder (pass storage.base_dir)")
-    run_id = args.run_id or "cli-" + datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    run_id = args.run_id or "cli-" + datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     written = write_run_report(config, run_id, out=Path(args.out) if args.out else None)
     if args.json:
         out.write(json.dumps(written) + "\n")

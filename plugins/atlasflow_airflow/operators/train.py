@@ -28,8 +28,13 @@ class TrainBatchOperator(SlurmJobOperator):
         self.previous_train_task_id = previous_train_task_id
 
     def execute(self, context: Any) -> Any:
-        from atlasflow.pipeline import (batch_trained, record_trained, slurm_training_submitted, train_batch_step,
-                                        training_job)
+        from atlasflow.pipeline import (
+            batch_trained,
+            record_trained,
+            slurm_training_submitted,
+            train_batch_step,
+            training_job,
+        )
         from atlasflow_airflow.runtime import task_config
 
         ti = context["ti"]
