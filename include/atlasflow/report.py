@@ -262,13 +262,14 @@ def _plot_qc(data: dict[str, Any]) -> str | None:
             ax.stairs(counts, edges, linestyle=style, label=f"{part} QC ({int(counts.sum())} cells)")
         ax.set_xlabel(label)
         ax.set_ylabel("cells")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6)
     fig.suptitle(f"per-cell QC metrics, {len(hists)} processed dataset(s)")
     return _png(fig)
 
 
 def _plot_loss(data: dict[str, Any]) -> str | None:
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     trained = data["trained"]
     if not trained:
@@ -289,6 +290,7 @@ def _plot_loss(data: dict[str, Any]) -> str | None:
     if steps:
         ax2 = axes[0][1]
         ax2.plot(range(1, len(steps) + 1), steps, linewidth=0.8)
+        ax2.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax2.set_xlabel("training step (all batches)")
         ax2.set_ylabel("train loss")
         ax2.set_title("final checkpoint's loss history")
@@ -404,7 +406,13 @@ def render_html(data: dict[str, Any], metrics: dict[str, Any]) -> str:
                    row_attrs=[f' class="{d["status"]}" id="ds-{_e(d["dataset_id"])}"' for d in data["datasets"]])
     parts.append(f"<section id=datasets><h2>Datasets</h2>{table}</section>")
 
-    parts.append("<section id=qc><h2>QC distributions</h2>" + _img(_plot_qc(data), "QC distributions") + "</section>")
+    removed = [d for d in data["datasets"] if d.get("removed")]
+    rules = list(removed[0]["removed"]) if removed else []
+    parts.append("<section id=qc><h2>QC distributions</h2>" + _img(_plot_qc(data), "QC distributions")
+                 + ("<p>Cells removed per rule (a cell can fail several):</p>"
+                    + _table(["dataset", *rules], [[d["dataset_id"], *(d["removed"].get(r) for r in rules)]
+                                                   for d in removed]) if removed else "")
+                 + "</section>")
 
     loss_rows = [[t.get("batch_id"), *(_num(t.get(k)) for k in ("train_loss", "val_loss", "val_masked_acc",
                                                                  "val_baseline_acc")),

@@ -96,6 +96,13 @@ def test_report_shows_what_the_state_files_hold(run):
         assert cells[0] == "processed" and cells[3] == "processed" and cells[4] == "yes"
         assert cells[7:10] == [str(tomb["cells_before"]), str(tomb["cells_after"]), str(tomb["genes_after"])]
         assert cells[10] == f"{tomb['coverage']['vocab_fraction']:.1%}"
+        # the QC plot's source: every cell before QC, the passing ones after, kept after cleanup
+        for metric in ("n_counts", "n_genes", "pct_mito"):
+            hist = tomb["qc_histograms"][metric]
+            assert (sum(hist["before"]), sum(hist["after"])) == (tomb["cells_before"], tomb["cells_after"])
+    qc = page[page.index("<section id=qc>"):page.index("<section id=training>")]
+    for did, tomb in tombstones.items():
+        assert f"<tr><td>{did}</td>" + "".join(f"<td>{n}</td>" for n in tomb["removed"].values()) + "</tr>" in qc
     gone = _row(page, "pbmc_gone")
     assert gone[0] == "quarantined" and gone[2] == "batch_0000" and gone[4] == "no"
     assert gone[12] == "download" and gone[13] == quarantine["pbmc_gone"]["reason"] and "404" in gone[13]
@@ -212,3 +219,35 @@ def test_cli_report(run, tmp_path):
     assert "report " + str(base / "reports" / "by-hand" / "report.html") in out.getvalue()
 
     assert main(["report", str(tmp_path / "nothing")], out=io.StringIO()) == 2
+
+
+def test_slurm_training_is_recorded_from_the_trigger_event(tmp_path):
+    config = load_config(None, overrides={"storage.base_dir": str(tmp_path / "base")})
+    P.slurm_training_submitted(config, "batch_0000")
+    stage = config.state_dir / "stages" / "batch_0000" / "train" / "_batch.json"
+    assert json.loads(stage.read_text())["status"] == "running"
+    P.slurm_training_finished(config, "batch_0000", {"status": "failed", "job_id": "41", "state": "OUT_OF_MEMORY",
+                                                     "exit_code": 0, "reason": "OutOfMemory",
+                                                     "message": "job 41 OUT_OF_MEMORY", "result": None})
+    assert json.loads(stage.read_text())["status"] == "failed"
+    P.slurm_training_submitted(config, "batch_0000")
+    P.slurm_training_finished(config, "batch_0000", {"status": "success", "job_id": "42", "state": "COMPLETED",
+                                                     "exit_code": 0, "result": {"train_loss": 1.5, "global_step": 7}})
+    record = json.loads(stage.read_text())
+    assert record["status"] == "ok" and record["attempts"] == 2 and record["train_loss"] == 1.5
+    written = write_run_report(config, "slurm-run")
+    metrics = json.loads(Path(written["metrics"]).read_text())
+    assert [(j["job_id"], j["state"], j["backend"]) for j in metrics["jobs"]] == [
+        ("41", "OUT_OF_MEMORY", "slurm"), ("42", "COMPLETED", "slurm")]
+    page = Path(written["html"]).read_text()
+    assert "<td>41</td><td>OUT_OF_MEMORY</td>" in page and "<td>42</td><td>COMPLETED</td>" in page
+
+
+def test_a_run_that_did_nothing_still_gets_a_report(tmp_path):
+    # the DAG's report task runs even when prepare failed: no plan, no samples, no checkpoint
+    config = load_config(None, overrides={"storage.base_dir": str(tmp_path / "base")})
+    written = write_run_report(config, "empty")
+    page = Path(written["html"]).read_text()
+    assert "No batch trained yet." in page and "No training job recorded." in page
+    assert "bottleneck stage: <span class=key>none yet" in page
+    assert json.loads(Path(written["metrics"]).read_text())["records"] == []
