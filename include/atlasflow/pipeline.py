@@ -184,8 +184,6 @@ def _process_dataset_step(config: AtlasConfig, batch_id: str, fetched: dict[str,
     from atlasflow.storage.cleanup import file_sha256
 
     dataset_id = fetched["dataset_id"]
-    if fetched.get("status") != "ok":
-        return fetched
     layout = _layout(config)
     out = layout.processed_dir(batch_id) / f"{dataset_id}.h5ad"
     cleaner = Cleaner(Ledger(config.storage))

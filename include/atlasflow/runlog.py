@@ -31,7 +31,7 @@ BATCH_SCOPE = "_batch"  # file name of a record that belongs to the whole batch,
 # result keys copied into a stage record (small scalars only; the record is not a second XCom)
 _KEEP = ("bytes", "files", "cells_before", "cells_after", "genes_after", "format", "raw_bytes", "processed_bytes",
          "reason", "skipped", "admitted", "checkpoint_dir", "global_step", "train_loss", "val_loss", "trained",
-         "released", "pokes")
+         "released")
 
 
 def stage_path(state_dir: Path, stage: str, batch_id: str, dataset_id: str | None = None) -> Path:
