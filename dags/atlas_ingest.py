@@ -98,6 +98,20 @@ def publish(last_train: str) -> dict | None:
     return get_current_context()["ti"].xcom_pull(task_ids=last_train)
 
 
+@task
+def report() -> dict:
+    """Write the run report (reports/<run_id>/report.html, run_metrics.json, reports/latest.json).
+
+    A teardown with no setups: it runs once everything upstream is done, whatever their states
+    (``all_done``), and, unlike a plain ``all_done`` leaf, its success does not mark a run with
+    failed batches successful.
+    """
+    from atlasflow.report import write_run_report
+
+    context = get_current_context()
+    return write_run_report(_config(), context["run_id"])
+
+
 @dag(
     dag_id="atlas_ingest",
     schedule=CONFIG.plan.schedule if CONFIG else None,
@@ -118,6 +132,8 @@ def atlas_ingest() -> None:
     prepared = prepare()
     # Fails the run before any download when the budget exceeds the disk or a tool is missing.
     SystemValidationOperator(task_id="validate_system", retries=1) >> prepared
+    reported = report().as_teardown()
+    cleanups = []
     previous_admit = previous_train = previous_cleanup = None
     previous_train_id: str | None = None
     for batch in PLAN.batches if PLAN else ():
@@ -135,6 +151,7 @@ def atlas_ingest() -> None:
             prepared >> admit >> fetched
             integrated >> trained >> done
             done.as_teardown(setups=admit)
+            cleanups.append(done)
         if previous_admit is not None:
             previous_admit >> admit  # admission in plan order: no batch starves
             previous_train >> trained  # training in plan order, each resuming the last checkpoint
@@ -142,7 +159,11 @@ def atlas_ingest() -> None:
                 previous_cleanup >> admit
         previous_admit, previous_train, previous_cleanup, previous_train_id = admit, trained, done, f"{bid}.train"
     if previous_train is not None:
-        previous_train >> publish(previous_train_id)
+        published = publish(previous_train_id)
+        previous_train >> published
+        [published, *cleanups] >> reported
+    else:
+        prepared >> reported
 
 
 atlas_ingest()

@@ -70,6 +70,24 @@ def test_batches_are_laid_out_from_the_manifest(monkeypatch, tmp_path):
     publish = dag.get_task("publish")
     assert publish.upstream_task_ids == {"batch_0002.train"}
     assert [o.uri for o in publish.outlets] == ["atlasflow://model/checkpoint"]
+    # the run report comes last and runs whatever happened, without deciding the run's state
+    report = dag.get_task("report")
+    assert report.upstream_task_ids == {"publish", "batch_0000.cleanup", "batch_0001.cleanup", "batch_0002.cleanup"}
+    assert not report.downstream_task_ids
+    assert report.is_teardown and report.trigger_rule == "all_done_setup_success"
+    assert not any(t.is_setup for t in report.upstream_list)  # so all_done_setup_success acts as all_done
+    assert report.retries >= 1
+    # Airflow's own rule for the run's state: a failed batch still fails the run (publish is the leaf)
+    from typing import NamedTuple
+
+    from airflow.models.dagrun import DagRun
+
+    class TI(NamedTuple):
+        task_id: str
+        state: None
+
+    tis = [TI(t.task_id, None) for t in dag.tasks]
+    assert {ti.task_id for ti in DagRun._tis_for_dagrun_state(None, dag=dag, tis=tis)} == {"publish"}
 
 
 def test_pipelining_off_chains_each_batch_after_the_previous_cleanup(monkeypatch, tmp_path):
@@ -85,7 +103,8 @@ def test_broken_manifest_does_not_break_the_dag(monkeypatch, tmp_path):
     bag = dagbag(monkeypatch, write_config(tmp_path, write_csv(tmp_path / "m.csv", rows)))
     assert bag.import_errors == {}
     dag = bag.dags["atlas_ingest"]
-    assert sorted(t.task_id for t in dag.tasks) == ["prepare", "validate_system"]
+    assert sorted(t.task_id for t in dag.tasks) == ["prepare", "report", "validate_system"]
+    assert dag.get_task("report").upstream_task_ids == {"prepare"}
     assert "manifest invalid (1 problems)" in dag.doc_md
 
 

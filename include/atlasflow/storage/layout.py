@@ -14,7 +14,8 @@ AREAS: dict[str, tuple[str, ...]] = {
     "data": ("data/raw", "data/processed"),
     "models": ("models",),
     "cache": ("cache",),
-    "outputs": ("outputs",),
+    # reports/ is the run reports' fixed address (reports/latest.json); it counts as outputs
+    "outputs": ("outputs", "reports"),
 }
 
 
@@ -89,6 +90,10 @@ class StorageLayout:
     @property
     def outputs(self) -> Path:
         return self.base_dir / "outputs"
+
+    @property
+    def reports(self) -> Path:
+        return self.base_dir / "reports"
 
     @property
     def state(self) -> Path:
