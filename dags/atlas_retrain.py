@@ -101,6 +101,17 @@ def promote(evaluation: dict) -> dict:
     return promote_or_keep(_config(), evaluation, run_id=get_current_context()["run_id"], smtp=smtp_sender)
 
 
+@task
+def report() -> dict:
+    """Refresh the run report (reports/latest.json), so it shows this decision and why.
+
+    A teardown, like atlas_ingest's: it runs whatever promote's state, without hiding a failure.
+    """
+    from atlasflow.report import write_run_report
+
+    return write_run_report(_config(), get_current_context()["run_id"])
+
+
 @dag(
     dag_id="atlas_retrain",
     schedule=SCHEDULE,
@@ -120,7 +131,7 @@ def atlas_retrain() -> None:
     conf = gate_ingest(detected)
     TriggerDagRunOperator(task_id="trigger_ingest", trigger_dag_id="atlas_ingest", conf=conf,
                           wait_for_completion=False)
-    promote(evaluate(build_retrain_set(detected)))
+    promote(evaluate(build_retrain_set(detected))) >> report().as_teardown()
 
 
 atlas_retrain()

@@ -163,7 +163,22 @@ def collect_run(config: AtlasConfig) -> dict[str, Any]:
         "deleted_bytes": sum(d["bytes"] for d in ledger.deletions()),
         "datasets": datasets, "stages": stages, "stage_summary": _stage_summary(stages), "jobs": read_jobs(state),
         "trained": [trained[b] for b in sorted(trained)], "lineage": _lineage(trained),
+        "decisions": _decisions(state), "production": _read_json(ledger.layout.production_pointer),
     }
+
+
+def _decisions(state: Path, *, last: int = 20) -> list[dict[str, Any]]:
+    """The latest promote/keep decisions of atlas_retrain (``state/retrain/decisions.jsonl``)."""
+    path = state / "retrain" / "decisions.jsonl"
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines()[-last:]:
+        try:
+            rows.append(json.loads(line))
+        except ValueError:  # a line cut by a crash mid-append: skip it, keep the rest
+            continue
+    return rows
 
 
 def _record(run_id: str, ds: dict[str, Any], stage: str, rec: dict[str, Any] | None) -> dict[str, Any]:
@@ -438,6 +453,19 @@ def render_html(data: dict[str, Any], metrics: dict[str, Any]) -> str:
     parts.append("<section id=jobs><h2>Training jobs (SLURM or local)</h2>"
                  + (_table(["batch", "backend", "job id", "state", "attempt", "exit code", "reason", "submitted",
                             "ended"], job_rows) if job_rows else "<p class=none>No training job recorded.</p>")
+                 + "</section>")
+
+    production = data.get("production")
+    decision_rows = [[d.get("decided_at"), d.get("run_id"), d.get("candidate"), d.get("action"), d.get("reason"),
+                      ", ".join(f"{k} {v:+.4f}" for k, v in (d.get("deltas") or {}).items()
+                                if isinstance(v, int | float))]
+                     for d in reversed(data.get("decisions") or [])]
+    parts.append("<section id=retrain><h2>Retraining decisions</h2>"
+                 + (f"<p>production checkpoint <code>{_e(production.get('checkpoint_dir'))}</code>, promoted "
+                    f"{_e(production.get('promoted_at'))} ({_e(production.get('reason'))})</p>" if production else
+                    "<p class=none>No checkpoint promoted yet.</p>")
+                 + (_table(["decided", "retrain run", "candidate", "action", "reason", "change vs production"],
+                           decision_rows) if decision_rows else "<p class=none>No retraining decision yet.</p>")
                  + "</section>")
 
     lineage = data["lineage"]

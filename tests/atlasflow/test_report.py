@@ -251,3 +251,29 @@ def test_a_run_that_did_nothing_still_gets_a_report(tmp_path):
     assert "No batch trained yet." in page and "No training job recorded." in page
     assert "bottleneck stage: <span class=key>none yet" in page
     assert json.loads(Path(written["metrics"]).read_text())["records"] == []
+
+
+def test_retraining_decisions_are_reported_with_their_reasons(tmp_path):
+    from atlasflow.retrain import promote_or_keep
+
+    config = load_config(None, overrides={"storage.base_dir": str(tmp_path / "base")})
+    first, second = tmp_path / "base" / "models" / "checkpoints" / "batch_0000", tmp_path / "ck" / "batch_0001"
+
+    def split(candidate: float, production: float) -> dict:
+        return {"cells": 50, "candidate": {"masked_acc": candidate}, "production": {"masked_acc": production}}
+
+    promote_or_keep(config, {"status": "evaluated", "candidate": str(first), "candidate_sha256": "a" * 64,
+                             "production": None, "splits": {"validation": split(0.30, 0.0)}}, run_id="r1")
+    kept = promote_or_keep(config, {"status": "evaluated", "candidate": str(second), "candidate_sha256": "b" * 64,
+                                    "production": str(first),
+                                    "splits": {"validation": split(0.20, 0.30), "canary": split(0.31, 0.30)}},
+                           run_id="r2")
+    assert kept["action"] == "kept"
+    page = Path(write_run_report(config, "after-retrain")["html"]).read_text()
+    section = page[page.index("<section id=retrain>"):].split("</section>")[0]
+    assert f"production checkpoint <code>{first}</code>" in section
+    rows = re.findall(r"<tr>(.*?)</tr>", section, re.S)[1:]  # newest first, after the header
+    cells = [[html.unescape(c) for c in re.findall(r"<td>(.*?)</td>", r, re.S)] for r in rows]
+    assert [c[3] for c in cells] == ["kept", "promoted"]
+    assert "regressed beyond the tolerance 0.01 on validation" in cells[0][4]
+    assert cells[0][5] == "canary +0.0100, validation -0.1000"

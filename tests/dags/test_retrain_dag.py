@@ -57,7 +57,9 @@ def test_retrain_tasks_order_and_notifications(monkeypatch, tmp_path):
     dag = bag.dags["atlas_retrain"]
     upstream = {t.task_id: t.upstream_task_ids for t in dag.tasks}
     assert upstream == {"detect": set(), "gate_ingest": {"detect"}, "trigger_ingest": {"gate_ingest"},
-                        "build_retrain_set": {"detect"}, "evaluate": {"build_retrain_set"}, "promote": {"evaluate"}}
+                        "build_retrain_set": {"detect"}, "evaluate": {"build_retrain_set"}, "promote": {"evaluate"},
+                        "report": {"promote"}}
+    assert dag.get_task("report").is_teardown  # runs after a failed promote without hiding it
     trigger = dag.get_task("trigger_ingest")
     assert trigger.trigger_dag_id == "atlas_ingest" and trigger.wait_for_completion is False
     assert "gate_ingest" in str(trigger.conf)  # the gate's XCom: the conf that says why

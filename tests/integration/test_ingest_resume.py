@@ -125,6 +125,11 @@ def test_pipelined_pooled_budgeted_run(tmp_path, airflow_factory):
     assert decision["action"] == "promoted"
     production = json.loads((base / "models" / "production.json").read_text())
     assert Path(production["checkpoint_dir"]).name == "batch_0003"
+    # the retrain run refreshed the run report, which now says what was decided and why
+    page = Path(json.loads((base / "reports" / "latest.json").read_text())["html"]).read_text()
+    section = page[page.index("<section id=retrain>"):].split("</section>")[0]
+    assert "<td>promoted</td>" in section and "no production checkpoint yet" in section
+    assert 'id="ds-pbmc_gone"' in page and "404" in page  # the ingest run's quarantine is in the same report
 
 
 def _served(server: GeoServer) -> Counter:
