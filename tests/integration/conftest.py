@@ -11,6 +11,7 @@ import atexit
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -35,6 +36,52 @@ for _k, _v in {
     os.environ.setdefault(_k, _v)
 
 LOCAL_SLURM = REPO / "scripts" / "local-slurm"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A real PostgreSQL server (Debian package) on 127.0.0.1, stopped by its PID afterwards.
+
+    Shared by the LocalExecutor and CeleryExecutor runs (each uses its own Airflow home; the second
+    ``airflow db migrate`` finds the schema current)."""
+    # not under pytest's tmp dirs: they are private to root, and the server runs as postgres
+    state = Path(tempfile.mkdtemp(prefix="atlasflow-test-pg-"))
+    os.chmod(state, 0o755)
+    env = {**os.environ, "PG_STATE_DIR": str(state), "PG_PORT": str(_free_port())}
+    script = str(REPO / "scripts" / "local-postgres")
+    started = subprocess.run([script, "start"], env=env, capture_output=True, text=True, timeout=600)
+    if started.returncode != 0 and os.geteuid() != 0 and "not root" in started.stderr:
+        pytest.skip(started.stderr.strip())
+    assert started.returncode == 0, started.stdout + started.stderr
+    url = subprocess.run([script, "url"], env=env, capture_output=True, text=True, check=True).stdout.strip()
+    yield url
+    stopped = subprocess.run([script, "stop"], env=env, capture_output=True, text=True)
+    shutil.rmtree(state, ignore_errors=True)
+    assert stopped.returncode == 0 and "stopped postgres" in stopped.stdout
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """A real Redis server (Debian ``redis-server``) on 127.0.0.1 as the Celery broker, stopped by its PID."""
+    state = Path(tempfile.mkdtemp(prefix="atlasflow-test-redis-"))
+    os.chmod(state, 0o755)  # the server runs as the `redis` account when we are root
+    env = {**os.environ, "REDIS_STATE_DIR": str(state), "REDIS_PORT": str(_free_port())}
+    script = str(REPO / "scripts" / "local-redis")
+    started = subprocess.run([script, "start"], env=env, capture_output=True, text=True, timeout=600)
+    if started.returncode != 0 and os.geteuid() != 0 and "not root" in started.stderr:
+        pytest.skip(started.stderr.strip())
+    assert started.returncode == 0, started.stdout + started.stderr
+    url = subprocess.run([script, "url"], env=env, capture_output=True, text=True, check=True).stdout.strip()
+    yield url
+    stopped = subprocess.run([script, "stop"], env=env, capture_output=True, text=True)
+    shutil.rmtree(state, ignore_errors=True)
+    assert stopped.returncode == 0 and "stopped redis" in stopped.stdout
 
 
 def _slurm_state() -> Path:
