@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -45,11 +46,8 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def postgres_url() -> Iterator[str]:
-    """A real PostgreSQL server (Debian package) on 127.0.0.1, stopped by its PID afterwards.
-
-    Shared by the LocalExecutor and CeleryExecutor runs (each uses its own Airflow home; the second
-    ``airflow db migrate`` finds the schema current)."""
+def postgres_server() -> Iterator[str]:
+    """A real PostgreSQL server (Debian package) on 127.0.0.1, stopped by its PID afterwards; its URL."""
     # not under pytest's tmp dirs: they are private to root, and the server runs as postgres
     state = Path(tempfile.mkdtemp(prefix="atlasflow-test-pg-"))
     os.chmod(state, 0o755)
@@ -64,6 +62,22 @@ def postgres_url() -> Iterator[str]:
     stopped = subprocess.run([script, "stop"], env=env, capture_output=True, text=True)
     shutil.rmtree(state, ignore_errors=True)
     assert stopped.returncode == 0 and "stopped postgres" in stopped.stdout
+
+
+@pytest.fixture
+def postgres_url(postgres_server: str) -> str:
+    """A fresh, empty metadata database on the shared server for one test (its own Airflow install)."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    url = make_url(postgres_server)
+    name = f"airflow_{uuid.uuid4().hex[:12]}"
+    # scripts/local-postgres gives the postgres superuser the same generated password
+    admin = create_engine(url.set(username="postgres", database="postgres"), isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}" OWNER airflow'))
+    admin.dispose()
+    return url.set(database=name).render_as_string(hide_password=False)
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,11 @@ worker (scripts/airflow_local.py via LocalAirflow), all on 127.0.0.1 and stopped
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -18,6 +22,8 @@ from atlasflow.testing.geo_server import GeoServer
 from atlasflow.testing.local_airflow import LocalAirflow
 
 from .test_real_scheduler import alive, assert_pools_respected
+
+REPO = Path(__file__).resolve().parents[2]
 
 pytest.importorskip("airflow.providers.celery", reason="apache-airflow-providers-celery is not installed")
 
@@ -64,3 +70,15 @@ def test_ingest_run_with_celery_worker(tmp_path, postgres_url, redis_url):
         finally:
             airflow.stop()
     assert not any(alive(p) for p in pids.values())
+
+
+def test_local_redis_refuses_a_busy_port(tmp_path):
+    """scripts/local-redis checks the port before installing or starting anything."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        env = {**os.environ, "REDIS_STATE_DIR": str(tmp_path), "REDIS_PORT": str(busy.getsockname()[1])}
+        done = subprocess.run([str(REPO / "scripts" / "local-redis"), "start"], env=env, capture_output=True,
+                              text=True, timeout=60)
+    assert done.returncode == 2 and "is busy; set REDIS_PORT" in done.stderr
+    assert not (tmp_path / "redis.pid").exists()
