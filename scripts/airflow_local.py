@@ -9,6 +9,10 @@
     airflow_local.py tasks DAG_ID
     airflow_local.py stop
 
+With ``AIRFLOW__CORE__EXECUTOR=CeleryExecutor`` (and ``AIRFLOW__CELERY__BROKER_URL``), ``start`` also
+runs a Celery worker (``airflow celery worker``, concurrency ``AIRFLOW__CORE__PARALLELISM``) as a
+fifth component, recorded and stopped like the others.
+
 ``start`` while some components run starts only the missing ones (e.g. a scheduler that died),
 on the same ports; the workers a dead component left behind are stopped with everything else.
 
@@ -35,6 +39,12 @@ from pathlib import Path
 from typing import Any
 
 COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
+
+
+def components() -> tuple[str, ...]:
+    """The processes to run: with the CeleryExecutor the tasks run in a Celery worker, so start one."""
+    executor = os.environ.get("AIRFLOW__CORE__EXECUTOR", "LocalExecutor")
+    return COMPONENTS + (("celery-worker",) if "CeleryExecutor" in executor else ())
 
 
 def home() -> Path:
@@ -115,7 +125,7 @@ def token(state: dict[str, Any]) -> str:
 def start(args: argparse.Namespace) -> int:
     state = read_state()
     running = {c: p for c, p in state.get("pids", {}).items() if alive(p)}
-    if running and len(running) == len(COMPONENTS):
+    if running and len(running) == len(components()):
         print(f"already running: {', '.join(f'{c} (pid {p})' for c, p in running.items())}")
         return 0
     if running:
@@ -129,7 +139,7 @@ def start(args: argparse.Namespace) -> int:
     migrate = subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], env=env, capture_output=True, text=True)
     if migrate.returncode != 0:
         raise SystemExit(f"airflow db migrate failed:\n{(migrate.stdout + migrate.stderr)[-3000:]}")
-    pids = {component: launch(component, env, api_port) for component in COMPONENTS}
+    pids = {component: launch(component, env, api_port) for component in components()}
     state = {"pids": pids, "api_port": api_port, "log_ports": [worker_log_port, trigger_log_port],
              "started": time.time()}
     write_state(state)
@@ -168,6 +178,11 @@ def launch(component: str, env: dict[str, str], api_port: int) -> int:
     cmd = [sys.executable, "-m", "airflow", component]
     if component == "api-server":
         cmd += ["--host", "127.0.0.1", "--port", str(api_port)]
+    elif component == "celery-worker":
+        # Logs are read from this machine's $AIRFLOW_HOME/logs, so the worker needs no log server
+        # (which would listen on every interface).
+        cmd = [sys.executable, "-m", "airflow", "celery", "worker", "--skip-serve-logs",
+               "--concurrency", env.get("AIRFLOW__CORE__PARALLELISM", "4")]
     log = (state_dir() / f"{component}.log").open("ab")
     # own session: stop() can signal the component and every worker it forked, and nothing else
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -177,7 +192,7 @@ def launch(component: str, env: dict[str, str], api_port: int) -> int:
 def restart_missing(state: dict[str, Any], running: dict[str, int]) -> int:
     """Start the components that died, on the recorded ports; remember their old process groups."""
     env = component_env(state["api_port"], *state["log_ports"])
-    for component in COMPONENTS:
+    for component in components():
         if component in running:
             continue
         old = state["pids"].get(component)
