@@ -103,6 +103,22 @@ class LocalAirflow:
             raise RuntimeError(f"trigger failed: {done.stdout}{done.stderr}")
         return done.stdout.split("triggered atlas_ingest run ", 1)[1].split()[0], done.returncode
 
+    @property
+    def api_url(self) -> str:
+        state = json.loads((self.home / "local" / "state.json").read_text())
+        return f"http://127.0.0.1:{state['api_port']}"
+
+    def token(self) -> str:
+        """A JWT for the generated ``admin`` user, as the UI's login form gets one."""
+        import urllib.request
+
+        password = json.loads((self.home / "simple_auth_manager_passwords.json.generated").read_text())["admin"]
+        request = urllib.request.Request(self.api_url + "/auth/token", method="POST",
+                                         data=json.dumps({"username": "admin", "password": password}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as reply:
+            return json.load(reply)["access_token"]
+
     def pids(self) -> dict[str, int]:
         return json.loads((self.home / "local" / "state.json").read_text())["pids"]
 
