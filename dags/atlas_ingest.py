@@ -14,6 +14,8 @@ from datetime import timedelta
 from airflow.sdk import Asset, Param, TaskGroup, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowSkipException
 
+from atlasflow.assets import MODEL_CHECKPOINT_URI
+from atlasflow_airflow.notify import notify_failure
 from atlasflow_airflow.operators.quant import QuantOperator
 from atlasflow_airflow.operators.train import TrainBatchOperator
 from atlasflow_airflow.operators.validate import SystemValidationOperator
@@ -21,7 +23,7 @@ from atlasflow_airflow.runtime import parse_time_plan
 from atlasflow_airflow.sensors.storage import StorageAdmissionSensor
 
 CONFIG, PLAN, PLAN_PROBLEM = parse_time_plan()
-MODEL_ASSET = Asset("atlasflow://model/checkpoint")
+MODEL_ASSET = Asset(MODEL_CHECKPOINT_URI)
 
 DEFAULT_ARGS = {
     "owner": "atlasflow",
@@ -29,6 +31,7 @@ DEFAULT_ARGS = {
     "retry_delay": timedelta(seconds=30),
     "retry_exponential_backoff": 2.0,
     "max_retry_delay": timedelta(minutes=15),
+    "on_failure_callback": notify_failure,  # notify.channel: log (default), webhook or smtp
 }
 DOWNLOAD_RETRIES = CONFIG.download.retries if CONFIG else 3
 PIPELINING = CONFIG.plan.pipelining if CONFIG else True
@@ -98,6 +101,20 @@ def publish(last_train: str) -> dict | None:
     return get_current_context()["ti"].xcom_pull(task_ids=last_train)
 
 
+@task
+def report() -> dict:
+    """Write the run report (reports/<run_id>/report.html, run_metrics.json, reports/latest.json).
+
+    A teardown with no setups: it runs once everything upstream is done, whatever their states
+    (``all_done``), and, unlike a plain ``all_done`` leaf, its success does not mark a run with
+    failed batches successful.
+    """
+    from atlasflow.report import write_run_report
+
+    context = get_current_context()
+    return write_run_report(_config(), context["run_id"])
+
+
 @dag(
     dag_id="atlas_ingest",
     schedule=CONFIG.plan.schedule if CONFIG else None,
@@ -118,6 +135,8 @@ def atlas_ingest() -> None:
     prepared = prepare()
     # Fails the run before any download when the budget exceeds the disk or a tool is missing.
     SystemValidationOperator(task_id="validate_system", retries=1) >> prepared
+    reported = report().as_teardown()
+    cleanups = []
     previous_admit = previous_train = previous_cleanup = None
     previous_train_id: str | None = None
     for batch in PLAN.batches if PLAN else ():
@@ -128,16 +147,20 @@ def atlas_ingest() -> None:
             # The sealed plan fixes a batch's datasets, so the map is known at parse time; it is
             # still a dynamic map (one instance per dataset, named by its id in the UI).
             fetched = download.partial(batch_id=bid).expand(dataset_id=list(batch.dataset_ids))
-            # raw reads → counts (pool quant; FASTQ deleted once quantified); other datasets pass through
-            quantified = QuantOperator.partial(task_id="quant", batch_id=bid, pool="quant", map_index_template="{{ dataset_id }}",
-                                               execution_timeout=QUANT_TIMEOUT).expand(fetched=fetched)
-            processed = process.partial(batch_id=bid).expand(fetched=quantified.output)
+            counts = fetched
+            if PLAN.has_reads(bid):
+                # raw reads → counts (pool quant; FASTQ deleted once quantified); count files pass through
+                counts = QuantOperator.partial(task_id="quant", batch_id=bid, pool="quant",
+                                                map_index_template="{{ dataset_id }}",
+                                                execution_timeout=QUANT_TIMEOUT).expand(fetched=fetched).output
+            processed = process.partial(batch_id=bid).expand(fetched=counts)
             integrated = integrate(bid, processed)
             trained = TrainBatchOperator(task_id="train", batch_id=bid, previous_train_task_id=previous_train_id)
             done = cleanup(bid)
             prepared >> admit >> fetched
             integrated >> trained >> done
             done.as_teardown(setups=admit)
+            cleanups.append(done)
         if previous_admit is not None:
             previous_admit >> admit  # admission in plan order: no batch starves
             previous_train >> trained  # training in plan order, each resuming the last checkpoint
@@ -145,7 +168,11 @@ def atlas_ingest() -> None:
                 previous_cleanup >> admit
         previous_admit, previous_train, previous_cleanup, previous_train_id = admit, trained, done, f"{bid}.train"
     if previous_train is not None:
-        previous_train >> publish(previous_train_id)
+        published = publish(previous_train_id)
+        previous_train >> published
+        [published, *cleanups] >> reported
+    else:
+        prepared >> reported
 
 
 atlas_ingest()

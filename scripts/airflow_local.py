@@ -9,6 +9,10 @@
     airflow_local.py tasks DAG_ID
     airflow_local.py stop
 
+With ``AIRFLOW__CORE__EXECUTOR=CeleryExecutor`` (and ``AIRFLOW__CELERY__BROKER_URL``), ``start`` also
+runs a Celery worker (``airflow celery worker``, concurrency ``AIRFLOW__CORE__PARALLELISM``) as a
+fifth component, recorded and stopped like the others.
+
 ``start`` while some components run starts only the missing ones (e.g. a scheduler that died),
 on the same ports; the workers a dead component left behind are stopped with everything else.
 
@@ -35,6 +39,12 @@ from pathlib import Path
 from typing import Any
 
 COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
+
+
+def components() -> tuple[str, ...]:
+    """The processes to run: with the CeleryExecutor the tasks run in a Celery worker, so start one."""
+    executor = os.environ.get("AIRFLOW__CORE__EXECUTOR", "LocalExecutor")
+    return COMPONENTS + (("celery-worker",) if "CeleryExecutor" in executor else ())
 
 
 def home() -> Path:
@@ -115,7 +125,7 @@ def token(state: dict[str, Any]) -> str:
 def start(args: argparse.Namespace) -> int:
     state = read_state()
     running = {c: p for c, p in state.get("pids", {}).items() if alive(p)}
-    if running and len(running) == len(COMPONENTS):
+    if running and len(running) == len(components()):
         print(f"already running: {', '.join(f'{c} (pid {p})' for c, p in running.items())}")
         return 0
     if running:
@@ -129,7 +139,7 @@ def start(args: argparse.Namespace) -> int:
     migrate = subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], env=env, capture_output=True, text=True)
     if migrate.returncode != 0:
         raise SystemExit(f"airflow db migrate failed:\n{(migrate.stdout + migrate.stderr)[-3000:]}")
-    pids = {component: launch(component, env, api_port) for component in COMPONENTS}
+    pids = {component: launch(component, env, api_port) for component in components()}
     state = {"pids": pids, "api_port": api_port, "log_ports": [worker_log_port, trigger_log_port],
              "started": time.time()}
     write_state(state)
@@ -168,6 +178,11 @@ def launch(component: str, env: dict[str, str], api_port: int) -> int:
     cmd = [sys.executable, "-m", "airflow", component]
     if component == "api-server":
         cmd += ["--host", "127.0.0.1", "--port", str(api_port)]
+    elif component == "celery-worker":
+        # Logs are read from this machine's $AIRFLOW_HOME/logs, so the worker needs no log server
+        # (which would listen on every interface).
+        cmd = [sys.executable, "-m", "airflow", "celery", "worker", "--skip-serve-logs",
+               "--concurrency", env.get("AIRFLOW__CORE__PARALLELISM", "4")]
     log = (state_dir() / f"{component}.log").open("ab")
     # own session: stop() can signal the component and every worker it forked, and nothing else
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -177,7 +192,7 @@ def launch(component: str, env: dict[str, str], api_port: int) -> int:
 def restart_missing(state: dict[str, Any], running: dict[str, int]) -> int:
     """Start the components that died, on the recorded ports; remember their old process groups."""
     env = component_env(state["api_port"], *state["log_ports"])
-    for component in COMPONENTS:
+    for component in components():
         if component in running:
             continue
         old = state["pids"].get(component)
@@ -242,21 +257,33 @@ def status(args: argparse.Namespace) -> int:
     return 0 if all(alive(p) for p in state["pids"].values()) else 1
 
 
-def trigger(args: argparse.Namespace) -> int:
-    state = read_state()
+def unpause_when_parsed(state: dict[str, Any], dag_id: str, parse_timeout: float) -> str:
+    """Wait until the dag-processor has serialised ``dag_id`` (a moment after start), unpause it; returns a token."""
     if not state.get("pids"):
         raise SystemExit("Airflow is not running: start it first")
     tok = token(state)
-    deadline = time.time() + args.parse_timeout
-    while True:  # the dag-processor needs a moment to serialise the DAG after start
+    deadline = time.time() + parse_timeout
+    while True:
         try:
-            request(state, "GET", f"/api/v2/dags/{args.dag_id}", token=tok)
+            request(state, "GET", f"/api/v2/dags/{dag_id}", token=tok)
             break
         except urllib.error.HTTPError as exc:
             if exc.code != 404 or time.time() > deadline:
-                raise SystemExit(f"DAG {args.dag_id} not available: HTTP {exc.code}") from None
+                raise SystemExit(f"DAG {dag_id} not available: HTTP {exc.code}") from None
             time.sleep(2)
-    request(state, "PATCH", f"/api/v2/dags/{args.dag_id}", {"is_paused": False}, token=tok)
+    request(state, "PATCH", f"/api/v2/dags/{dag_id}", {"is_paused": False}, token=tok)
+    return tok
+
+
+def unpause(args: argparse.Namespace) -> int:
+    unpause_when_parsed(read_state(), args.dag_id, args.parse_timeout)
+    print(f"unpaused {args.dag_id}")
+    return 0
+
+
+def trigger(args: argparse.Namespace) -> int:
+    state = read_state()
+    tok = unpause_when_parsed(state, args.dag_id, args.parse_timeout)
     run = request(state, "POST", f"/api/v2/dags/{args.dag_id}/dagRuns",
                   {"logical_date": None, "conf": json.loads(args.conf)}, token=tok)
     run_id = run["dag_run_id"]
@@ -324,6 +351,10 @@ def main() -> int:
     p.add_argument("--timeout", type=float, default=1800)
     p.add_argument("--parse-timeout", type=float, default=120)
     p.set_defaults(func=trigger)
+    p = sub.add_parser("unpause", help="unpause a DAG (e.g. atlas_retrain) once it is parsed")
+    p.add_argument("dag_id")
+    p.add_argument("--parse-timeout", type=float, default=120)
+    p.set_defaults(func=unpause)
     p = sub.add_parser("wait")
     p.add_argument("dag_id")
     p.add_argument("run_id")

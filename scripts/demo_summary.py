@@ -51,6 +51,12 @@ def main() -> int:
                   f"forgetting check {b['forgetting']}")
         print(f"final checkpoint {latest[-1].parent}: step {progress['global_step']}, {progress['cells_seen']} cells "
               f"seen, datasets {', '.join(progress['datasets_seen'])}")
+    system = base / "state" / "system.json"
+    if system.exists():
+        print(f"system validation: {json.loads(system.read_text())['memory_strategy']['reason']}")
+    pointer = base / "reports" / "latest.json"
+    if pointer.exists():
+        print(f"run report: {json.loads(pointer.read_text())['html']}")
     home = Path(os.environ["AIRFLOW_HOME"])
     state = json.loads((home / "local" / "state.json").read_text()) if (home / "local" / "state.json").exists() else {}
     pw = home / "simple_auth_manager_passwords.json.generated"

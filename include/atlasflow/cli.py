@@ -217,6 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     from atlasflow.quant import register as register_quant
 
     register_quant(sub)
+    from atlasflow.report import register as register_report
+
+    register_report(sub)
     docs = csub.add_parser("docs", help="print the configuration reference as Markdown (docs/configuration.md)")
     docs.set_defaults(func=cmd_config_docs)
     return parser

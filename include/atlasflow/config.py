@@ -29,9 +29,11 @@ __all__ = [
     "IntegrationConfig",
     "ManifestConfig",
     "ModelConfig",
+    "NotifyConfig",
     "PlanConfig",
     "QCConfig",
     "QuantConfig",
+    "RetrainConfig",
     "SlurmConfig",
     "StorageConfig",
     "TrainingConfig",
@@ -340,6 +342,45 @@ class TrainingConfig:
 
 
 @dataclass(frozen=True)
+class RetrainConfig:
+    """The atlas_retrain DAG: pseudo-labels from feedback, evaluation and promotion of checkpoints."""
+
+    schedule: str | None = _opt(
+        "@weekly", "Cron or preset on which atlas_retrain runs besides every update of the model Asset "
+        "(empty: only on the Asset).")
+    confidence_threshold: float = _opt(
+        0.9, "A feedback prediction becomes a pseudo-label only when its confidence is above this (strictly).",
+        min=0, max=1)
+    tolerance: float = _opt(
+        0.01, "A candidate checkpoint is promoted unless its masked-bin accuracy on the validation or the canary "
+        "split is more than this below production's (absolute, 0.01 = one point).", min=0, max=1)
+    feedback_path: str | None = _opt(
+        None, "Feedback tables (a file, or a folder of .csv/.parquet/.json files with cell_id, dataset_id, "
+        "predicted_label, confidence[, source, checkpoint, timestamp]); <base_dir>/feedback when empty.")
+    canary_fraction: float = _opt(
+        0.3, "Share of held-out datasets (by a hash of their id) that form the canary split; the rest form the "
+        "validation split.", min=0, max=1)
+    split_seed: int = _opt(0, "Salt of the dataset-id hash that assigns held-out datasets to splits.", min=0)
+
+
+@dataclass(frozen=True)
+class NotifyConfig:
+    """Notifications on a failed task and on a promotion decision. No secrets here: the webhook URL can
+    come from an environment variable and SMTP credentials from an Airflow connection."""
+
+    channel: Literal["log", "webhook", "smtp"] = _opt(
+        "log", "`log` writes the message to the task log; `webhook` POSTs JSON; `smtp` mails it.")
+    webhook_url: str | None = _opt(
+        None, "URL the webhook channel POSTs to; empty: the environment variable named by webhook_url_env.")
+    webhook_url_env: str = _opt(
+        "ATLASFLOW_NOTIFY_WEBHOOK_URL", "Environment variable holding the webhook URL (keeps tokens out of files).")
+    smtp_conn_id: str = _opt("smtp_default", "Airflow SMTP connection the smtp channel sends through.")
+    email_to: str | None = _opt(None, "Comma-separated recipients of the smtp channel.")
+    timeout_s: float = _opt(10.0, "Time limit of one webhook or SMTP delivery.", min=0.1)
+    on_keep: bool = _opt(True, "Also notify when a candidate is evaluated and not promoted.")
+
+
+@dataclass(frozen=True)
 class AtlasConfig:
     """The whole pipeline configuration."""
 
@@ -354,6 +395,8 @@ class AtlasConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    retrain: RetrainConfig = field(default_factory=RetrainConfig)
+    notify: NotifyConfig = field(default_factory=NotifyConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -589,7 +632,10 @@ def _resolve_relative(config: AtlasConfig, folder: Path) -> AtlasConfig:
         genes = dataclasses.replace(genes, vocab_path=str(folder / genes.vocab_path))
     if manifest.allowed_file_root and not Path(manifest.allowed_file_root).is_absolute():
         manifest = dataclasses.replace(manifest, allowed_file_root=str(folder / manifest.allowed_file_root))
-    return dataclasses.replace(config, storage=storage, manifest=manifest, genes=genes, quant=quant)
+    retrain = config.retrain
+    if retrain.feedback_path and not Path(retrain.feedback_path).is_absolute():
+        retrain = dataclasses.replace(retrain, feedback_path=str(folder / retrain.feedback_path))
+    return dataclasses.replace(config, storage=storage, manifest=manifest, genes=genes, retrain=retrain, quant=quant)
 
 
 def config_reference() -> list[dict[str, Any]]:

@@ -11,6 +11,7 @@ import json
 import logging
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,8 @@ from atlasflow.genes import Vocabulary
 from atlasflow.manifest import Dataset
 from atlasflow.plan import batch_id as make_batch_id
 from atlasflow.plan import freeze_plan, load_plan
+from atlasflow.retrain import resume_checkpoint
+from atlasflow.runlog import record_job, record_stage
 from atlasflow.storage import BudgetExceededError, Cleaner, Ledger, StorageLayout, batch_footprint
 
 __all__ = [
@@ -38,6 +41,8 @@ __all__ = [
     "reads_to_quantify",
     "record_trained",
     "run_quant",
+    "slurm_training_finished",
+    "slurm_training_submitted",
     "train_batch_step",
     "training_job",
 ]
@@ -113,8 +118,15 @@ def prepare_run(config: AtlasConfig) -> dict[str, Any]:
 def admit_batch(config: AtlasConfig, batch_id: str, *, owner: str) -> dict[str, Any]:
     """Try to reserve the batch's footprint; batches are admitted in plan order.
 
+    Every attempt updates the batch's ``admit`` stage record, which spans the whole wait.
     Raises :class:`~atlasflow.storage.BudgetExceededError` when the batch can never fit.
     """
+    with record_stage(config.state_dir, "admit", batch_id) as out:
+        out.update(_admit_batch(config, batch_id, owner=owner))
+    return out
+
+
+def _admit_batch(config: AtlasConfig, batch_id: str, *, owner: str) -> dict[str, Any]:
     spec = _spec(config, batch_id)
     if (done := batch_trained(config, batch_id)) is not None:
         return {"admitted": True, "batch_id": batch_id, "bytes": 0, "already_trained": True,
@@ -133,6 +145,14 @@ def admit_batch(config: AtlasConfig, batch_id: str, *, owner: str) -> dict[str, 
 
 def download_dataset(config: AtlasConfig, batch_id: str, dataset_id: str, *, final_try: bool) -> dict[str, Any]:
     """Fetch one dataset into ``data/raw/<id>``; permanent failures (and the last try's) quarantine it."""
+    with record_stage(config.state_dir, "download", batch_id, dataset_id) as out:
+        out.update(_download_dataset(config, batch_id, dataset_id, final_try=final_try))
+    if out["status"] == "ok" and not out.get("skipped"):
+        Ledger(config.storage).sample(f"downloaded {dataset_id}")
+    return out
+
+
+def _download_dataset(config: AtlasConfig, batch_id: str, dataset_id: str, *, final_try: bool) -> dict[str, Any]:
     from atlasflow.fetch import FetchError, TransientFetchError, fetch_dataset
 
     dataset = _dataset(config, batch_id, dataset_id)
@@ -238,12 +258,18 @@ def quant_job(config: AtlasConfig, batch_id: str, dataset_id: str, *, python: st
 
 def process_dataset_step(config: AtlasConfig, batch_id: str, fetched: dict[str, Any]) -> dict[str, Any]:
     """Read → QC → harmonise one downloaded dataset; raw files are deleted once it is processed."""
+    if fetched.get("status") != "ok":
+        return fetched  # quarantined at download: nothing to process, nothing to record
+    with record_stage(config.state_dir, "process", batch_id, fetched["dataset_id"]) as out:
+        out.update(_process_dataset_step(config, batch_id, fetched))
+    return out
+
+
+def _process_dataset_step(config: AtlasConfig, batch_id: str, fetched: dict[str, Any]) -> dict[str, Any]:
     from atlasflow.process import DatasetQuarantined, process_dataset
     from atlasflow.storage.cleanup import file_sha256
 
     dataset_id = fetched["dataset_id"]
-    if fetched.get("status") != "ok":
-        return fetched
     layout = _layout(config)
     out = layout.processed_dir(batch_id) / f"{dataset_id}.h5ad"
     cleaner = Cleaner(Ledger(config.storage))
@@ -274,7 +300,11 @@ def process_dataset_step(config: AtlasConfig, batch_id: str, fetched: dict[str, 
         "batch_id": batch_id, "downloads": [{"name": f["name"], "sha256": f["sha256"], "bytes": f["bytes"]} for f in checksums],
         "processed_sha256": file_sha256(out), "cells_before": summary["cells_before"], "cells_after": summary["cells_after"],
         "genes_after": summary["genes_after"], "coverage": summary["coverage"], "format": summary["format"],
+        "removed": summary["removed"], "raw_bytes": summary["raw_bytes"], "processed_bytes": summary["processed_bytes"],
+        "qc_histograms": summary["histograms"],  # for the run report, after the processed file is gone
     })
+    # raw and processed files are both on disk now: this dataset's peak
+    Ledger(config.storage).sample(f"processed {dataset_id}")
     cleaner.delete_raw(dataset_id, batch_id=batch_id)
     keep = ("dataset_id", "status", "path", "format", "raw_bytes", "processed_bytes", "cells_before", "cells_after",
             "genes_after", "removed", "coverage", "strategy", "non_integer", "seconds")
@@ -295,6 +325,12 @@ def _previous(root: Path, batch_id: str) -> Path | None:
 
 def integrate_batch_step(config: AtlasConfig, batch_id: str, processed: list[dict[str, Any]]) -> dict[str, Any]:
     """Integrate the batch's usable datasets (scVI, or scArches onto the previous batch's model)."""
+    with record_stage(config.state_dir, "integrate", batch_id) as out:
+        out.update(_integrate_batch_step(config, batch_id, processed))
+    return out
+
+
+def _integrate_batch_step(config: AtlasConfig, batch_id: str, processed: list[dict[str, Any]]) -> dict[str, Any]:
     ok = [p["dataset_id"] for p in processed if p and p.get("status") == "ok"]
     quarantined = {p["dataset_id"]: p.get("reason") for p in processed if p and p.get("status") != "ok"}
     base = {"batch_id": batch_id, "datasets": ok, "quarantined": quarantined}
@@ -326,6 +362,8 @@ def training_job(config: AtlasConfig, batch_id: str, *, previous_checkpoint: str
     layout = _layout(config)
     out = layout.checkpoints / batch_id
     previous = Path(previous_checkpoint) if previous_checkpoint else _previous(layout.checkpoints, batch_id)
+    # a checkpoint atlas_retrain did not promote is not built upon: resume from production instead
+    previous = resume_checkpoint(config, previous)
     if previous is not None and not (previous / "model.pt").exists():
         raise FileNotFoundError(
             f"{batch_id} should resume from {previous}, which is gone; cleanup keeps the newest "
@@ -345,28 +383,77 @@ def train_batch_step(config: AtlasConfig, batch_id: str, *, previous_checkpoint:
 
     A batch trained before (by any run) is not trained again; its recorded result is returned.
     """
+    with record_stage(config.state_dir, "train", batch_id) as out:
+        if (done := batch_trained(config, batch_id)) is not None:
+            log.info("%s already trained: %s", batch_id, done.get("checkpoint_dir"))
+            out["skipped"] = f"{batch_id} already trained"  # for the stage record only: XCom stays the result
+            result = record_trained(config, batch_id, done)
+        else:
+            result = _train_batch_step(config, batch_id, previous_checkpoint=previous_checkpoint, tag=tag,
+                                       attempt=attempt)
+        out.update(result)
+    return result
+
+
+def _train_batch_step(config: AtlasConfig, batch_id: str, *, previous_checkpoint: str | None, tag: str,
+                      attempt: int) -> dict[str, Any]:
     from atlasflow.slurm import JobSpec, JobState
     from atlasflow.slurm.backend import LocalBackend
 
-    if (done := batch_trained(config, batch_id)) is not None:
-        log.info("%s already trained: %s", batch_id, done.get("checkpoint_dir"))
-        return record_trained(config, batch_id, done)
     job = training_job(config, batch_id, previous_checkpoint=previous_checkpoint)
     spec = JobSpec(dataset_id="train", batch_id=batch_id, command=tuple(job["command"]), output_dir=job["log_dir"],
                    tag=tag, attempt=attempt)
     Ledger(config.storage).heartbeat(batch_id)
     log.info("running %s", " ".join(job["command"]))
+    started = time.time()
     ran = LocalBackend().run(spec, timeout_s=config.training.timeout_s)
+    record_job(config.state_dir, batch_id, {
+        "backend": "local", "job_id": ran.info.job_id, "state": ran.info.state.value, "attempt": attempt, "tag": tag,
+        "exit_code": ran.info.exit_code, "reason": ran.info.reason, "submitted": started, "ended": time.time(),
+        "stdout": spec.stdout_path, "stderr": spec.stderr_path})
     stderr = Path(spec.stderr_path).read_text(errors="replace") if Path(spec.stderr_path).exists() else ""
     if stderr:
         log.info("training log (tail, full log %s):\n%s", spec.stderr_path, stderr[-4000:])
     if ran.info.state is not JobState.COMPLETED or ran.result is None:
         raise RuntimeError(f"atlasflow train for {batch_id}: {ran.info.describe()}: {stderr.strip()[-1500:]}")
+    Ledger(config.storage).sample(f"trained {batch_id}")
     return record_trained(config, batch_id, ran.result)
 
 
+def slurm_training_submitted(config: AtlasConfig, batch_id: str) -> None:
+    """Open the batch's ``train`` stage record when its SLURM job is submitted (or adopted)."""
+    from atlasflow.runlog import stage_started
+
+    stage_started(config.state_dir, "train", batch_id)
+
+
+def slurm_training_finished(config: AtlasConfig, batch_id: str, event: dict[str, Any]) -> None:
+    """Record the SLURM job (id, state, exit code) and close the ``train`` stage from the trigger's final event."""
+    from atlasflow.runlog import stage_ended, stage_path, stage_started
+
+    record_job(config.state_dir, batch_id, {
+        "backend": "slurm", "job_id": event.get("job_id"), "state": event.get("state") or event.get("status"),
+        "exit_code": event.get("exit_code"), "reason": event.get("reason"), "message": event.get("message"),
+        "ended": time.time()})
+    path = stage_path(config.state_dir, "train", batch_id)
+    record = json.loads(path.read_text()) if path.exists() else None
+    if record is None or record.get("status") != "running":
+        record = stage_started(config.state_dir, "train", batch_id)
+    ok = event.get("status") == "success" and event.get("result") is not None
+    stage_ended(config.state_dir, record, status="ok" if ok else "failed", result=event.get("result") or {},
+                error=None if ok else str(event.get("message") or event.get("status")))
+    if ok:
+        Ledger(config.storage).sample(f"trained {batch_id}")
+
+
 def cleanup_batch(config: AtlasConfig, batch_id: str) -> dict[str, Any]:
-    """The cleanup policy for a finished (or failed) batch; releases its reservation."""
+    """The cleanup policy for a finished (or failed) batch; releases its reservation (and samples usage)."""
+    with record_stage(config.state_dir, "cleanup", batch_id) as out:
+        out.update(_cleanup_batch(config, batch_id))
+    return out
+
+
+def _cleanup_batch(config: AtlasConfig, batch_id: str) -> dict[str, Any]:
     spec = _spec(config, batch_id)
     ids = [d["dataset_id"] for d in spec["datasets"]]
     trained = batch_trained(config, batch_id)

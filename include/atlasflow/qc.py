@@ -52,9 +52,37 @@ class QCResult:
     non_integer: bool
     hvg: int
     seconds: float
+    histograms: dict[str, Any]
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+
+# Fixed bins, so histograms of different datasets (and runs) add up and plot on one axis:
+# counts and detected genes on log10(1 + x), 0.1 wide up to 10^6; mitochondrial share 2 % wide.
+HIST_EDGES = {"n_counts": [round(0.1 * i, 1) for i in range(61)], "n_genes": [round(0.1 * i, 1) for i in range(61)],
+              "pct_mito": [2.0 * i for i in range(51)]}
+
+
+def qc_histograms(metrics: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],
+                  masks: Sequence[np.ndarray]) -> dict[str, Any]:
+    """Per-cell QC metrics of every cell (``before``) and of the passing ones (``after``) on :data:`HIST_EDGES`.
+
+    A few hundred integers per dataset: kept in the dataset's tombstone, so the run report can
+    plot QC distributions after the processed file is cleaned up. Values beyond the last edge
+    fall into the last bin.
+    """
+    columns = {"n_counts": 0, "n_genes": 1, "pct_mito": 2}
+    out: dict[str, Any] = {}
+    for name, col in columns.items():
+        edges = np.asarray(HIST_EDGES[name])
+        values = np.concatenate([m[col] for m in metrics]) if metrics else np.zeros(0)
+        keep = np.concatenate(list(masks)) if masks else np.zeros(0, bool)
+        x = np.log10(1 + values) if name != "pct_mito" else values
+        x = np.clip(x, edges[0], edges[-1])
+        out[name] = {"scale": "log10(1+x)" if name != "pct_mito" else "percent", "edges": HIST_EDGES[name],
+                     "before": np.histogram(x, edges)[0].tolist(), "after": np.histogram(x[keep], edges)[0].tolist()}
+    return out
 
 
 def choose_strategy(sources: Sequence[CountSource], config: QCConfig) -> str:
@@ -218,7 +246,8 @@ def run_qc(
                 "qc": {"cells_before": cells_before, "cells_after": cells_after, "removed": removed,
                        "strategy": strategy, "non_integer": non_integer, **coverage}})
     result = QCResult(str(out_path), cells_before, cells_after, sum(len(s.genes) for s in sources), int(selected.size),
-                      removed, coverage, strategy, non_integer, int(hvg.sum()), time.monotonic() - t0)
+                      removed, coverage, strategy, non_integer, int(hvg.sum()), time.monotonic() - t0,
+                      qc_histograms(metrics, masks))
     log.info("%s: %d -> %d cells, %d genes kept, coverage %.1f%% (%s, %.1f s)", dataset_id, cells_before, cells_after,
              selected.size, 100 * coverage["vocab_fraction"], strategy, result.seconds)
     return result

@@ -26,7 +26,7 @@ DEFAULT_CONFIG = PROJECT_ROOT / "include" / "config" / "atlasflow.yaml"
 OVERRIDES_VARIABLE = "atlasflow_overrides"
 # These shape the DAG itself (which batches exist, where the plan lives) and are read at parse
 # time from the file; overriding them for one run would make the run disagree with its own graph.
-PARSE_TIME_KEYS = ("manifest", "plan", "storage.base_dir")
+PARSE_TIME_KEYS = ("manifest", "plan", "storage.base_dir", "retrain.schedule")
 
 
 def check_runtime_overrides(overrides: dict[str, Any], source: str) -> None:

@@ -56,19 +56,15 @@ def test_batches_are_laid_out_from_the_manifest(monkeypatch, tmp_path):
     groups = sorted({t.task_id.split(".")[0] for t in dag.tasks if "." in t.task_id})
     assert groups == ["batch_0000", "batch_0001", "batch_0002"]
     per_batch = sorted(t.task_id.split(".")[1] for t in dag.tasks if t.task_id.startswith("batch_0001."))
-    assert per_batch == ["admit", "cleanup", "download", "integrate", "process", "quant", "train"]
+    # no raw reads in this manifest, so no batch has a quant step
+    assert per_batch == ["admit", "cleanup", "download", "integrate", "process", "train"]
     assert dag.get_task("batch_0000.admit").upstream_task_ids == {"prepare"}
     # pipelining: admission and training chain batch to batch, nothing else does
     assert dag.get_task("batch_0001.admit").upstream_task_ids == {"prepare", "batch_0000.admit"}
     assert dag.get_task("batch_0001.train").upstream_task_ids == {"batch_0001.integrate", "batch_0000.train"}
     assert dag.get_task("batch_0001.download").pool == "downloads"
     assert dag.get_task("batch_0001.train").pool == "gpu"
-    # raw reads are quantified between download and process, two at a time (pool quant)
-    quant = dag.get_task("batch_0001.quant")
-    assert quant.pool == "quant" and quant.map_index_template == "{{ dataset_id }}"
-    assert quant.upstream_task_ids == {"batch_0001.download"}
-    assert dag.get_task("batch_0001.process").upstream_task_ids == {"batch_0001.quant"}
-    assert quant.execution_timeout.total_seconds() == 600 + 120
+    assert dag.get_task("batch_0001.process").upstream_task_ids == {"batch_0001.download"}
     assert dag.get_task("batch_0001.admit").mode == "reschedule"
     assert dag.get_task("batch_0001.cleanup").is_teardown
     assert dag.get_task("batch_0001.download").map_index_template == "{{ dataset_id }}"
@@ -76,6 +72,24 @@ def test_batches_are_laid_out_from_the_manifest(monkeypatch, tmp_path):
     publish = dag.get_task("publish")
     assert publish.upstream_task_ids == {"batch_0002.train"}
     assert [o.uri for o in publish.outlets] == ["atlasflow://model/checkpoint"]
+    # the run report comes last and runs whatever happened, without deciding the run's state
+    report = dag.get_task("report")
+    assert report.upstream_task_ids == {"publish", "batch_0000.cleanup", "batch_0001.cleanup", "batch_0002.cleanup"}
+    assert not report.downstream_task_ids
+    assert report.is_teardown and report.trigger_rule == "all_done_setup_success"
+    assert not any(t.is_setup for t in report.upstream_list)  # so all_done_setup_success acts as all_done
+    assert report.retries >= 1
+    # Airflow's own rule for the run's state: a failed batch still fails the run (publish is the leaf)
+    from typing import NamedTuple
+
+    from airflow.models.dagrun import DagRun
+
+    class TI(NamedTuple):
+        task_id: str
+        state: None
+
+    tis = [TI(t.task_id, None) for t in dag.tasks]
+    assert {ti.task_id for ti in DagRun._tis_for_dagrun_state(None, dag=dag, tis=tis)} == {"publish"}
 
 
 def test_pipelining_off_chains_each_batch_after_the_previous_cleanup(monkeypatch, tmp_path):
@@ -91,7 +105,8 @@ def test_broken_manifest_does_not_break_the_dag(monkeypatch, tmp_path):
     bag = dagbag(monkeypatch, write_config(tmp_path, write_csv(tmp_path / "m.csv", rows)))
     assert bag.import_errors == {}
     dag = bag.dags["atlas_ingest"]
-    assert sorted(t.task_id for t in dag.tasks) == ["prepare", "validate_system"]
+    assert sorted(t.task_id for t in dag.tasks) == ["prepare", "report", "validate_system"]
+    assert dag.get_task("report").upstream_task_ids == {"prepare"}
     assert "manifest invalid (1 problems)" in dag.doc_md
 
 
@@ -108,3 +123,21 @@ def test_parsing_imports_no_heavy_modules(tmp_path):
     env = {**os.environ, "ATLASFLOW_CONFIG": str(config)}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
     assert json.loads(out.strip().splitlines()[-1]) == []
+
+
+def test_only_batches_with_raw_reads_get_a_quant_step(monkeypatch, tmp_path):
+    rows = direct_rows(4)
+    rows[3] = ["fq003", "https://example.org/r/S_R1.fastq.gz;https://example.org/r/S_R2.fastq.gz", "direct", "", 1_000_000,
+               "10xv3"]
+    header = ["dataset_id", "download_url", "type", "format", "expected_bytes", "technology"]
+    bag = dagbag(monkeypatch, write_config(tmp_path, write_csv(tmp_path / "m.csv", [r + [""] * (6 - len(r)) for r in rows],
+                                                               header)))
+    assert bag.import_errors == {}
+    dag = bag.dags["atlas_ingest"]
+    assert "batch_0000.quant" not in dag.task_dict  # ds000, ds001: count files only
+    # raw reads are quantified between download and process, two at a time (pool quant)
+    quant = dag.get_task("batch_0001.quant")
+    assert quant.pool == "quant" and quant.map_index_template == "{{ dataset_id }}"
+    assert quant.upstream_task_ids == {"batch_0001.download"}
+    assert dag.get_task("batch_0001.process").upstream_task_ids == {"batch_0001.quant"}
+    assert quant.execution_timeout.total_seconds() == 600 + 120

@@ -66,9 +66,12 @@ def test_pipelined_pooled_budgeted_run(tmp_path, airflow_factory):
     with GeoServer(root / "www", rate=5_000) as server:
         build_demo(root, server.url, n_datasets=23, cells=30, batch_size=6, budget_mb=21, missing_at=20,
                    integration_epochs=1)
+        with (root / "atlasflow.yaml").open("a") as f:
+            f.write("retrain:\n  schedule: null  # only the model Asset triggers atlas_retrain\n")
         config = load_config(root / "atlasflow.yaml")
         base = Path(config.storage.base_dir)
         af = airflow_factory(root / "atlasflow.yaml", parallelism=8)
+        af.cli("unpause", "atlas_retrain")
         peak, stop = [0], threading.Event()
 
         def sample() -> None:
@@ -111,6 +114,22 @@ def test_pipelined_pooled_budgeted_run(tmp_path, airflow_factory):
     # every dataset file went over the wire exactly once
     served = Counter(t["path"] for t in transfers if t["bytes"] > 0)
     assert len(served) == 23 and set(served.values()) == {1}
+
+    # publish updated the model Asset, which (and only which) scheduled atlas_retrain: the first
+    # evaluated candidate becomes production
+    retrain = _wait_for(lambda: af.query("SELECT run_type, state FROM dag_run WHERE dag_id = 'atlas_retrain' "
+                                         "AND state IN ('success', 'failed')"), 600, "the retrain run", interval=3)
+    assert retrain == [("asset_triggered", "success")], af.log("scheduler")[-4000:]
+    decision = json.loads((base / "outputs" / "retrain" / "decision.json").read_text())
+    print(f"retrain decision: {decision['action']}: {decision['reason']}")
+    assert decision["action"] == "promoted"
+    production = json.loads((base / "models" / "production.json").read_text())
+    assert Path(production["checkpoint_dir"]).name == "batch_0003"
+    # the retrain run refreshed the run report, which now says what was decided and why
+    page = Path(json.loads((base / "reports" / "latest.json").read_text())["html"]).read_text()
+    section = page[page.index("<section id=retrain>"):].split("</section>")[0]
+    assert "<td>promoted</td>" in section and "no production checkpoint yet" in section
+    assert 'id="ds-pbmc_gone"' in page and "404" in page  # the ingest run's quarantine is in the same report
 
 
 def _served(server: GeoServer) -> Counter:

@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -35,23 +33,6 @@ def alive(pid: int) -> bool:
         return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
     except OSError:
         return False
-
-
-@pytest.fixture(scope="module")
-def postgres_url():
-    """A real PostgreSQL server (Debian package) on 127.0.0.1, stopped by its PID afterwards."""
-    # not under pytest's tmp dirs: they are private to root, and the server runs as postgres
-    state = Path(tempfile.mkdtemp(prefix="atlasflow-test-pg-"))
-    os.chmod(state, 0o755)
-    env = {**os.environ, "PG_STATE_DIR": str(state), "PG_PORT": str(free_port())}
-    script = str(REPO / "scripts" / "local-postgres")
-    started = subprocess.run([script, "start"], env=env, capture_output=True, text=True, timeout=600)
-    assert started.returncode == 0, started.stdout + started.stderr
-    url = subprocess.run([script, "url"], env=env, capture_output=True, text=True, check=True).stdout.strip()
-    yield url
-    stopped = subprocess.run([script, "stop"], env=env, capture_output=True, text=True)
-    shutil.rmtree(state, ignore_errors=True)
-    assert stopped.returncode == 0 and "stopped postgres" in stopped.stdout
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -86,6 +67,29 @@ def test_busy_port_is_refused(local_airflow):
         busy.listen()
         result = cli("start", "--api-port", str(busy.getsockname()[1]), check=False)
     assert result.returncode != 0 and "is busy" in result.stderr
+
+
+def assert_pools_respected(rows: list, slots: dict) -> None:
+    """Pools as airflow_settings.yaml declares them, and never more tasks at once than a pool's slots.
+
+    ``rows``: (task_id, pool, start, end) of the run's task instances; ``slots``: pool -> (slots, include_deferred).
+    """
+    assert slots["gpu"] == (1, True) and slots["downloads"] == (5, False)
+    by_pool: dict[str, list] = {}
+    for task_id, pool, start, end in rows:
+        kind = task_id.rsplit(".", 1)[-1]
+        if kind in ("train", "download"):
+            assert pool == {"train": "gpu", "download": "downloads"}[kind], (task_id, pool)
+            by_pool.setdefault(pool, []).append((start, end))
+    for pool, spans in by_pool.items():
+        # the most intervals open at one instant (an end at the same stamp as a start closes first)
+        events = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans], key=lambda ev: (ev[0], ev[1]))
+        open_, most = 0, 0
+        for _, step in events:
+            open_ += step
+            most = max(most, open_)
+        assert 1 <= most <= slots[pool][0], (pool, most)
+    assert len(by_pool["gpu"]) >= 2  # a train task per batch ran under the gpu pool
 
 
 def test_ingest_run_under_real_scheduler(local_airflow):
@@ -124,12 +128,18 @@ def test_ingest_run_under_real_scheduler(local_airflow):
     with engine.connect() as conn:
         states = dict(conn.execute(text(
             "SELECT task_id || ':' || map_index, state FROM task_instance WHERE dag_id = 'atlas_ingest'")).all())
+        pools = conn.execute(text(
+            "SELECT task_id, pool, start_date, end_date FROM task_instance WHERE dag_id = 'atlas_ingest' "
+            "AND start_date IS NOT NULL")).all()
+        slots = {name: (n, deferred) for name, n, deferred in conn.execute(text(
+            "SELECT pool, slots, include_deferred FROM slot_pool")).all()}
         waits = dict(conn.execute(text(
             "SELECT ti.task_id, COUNT(tr.id) FROM task_instance ti LEFT JOIN task_reschedule tr ON tr.ti_id = ti.id "
             "WHERE ti.task_id LIKE '%.admit' GROUP BY ti.task_id")).all())
     engine.dispose()
     assert states["batch_0002.train:-1"] == "success" and states["publish:-1"] == "success"
     assert waits["batch_0001.admit"] > 0 and waits["batch_0002.admit"] > 0  # the budget made them wait
+    assert_pools_respected(pools, slots)
 
     gone = json.loads((base / "state" / "quarantine" / "pbmc_gone.json").read_text())
     assert gone["stage"] == "download" and "404" in gone["reason"]

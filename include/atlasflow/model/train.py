@@ -90,6 +90,8 @@ class Trainer:
         # a small sample of every batch's validation cells, kept with the checkpoint so later
         # batches can measure forgetting after the processed files are cleaned up
         self.val_sets: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        # the dataset id of every sampled validation cell, so atlas_retrain can split them by dataset
+        self.val_datasets: dict[str, np.ndarray] = {}
 
     # ---- persistence -----------------------------------------------------------------------------
 
@@ -103,8 +105,10 @@ class Trainer:
                     "generator": self.generator.get_state(), "torch": torch.get_rng_state(),
                     "numpy": np.random.get_state(), "python": random.getstate()}, tmp / "state.pt")
         if self.val_sets:
-            np.savez_compressed(tmp / "val_sets.npz", **{f"{k}__{part}": arr for k, (t, b) in self.val_sets.items()
-                                                        for part, arr in (("tokens", t), ("bins", b))})
+            arrays = {f"{k}__{part}": arr for k, (t, b) in self.val_sets.items()
+                      for part, arr in (("tokens", t), ("bins", b))}
+            arrays.update({f"{k}__datasets": ids for k, ids in self.val_datasets.items() if k in self.val_sets})
+            np.savez_compressed(tmp / "val_sets.npz", **arrays)
         write_json_atomic(tmp / "progress.json", {"version": CHECKPOINT_VERSION, "vocab_version": self.vocab.version,
                                                   "config": self.config.to_dict(), **asdict(self.progress)})
         # the previous checkpoint is moved aside, not deleted, until the new one is in place: a kill
@@ -141,6 +145,8 @@ class Trainer:
             with np.load(path / "val_sets.npz") as z:
                 names = sorted({k.rsplit("__", 1)[0] for k in z.files})
                 trainer.val_sets = {n: (z[f"{n}__tokens"], z[f"{n}__bins"]) for n in names}
+                # checkpoints written before dataset ids were kept have none
+                trainer.val_datasets = {n: z[f"{n}__datasets"] for n in names if f"{n}__datasets" in z.files}
         return trainer
 
     # ---- training --------------------------------------------------------------------------------
@@ -212,6 +218,11 @@ class Trainer:
         p.batch_done = True
         return metrics
 
+    def masked_metrics(self, tokens: np.ndarray, bins: np.ndarray) -> dict[str, float]:
+        """Masked-bin ``loss``, ``masked_acc`` and ``baseline_acc`` on these cells, with the masks every
+        evaluation uses (so two checkpoints scored on the same cells are compared on the same positions)."""
+        return self._masked_metrics(tokens.astype(np.int64), bins.astype(np.int64))
+
     @torch.no_grad()
     def _masked_metrics(self, tokens: np.ndarray, bins: np.ndarray) -> dict[str, float]:
         """Masked-bin loss/accuracy, and the most-frequent-bin baseline on the same masked positions."""
@@ -264,8 +275,12 @@ class Trainer:
             m = self._masked_metrics(tokens, bins)
             out.update({"val_loss": m["loss"], "val_masked_acc": m["masked_acc"], "val_baseline_acc": m["baseline_acc"],
                         "val_cells": int(tokens.shape[0])})
-            pick = np.random.default_rng(self.config.training.seed).permutation(tokens.shape[0])[:sample_cells]
-            self.val_sets[data.batch_dir.name] = (tokens[np.sort(pick)].astype(np.int32), bins[np.sort(pick)].astype(np.int16))
+            pick = np.sort(np.random.default_rng(self.config.training.seed).permutation(tokens.shape[0])[:sample_cells])
+            self.val_sets[data.batch_dir.name] = (tokens[pick].astype(np.int32), bins[pick].astype(np.int16))
+            # the unshuffled validation stream is the files in order, every cell once
+            ids = np.repeat(np.array([f.dataset_id for f in data.val]), [f.n_cells for f in data.val])
+            if ids.shape[0] == tokens.shape[0]:
+                self.val_datasets[data.batch_dir.name] = ids[pick]
             out["probe"] = self._probe(data, tokens, bins)
         out["forgetting"] = {
             batch: round(self._masked_metrics(t.astype(np.int64), b.astype(np.int64))["masked_acc"], 4)

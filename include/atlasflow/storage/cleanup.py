@@ -2,7 +2,8 @@
 
 - a dataset's raw download: once it has been processed;
 - a batch's processed files: once the batch has been trained;
-- checkpoints and integration models: all but the last ``storage.keep_checkpoints`` batches;
+- checkpoints and integration models: all but the last ``storage.keep_checkpoints`` batches
+  (the production checkpoint named by ``models/production.json`` is always kept);
 - the cache: between batches.
 
 Nothing outside the base dir is ever deleted: every path is resolved first, and symlinks are
@@ -83,14 +84,29 @@ class Cleaner:
     def prune_checkpoints(self, keep: int | None = None) -> int:
         """Keep the newest ``keep`` batch folders under models/checkpoints and models/integration."""
         keep = self.ledger.config.keep_checkpoints if keep is None else keep
+        production = self._production_checkpoint()
         freed = 0
         for root in (self.layout.checkpoints, self.layout.integration):
             if not root.is_dir():
                 continue
             batches = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := _BATCH_DIR.match(p.name)))
             for _, path in batches[:-keep] if keep > 0 else batches:
+                if root == self.layout.checkpoints and path.resolve() == production:
+                    continue  # the promoted model is what the next run resumes from: never pruned
                 freed += self._remove(path, f"older than the last {keep} checkpoints", batch_id=path.name)
         return freed
+
+    def _production_checkpoint(self) -> Path | None:
+        import json
+
+        pointer = self.layout.production_pointer
+        try:
+            return Path(json.loads(pointer.read_text())["checkpoint_dir"]).resolve()
+        except FileNotFoundError:
+            return None
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("unreadable %s (%s): no checkpoint is protected from pruning", pointer, exc)
+            return None
 
     def clear_cache(self) -> int:
         freed = 0

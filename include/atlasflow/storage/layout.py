@@ -14,7 +14,8 @@ AREAS: dict[str, tuple[str, ...]] = {
     "data": ("data/raw", "data/processed"),
     "models": ("models",),
     "cache": ("cache",),
-    "outputs": ("outputs",),
+    # reports/ is the run reports' fixed address (reports/latest.json); it counts as outputs
+    "outputs": ("outputs", "reports"),
 }
 
 
@@ -74,6 +75,11 @@ class StorageLayout:
         return self.models / "checkpoints"
 
     @property
+    def production_pointer(self) -> Path:
+        """``models/production.json``: the promoted checkpoint (written by atlas_retrain)."""
+        return self.models / "production.json"
+
+    @property
     def integration(self) -> Path:
         return self.models / "integration"
 
@@ -84,6 +90,10 @@ class StorageLayout:
     @property
     def outputs(self) -> Path:
         return self.base_dir / "outputs"
+
+    @property
+    def reports(self) -> Path:
+        return self.base_dir / "reports"
 
     @property
     def state(self) -> Path:

@@ -46,13 +46,19 @@ CREATE TABLE IF NOT EXISTS deletions (
     time REAL NOT NULL, batch_id TEXT, dataset_id TEXT, path TEXT NOT NULL, bytes INTEGER NOT NULL, reason TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS samples (
-    time REAL NOT NULL, data INTEGER, models INTEGER, cache INTEGER, outputs INTEGER, reserved INTEGER, free INTEGER
+    time REAL NOT NULL, data INTEGER, models INTEGER, cache INTEGER, outputs INTEGER, reserved INTEGER, free INTEGER,
+    budget INTEGER, event TEXT
 );
 CREATE TABLE IF NOT EXISTS expansion (
     time REAL NOT NULL, dataset_id TEXT NOT NULL, format TEXT NOT NULL, raw_bytes INTEGER NOT NULL,
     processed_bytes INTEGER NOT NULL
 );
 """
+
+
+# Columns added after the first release: ledgers created before get them on open (NULL in old rows).
+_ADDED_COLUMNS = {"samples": (("budget", "INTEGER"), ("event", "TEXT"))}
+SAMPLE_KEYS = ("time", "data", "models", "cache", "outputs", "reserved", "free", "budget", "event")
 
 
 # Processed bytes per downloaded byte before any dataset of a format has been measured here:
@@ -128,6 +134,15 @@ class Ledger:
         self.path = self.layout.state / "ledger.sqlite"
         with self._connect() as db:
             db.executescript(SCHEMA)
+            for table, columns in _ADDED_COLUMNS.items():
+                have = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+                for name, kind in columns:
+                    if name not in have:
+                        try:
+                            db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
+                        except sqlite3.OperationalError as exc:  # another process added it first
+                            if "duplicate column" not in str(exc):
+                                raise
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -182,9 +197,8 @@ class Ledger:
 
     def samples(self) -> list[dict[str, Any]]:
         with self._connect() as db:
-            rows = db.execute("SELECT * FROM samples ORDER BY time").fetchall()
-        keys = ("time", "data", "models", "cache", "outputs", "reserved", "free")
-        return [dict(zip(keys, r, strict=True)) for r in rows]
+            rows = db.execute(f"SELECT {', '.join(SAMPLE_KEYS)} FROM samples ORDER BY time").fetchall()
+        return [dict(zip(SAMPLE_KEYS, r, strict=True)) for r in rows]
 
     # ---- admission ----------------------------------------------------------------------------
 
@@ -247,7 +261,8 @@ class Ledger:
                     return Admission(False, batch_id, nbytes, f"waiting for {after} to be admitted first")
             others = [self._row(r) for r in db.execute("SELECT * FROM reservations WHERE status = 'active'")]
             outstanding = sum(self.outstanding(r) for r in others)
-            used = sum(self.layout.area_usage().values())
+            usage = self.layout.area_usage()
+            used = sum(usage.values())
             free = self.layout.free_bytes()
             floor = int(self.config.min_free_gb * GB)
             if used + outstanding + nbytes > budget:
@@ -258,16 +273,20 @@ class Ledger:
                     reason += ("; no other batch holds a reservation, so only freeing space (fewer kept "
                                "checkpoints, `atlasflow storage` shows what is reclaimable) or a larger "
                                "storage.max_storage_gb will admit it")
+                self._sample(db, reserved=outstanding, free=free, usage=usage,
+                             event=f"{batch_id} waits")
                 return Admission(False, batch_id, nbytes, reason, used, outstanding, free)
             if free - outstanding - nbytes < floor:
                 reason = (f"{batch_id} waits: the volume has {free / GB:.3f} GB free, {outstanding / GB:.3f} GB of it "
                           f"promised, and {self.config.min_free_gb:g} GB must stay free")
+                self._sample(db, reserved=outstanding, free=free, usage=usage,
+                             event=f"{batch_id} waits")
                 return Admission(False, batch_id, nbytes, reason, used, outstanding, free)
             db.execute(
                 "INSERT OR REPLACE INTO reservations VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'active')",
                 (batch_id, int(nbytes), json.dumps(list(paths)), owner, host, pid, now, lease),
             )
-            self._sample(db, reserved=outstanding + nbytes, free=free)
+            self._sample(db, reserved=outstanding + nbytes, free=free, usage=usage, event=f"{batch_id} admitted")
         log.info("admitted %s: %d bytes reserved (%s)", batch_id, nbytes, owner)
         return Admission(True, batch_id, nbytes, f"{batch_id} admitted: {nbytes / GB:.3f} GB reserved",
                          used, outstanding, free)
@@ -295,7 +314,7 @@ class Ledger:
             cur = db.execute("UPDATE reservations SET status = 'released' WHERE batch_id = ? AND status = 'active'",
                              (batch_id,))
             done = cur.rowcount == 1
-            self._sample(db)
+            self._sample(db, event=f"{batch_id} released")
         if done:
             log.info("released the reservation of %s", batch_id)
         return done
@@ -335,16 +354,29 @@ class Ledger:
                               "GROUP BY format ORDER BY format").fetchall()
         return {f: {"datasets": n, "raw_bytes": r, "processed_bytes": p, "factor": p / r} for f, n, r, p in rows}
 
-    def sample(self) -> None:
-        """Record current usage (for the storage-over-time plot)."""
-        with self._transaction() as db:
-            self._sample(db)
+    def sample(self, event: str | None = None) -> None:
+        """Record current usage (for the storage-over-time plot); ``event`` says what just happened.
 
-    def _sample(self, db: sqlite3.Connection, *, reserved: int | None = None, free: int | None = None) -> None:
+        The steps call this after each download, processed dataset, training and cleanup. The
+        folders are walked before the write lock is taken, so a sample never blocks an admission
+        for the length of a walk.
+        """
         usage = self.layout.area_usage()
+        reserved = sum(self.outstanding(r) for r in self.reservations())
+        free = self.layout.free_bytes()
+        with self._transaction() as db:
+            self._insert_sample(db, usage, reserved, free, event)
+
+    def _sample(self, db: sqlite3.Connection, *, reserved: int | None = None, free: int | None = None,
+                usage: dict[str, int] | None = None, event: str | None = None) -> None:
+        usage = self.layout.area_usage() if usage is None else usage
         if reserved is None:
             reserved = sum(self.outstanding(self._row(r)) for r in db.execute(
                 "SELECT * FROM reservations WHERE status = 'active'"))
-        db.execute("INSERT INTO samples VALUES (?, ?, ?, ?, ?, ?, ?)",
-                   (time.time(), usage["data"], usage["models"], usage["cache"], usage["outputs"], reserved,
-                    self.layout.free_bytes() if free is None else free))
+        self._insert_sample(db, usage, reserved, self.layout.free_bytes() if free is None else free, event)
+
+    def _insert_sample(self, db: sqlite3.Connection, usage: dict[str, int], reserved: int, free: int,
+                       event: str | None) -> None:
+        db.execute(f"INSERT INTO samples ({', '.join(SAMPLE_KEYS)}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                   (time.time(), usage["data"], usage["models"], usage["cache"], usage["outputs"], reserved, free,
+                    self.config.max_storage_bytes, event))

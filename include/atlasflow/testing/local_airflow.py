@@ -1,7 +1,8 @@
 """Drive a real local Airflow (scripts/airflow_local.py) from tests and benchmarks.
 
 Starts api-server + scheduler + dag-processor + triggerer on 127.0.0.1 with a SQLite metadata DB
-under ``home``, applies airflow_settings.yaml (pools), triggers/clears/waits for runs, and reads task
+under ``home`` (or the database at ``db_url``; with ``executor="CeleryExecutor"`` and a ``broker_url``
+also a Celery worker), applies airflow_settings.yaml (pools), triggers/clears/waits for runs, and reads task
 timings straight from the metadata DB. Stopping goes through the script, by recorded PID.
 """
 
@@ -51,11 +52,13 @@ def union_seconds(intervals: list[tuple[float, float]]) -> float:
 class LocalAirflow:
     """One local Airflow installation under ``home`` for the config file ``config``."""
 
-    def __init__(self, home: Path, config: Path, *, parallelism: int = 4) -> None:
+    def __init__(self, home: Path, config: Path, *, parallelism: int = 4, db_url: str | None = None,
+                 executor: str = "LocalExecutor", broker_url: str | None = None) -> None:
         self.home = home
         self.db = home / "airflow.db"
+        self.db_url = db_url or f"sqlite:///{self.db}"
         self.env = {**os.environ, "AIRFLOW_HOME": str(home), "ATLASFLOW_CONFIG": str(config),
-                    "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{self.db}",
+                    "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": self.db_url, "AIRFLOW__CORE__EXECUTOR": executor,
                     "PYTHONPATH": str(REPO / "plugins"), "AIRFLOW__CORE__PARALLELISM": str(parallelism),
                     "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
                     # this checkout's DAGs and plugins, also when not run under pytest (benchmarks)
@@ -63,6 +66,13 @@ class LocalAirflow:
                     "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
                     # the manifest (not the DAG file) changes between runs: re-parse often
                     "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "5"}
+        if executor == "CeleryExecutor":
+            if not broker_url or self.db_url.startswith("sqlite"):
+                raise ValueError("CeleryExecutor needs a broker_url and a server database (db_url)")
+            # task states travel through the metadata DB; Celery's own results go to the same server
+            self.env.update({"AIRFLOW__CELERY__BROKER_URL": broker_url,
+                             "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + self.db_url,
+                             "AIRFLOW__CELERY__WORKER_CONCURRENCY": str(parallelism)})
 
     def cli(self, *args: str, check: bool = True, timeout: float = 1800) -> subprocess.CompletedProcess[str]:
         done = subprocess.run([sys.executable, str(SCRIPT), *args], env=self.env, capture_output=True, text=True,
@@ -93,12 +103,40 @@ class LocalAirflow:
             raise RuntimeError(f"trigger failed: {done.stdout}{done.stderr}")
         return done.stdout.split("triggered atlas_ingest run ", 1)[1].split()[0], done.returncode
 
+    @property
+    def api_url(self) -> str:
+        state = json.loads((self.home / "local" / "state.json").read_text())
+        return f"http://127.0.0.1:{state['api_port']}"
+
+    def token(self) -> str:
+        """A JWT for the generated ``admin`` user, as the UI's login form gets one."""
+        import urllib.request
+
+        password = json.loads((self.home / "simple_auth_manager_passwords.json.generated").read_text())["admin"]
+        request = urllib.request.Request(self.api_url + "/auth/token", method="POST",
+                                         data=json.dumps({"username": "admin", "password": password}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as reply:
+            return json.load(reply)["access_token"]
+
     def pids(self) -> dict[str, int]:
         return json.loads((self.home / "local" / "state.json").read_text())["pids"]
 
     def query(self, sql: str, *params: Any) -> list[tuple]:
-        with sqlite3.connect(self.db, timeout=30) as conn:
-            return conn.execute(sql, params).fetchall()
+        """Run ``sql`` (``?`` placeholders) on the metadata DB."""
+        if self.db_url.startswith("sqlite"):
+            with sqlite3.connect(self.db, timeout=30) as conn:
+                return conn.execute(sql, params).fetchall()
+        from sqlalchemy import create_engine, text
+
+        for i in range(len(params)):  # qmark -> named, for SQLAlchemy's text()
+            sql = sql.replace("?", f":p{i}", 1)
+        engine = create_engine(self.db_url)
+        try:
+            with engine.connect() as conn:
+                return [tuple(r) for r in conn.execute(text(sql), {f"p{i}": v for i, v in enumerate(params)}).all()]
+        finally:
+            engine.dispose()
 
     def task_times(self, run_id: str) -> dict[tuple[str, int], tuple[float, float, int]]:
         """``(task_id, map_index) -> (start, end, try_number)`` in epoch seconds (end = now while running)."""

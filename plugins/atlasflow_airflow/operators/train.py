@@ -28,7 +28,13 @@ class TrainBatchOperator(SlurmJobOperator):
         self.previous_train_task_id = previous_train_task_id
 
     def execute(self, context: Any) -> Any:
-        from atlasflow.pipeline import batch_trained, record_trained, train_batch_step, training_job
+        from atlasflow.pipeline import (
+            batch_trained,
+            record_trained,
+            slurm_training_submitted,
+            train_batch_step,
+            training_job,
+        )
         from atlasflow_airflow.runtime import task_config
 
         ti = context["ti"]
@@ -48,10 +54,13 @@ class TrainBatchOperator(SlurmJobOperator):
         python = config.slurm.python or ("python" if config.slurm.env_activate else None)
         job = training_job(config, self.batch_id, previous_checkpoint=checkpoint, python=python)
         self.command, self.output_dir, self.slurm = job["command"], job["log_dir"], config.slurm
+        slurm_training_submitted(config, self.batch_id)  # the run report's train stage starts here
         return super().execute(context)
 
     def execute_complete(self, context: Any, event: dict[str, Any]) -> Any:
-        from atlasflow.pipeline import record_trained
+        from atlasflow.pipeline import record_trained, slurm_training_finished
         from atlasflow_airflow.runtime import task_config
 
-        return record_trained(task_config(context), self.batch_id, super().execute_complete(context, event))
+        config = task_config(context)
+        slurm_training_finished(config, self.batch_id, event)  # job id and state for the run report, failed or not
+        return record_trained(config, self.batch_id, super().execute_complete(context, event))

@@ -1,0 +1,64 @@
+"""The storage view's app and page without an api-server (the real-UI check is in tests/integration)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from atlasflow.config import load_config
+from atlasflow.storage import Ledger
+from atlasflow.storage.view import latest_report, render_page, storage_view
+
+
+@pytest.fixture
+def config(tmp_path, monkeypatch):
+    areas = {f"storage.{a}_gb": 0.25 for a in ("data", "models", "cache", "outputs")}
+    path = tmp_path / "atlasflow.yaml"
+    path.write_text(json.dumps({"storage": {"base_dir": str(tmp_path / "base"), "max_storage_gb": 1.0,
+                                            **{k.split(".")[1]: v for k, v in areas.items()}}}))
+    monkeypatch.setenv("ATLASFLOW_CONFIG", str(path))
+    return load_config(path)
+
+
+def _client():
+    from fastapi.testclient import TestClient
+
+    from atlasflow_airflow.ui.storage_view import create_app
+
+    return TestClient(create_app(require_login=False))
+
+
+def test_page_and_json_show_the_ledger(config):
+    Ledger(config.storage).try_admit("batch_0000", 123_000_000, paths=[], owner="<script>alert(1)</script>")
+    client = _client()
+    data = client.get("/api").json()
+    assert data["budget_bytes"] == 1_000_000_000 and data["reservations"][0]["bytes"] == 123_000_000
+    page = client.get("/").text
+    assert "1.00 GB" in page and "123.00 MB" in page
+    assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page  # owner is escaped
+    assert "No report yet." in page and client.get("/report").status_code == 404
+
+
+def test_report_link_serves_only_files_under_reports(config, tmp_path):
+    reports = tmp_path / "base" / "reports"
+    (reports / "r1").mkdir(parents=True)
+    (reports / "r1" / "report.html").write_text("<html>the report</html>")
+    outside = tmp_path / "secret.html"
+    outside.write_text("not yours")
+    client = _client()
+    for target, served in ((reports / "r1" / "report.html", True), (outside, False),
+                           (reports / "r1" / ".." / ".." / ".." / "secret.html", False)):
+        (reports / "latest.json").write_text(json.dumps({"run_id": "r1", "html": str(target)}))
+        assert (latest_report(config) is not None) == served, target
+        reply = client.get("/report")
+        assert (reply.status_code, reply.text if served else None) == ((200, "<html>the report</html>") if served
+                                                                       else (404, None))
+    assert 'href="report"' not in render_page(storage_view(config))  # the last pointer was refused
+
+
+def test_the_app_requires_a_logged_in_user_by_default():
+    from atlasflow_airflow.ui.storage_view import create_app
+
+    app = create_app()
+    assert app.router.dependencies, "plugin apps are public unless they ask for a user"
