@@ -1,4 +1,4 @@
-"""atlas_ingest: manifest → stable batches → admit → download → process → integrate → train → cleanup.
+"""atlas_ingest: manifest → stable batches → admit → download → quant → process → integrate → train → cleanup.
 
 Wiring only: every task calls one library function (``atlasflow.pipeline``), heavy imports
 happen inside tasks, and the batches are laid out at parse time from the configured manifest
@@ -16,6 +16,7 @@ from airflow.sdk.exceptions import AirflowSkipException
 
 from atlasflow.assets import MODEL_CHECKPOINT_URI
 from atlasflow_airflow.notify import notify_failure
+from atlasflow_airflow.operators.quant import QuantOperator
 from atlasflow_airflow.operators.train import TrainBatchOperator
 from atlasflow_airflow.operators.validate import SystemValidationOperator
 from atlasflow_airflow.runtime import parse_time_plan
@@ -36,6 +37,8 @@ DOWNLOAD_RETRIES = CONFIG.download.retries if CONFIG else 3
 PIPELINING = CONFIG.plan.pipelining if CONFIG else True
 ADMISSION_POKE_S = CONFIG.storage.admission_poke_s if CONFIG else 30.0
 ADMISSION_MAX_WAIT = timedelta(seconds=CONFIG.storage.admission_max_wait_s if CONFIG else 300.0)
+# kb count has its own limit (quant.timeout_s, process group killed); Airflow's is the backstop
+QUANT_TIMEOUT = timedelta(seconds=(CONFIG.quant.timeout_s if CONFIG else 600.0) + 120)
 
 
 def _config():
@@ -144,7 +147,13 @@ def atlas_ingest() -> None:
             # The sealed plan fixes a batch's datasets, so the map is known at parse time; it is
             # still a dynamic map (one instance per dataset, named by its id in the UI).
             fetched = download.partial(batch_id=bid).expand(dataset_id=list(batch.dataset_ids))
-            processed = process.partial(batch_id=bid).expand(fetched=fetched)
+            counts = fetched
+            if PLAN.has_reads(bid):
+                # raw reads → counts (pool quant; FASTQ deleted once quantified); count files pass through
+                counts = QuantOperator.partial(task_id="quant", batch_id=bid, pool="quant",
+                                                map_index_template="{{ dataset_id }}",
+                                                execution_timeout=QUANT_TIMEOUT).expand(fetched=fetched).output
+            processed = process.partial(batch_id=bid).expand(fetched=counts)
             integrated = integrate(bid, processed)
             trained = TrainBatchOperator(task_id="train", batch_id=bid, previous_train_task_id=previous_train_id)
             done = cleanup(bid)

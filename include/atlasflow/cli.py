@@ -214,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     from atlasflow.model.cli import register as register_train
 
     register_train(sub)
+    from atlasflow.quant import register as register_quant
+
+    register_quant(sub)
     from atlasflow.report import register as register_report
 
     register_report(sub)

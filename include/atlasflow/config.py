@@ -32,6 +32,7 @@ __all__ = [
     "NotifyConfig",
     "PlanConfig",
     "QCConfig",
+    "QuantConfig",
     "RetrainConfig",
     "SlurmConfig",
     "StorageConfig",
@@ -159,10 +160,50 @@ class DownloadConfig:
     backoff_s: float = _opt(2.0, "First in-task retry delay; doubles per attempt (a Retry-After header wins).", min=0)
     read_timeout_s: float = _opt(60.0, "Socket timeout for connecting and for each read.", min=1)
     sra_command: str = _opt(
-        "fasterq-dump --split-files --outdir {outdir} {accession}",
+        "fasterq-dump --split-files --include-technical --outdir {outdir} {accession}",
         "Command run for sra rows; split like a shell line, then {accession}/{outdir} are filled in per "
         "argument (never through a shell).",
     )
+    sra_prefetch_command: str = _opt(
+        "prefetch --max-size u --output-directory {outdir} {accession}",
+        "Run before sra_command with the sra-tools resolver (empty: fasterq-dump fetches by itself); filled in "
+        "like sra_command, {accession} then names the prefetched run for sra_command.")
+    sra_resolver: Literal["auto", "sra-tools", "ena"] = _opt(
+        "auto", "How sra rows become FASTQ files: `sra-tools` (prefetch + fasterq-dump), `ena` (ENA's FASTQ links), "
+        "`auto` (sra-tools when prefetch and fasterq-dump are installed, else ENA).")
+    ena_base_url: str = _opt(
+        "https://www.ebi.ac.uk/ena/portal/api", "ENA Portal API base; its filereport lists a run's FASTQ files.")
+    ena_fastq_base_url: str | None = _opt(
+        None, "Fetch ENA's FASTQ links from this base URL instead of their own host (a mirror; tests use a local "
+        "server); empty: https:// on the host ENA names.")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Raw reads (sra rows, FASTQ URLs) → counts with kallisto|bustools (`kb count`)."""
+
+    backend: Literal["local", "slurm"] = _opt(
+        "local", "`local` runs kb count in the quant task; `slurm` submits it as a job (CPU partition, slurm.* "
+        "connection) through the same job operator as training.")
+    index: str | None = _opt(
+        None, "kallisto index (`atlasflow quant ref` builds one from genome FASTA + GTF). Required for FASTQ rows.")
+    t2g: str | None = _opt(None, "Transcript-to-gene map written next to the index by `atlasflow quant ref`.")
+    onlist: str | None = _opt(
+        None, "Barcode on-list for 10x chemistries; empty: the list kb-python ships for the chemistry.")
+    threads: int = _opt(2, "kb count -t.", min=1)
+    memory_gb: float = _opt(2.0, "kb count -m (sorting memory), GB.", min=0.1)
+    timeout_s: float = _opt(600.0, "Time limit of one quantification (10 min, as in the design doc).", min=1)
+    delete_fastq: bool = _opt(True, "Delete a sample's FASTQ files as soon as its quantification succeeded.")
+    work_factor: float = _opt(
+        1.0, "Disk kb count needs while it runs (BUS files, sorted copies, matrices) per FASTQ byte; part of a "
+        "FASTQ sample's reservation.", min=0)
+    work_fixed_gb: float = _opt(
+        0.15, "Fixed disk per sample while kb count runs (it copies the 10x on-list, ~115 MB, next to its output).",
+        min=0)
+    index_gb: float = _opt(
+        4.0, "Index size assumed for the reservation when quant.index does not exist yet, GB.", min=0)
+    slurm_partition: str | None = _opt(None, "backend slurm: the CPU partition (sbatch --partition).")
+    slurm_mem_gb: float = _opt(8.0, "backend slurm: sbatch --mem for a quantification job, GB.", min=0.001)
 
 
 @dataclass(frozen=True)
@@ -347,6 +388,7 @@ class AtlasConfig:
     manifest: ManifestConfig = field(default_factory=ManifestConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
     download: DownloadConfig = field(default_factory=DownloadConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
     qc: QCConfig = field(default_factory=QCConfig)
     genes: GenesConfig = field(default_factory=GenesConfig)
     integration: IntegrationConfig = field(default_factory=IntegrationConfig)
@@ -580,6 +622,11 @@ def _resolve_relative(config: AtlasConfig, folder: Path) -> AtlasConfig:
     manifest = config.manifest
     if manifest.path and not Path(manifest.path).is_absolute():
         manifest = dataclasses.replace(manifest, path=str(folder / manifest.path))
+    quant = config.quant
+    for key in ("index", "t2g", "onlist"):
+        value = getattr(quant, key)
+        if value and not Path(value).is_absolute():
+            quant = dataclasses.replace(quant, **{key: str(folder / value)})
     genes = config.genes
     if genes.vocab_path and not genes.vocab_path.startswith("builtin:") and not Path(genes.vocab_path).is_absolute():
         genes = dataclasses.replace(genes, vocab_path=str(folder / genes.vocab_path))
@@ -588,7 +635,7 @@ def _resolve_relative(config: AtlasConfig, folder: Path) -> AtlasConfig:
     retrain = config.retrain
     if retrain.feedback_path and not Path(retrain.feedback_path).is_absolute():
         retrain = dataclasses.replace(retrain, feedback_path=str(folder / retrain.feedback_path))
-    return dataclasses.replace(config, storage=storage, manifest=manifest, genes=genes, retrain=retrain)
+    return dataclasses.replace(config, storage=storage, manifest=manifest, genes=genes, retrain=retrain, quant=quant)
 
 
 def config_reference() -> list[dict[str, Any]]:

@@ -1,7 +1,8 @@
 """Read a downloaded dataset, whatever common format it came in, as raw counts.
 
 Formats: h5ad, 10x HDF5, 10x Matrix Market (a folder, GEO-style prefixed files, or a ``.tar.gz``),
-loom, and csv/tsv(.gz) in either orientation. The result is a :class:`CountSource`: a matrix of
+loom, csv/tsv(.gz) in either orientation, and R's RDS (dgCMatrix, SingleCellExperiment, Seurat v3/v4;
+see :mod:`atlasflow.rds`). The result is a :class:`CountSource`: a matrix of
 cells × genes that can be read in row chunks (never all at once for h5ad and loom), plus gene
 names, cell names and notes on how it was read. ``read_counts`` turns it into an AnnData with
 ``layers["counts"]`` for small inputs and tests.
@@ -47,6 +48,8 @@ class CountSource:
     _matrix: Any = None  # an in-memory CSR, an h5py-backed anndata X, or a loom dataset
     obs: Any = None  # callable: column name -> per-cell values, when the format carries annotations
     _close: Any = None
+    obs_table: dict[str, Any] | None = None  # per-cell columns read_counts copies to obs (RDS colData)
+    var_table: dict[str, Any] | None = None  # per-gene columns read_counts copies to var (RDS rowData)
 
     def chunks(self, size: int = 10_000) -> Iterator[tuple[int, sp.csr_matrix]]:
         """Yield ``(first_row, csr_block)`` over all cells, ``size`` cells at a time."""
@@ -100,9 +103,11 @@ def detect_format(path: Path) -> str:
         if any(p.name.lower().endswith(("matrix.mtx", "matrix.mtx.gz")) for p in path.iterdir()):
             return "10x_mtx"
         raise FormatError(f"{path}: a folder without a matrix.mtx file")
-    if name.endswith(".rds") or name.endswith(".rdata") or name.endswith(".rda"):
-        raise FormatError(f"{path.name}: R data files (RDS/RData) are not readable yet; export counts as .h5ad, "
-                          "10x or CSV")
+    if name.endswith(".rdata") or name.endswith(".rda"):
+        raise FormatError(f"{path.name}: RData workspaces are not read; save the object with saveRDS() as .rds, or "
+                          "export counts as .h5ad, 10x or CSV")
+    if name.endswith(".rds"):
+        return "rds"
     with path.open("rb") as fh:
         head = fh.read(8)
     if not head:
@@ -321,6 +326,18 @@ def _open_table(path: Path, fmt: str, vocabulary: set[str] | None) -> CountSourc
     return CountSource(path, fmt, len(cells), genes, cells, None, {"orientation": orientation, "why": reason}, matrix)
 
 
+def _open_rds(path: Path) -> CountSource:
+    from atlasflow.rds import RdsError, read_rds_counts
+
+    try:
+        counts = read_rds_counts(path)
+    except RdsError as exc:  # the processing step quarantines a FormatError
+        raise FormatError(str(exc)) from exc
+    return CountSource(path, "rds", counts.matrix.shape[0], counts.genes, counts.cells, counts.gene_ids,
+                       {"r_class": counts.r_class, "assay": counts.assay}, counts.matrix,
+                       obs=counts.obs.get if counts.obs else None, obs_table=counts.obs, var_table=counts.var)
+
+
 def open_counts(path: Path, *, fmt: str | None = None, cache: Path | None = None,
                 vocabulary: set[str] | None = None) -> CountSource:
     """Open ``path`` as counts; ``fmt`` overrides detection; ``cache`` receives extracted archives."""
@@ -335,6 +352,8 @@ def open_counts(path: Path, *, fmt: str | None = None, cache: Path | None = None
         return _open_loom(path)
     if fmt in ("csv", "tsv"):
         return _open_table(path, fmt, vocabulary)
+    if fmt == "rds":
+        return _open_rds(path)
     raise FormatError(f"{path.name}: unsupported format {fmt!r}")
 
 
@@ -370,6 +389,10 @@ def read_counts(path: Path, *, fmt: str | None = None, cache: Path | None = None
     adata.obs_names = cells
     adata.var_names_make_unique()
     adata.layers["counts"] = adata.X
+    for key, values in (src.obs_table or {}).items():
+        adata.obs[key] = list(values)
+    for key, values in (src.var_table or {}).items():
+        adata.var[key] = list(values)
     if src.gene_ids is not None:
         adata.var["gene_id"] = src.gene_ids
     non_integer = bool(X.nnz and not np.all(np.mod(X.data, 1) == 0))

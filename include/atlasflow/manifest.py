@@ -22,6 +22,8 @@ from urllib.parse import unquote, urlsplit
 __all__ = [
     "DATASET_TYPES",
     "FORMATS",
+    "READS_FORMATS",
+    "TECHNOLOGIES",
     "Dataset",
     "Manifest",
     "ManifestError",
@@ -34,7 +36,12 @@ log = logging.getLogger(__name__)
 
 DatasetType = Literal["geo", "direct", "sra"]
 DATASET_TYPES: tuple[str, ...] = ("geo", "direct", "sra")
-FORMATS: tuple[str, ...] = ("h5ad", "10x_h5", "10x_mtx", "loom", "csv", "tsv")
+FORMATS: tuple[str, ...] = ("h5ad", "10x_h5", "10x_mtx", "loom", "csv", "tsv", "rds", "fastq")
+# Formats that hold reads, not counts: quantified (kb count) before they are read.
+READS_FORMATS: tuple[str, ...] = ("fastq",)
+Technology = Literal["10xv2", "10xv3", "smartseq2"]
+# Sequencing chemistry of a reads row (kb count -x); the manifest spells it in lower case.
+TECHNOLOGIES: tuple[str, ...] = ("10xv2", "10xv3", "smartseq2")
 
 REQUIRED_COLUMNS = ("dataset_id", "download_url", "type")
 OPTIONAL_COLUMNS = (
@@ -48,6 +55,7 @@ OPTIONAL_COLUMNS = (
     "batch_key",
     "cell_type_key",
     "notes",
+    "technology",
 )
 KNOWN_COLUMNS = REQUIRED_COLUMNS + OPTIONAL_COLUMNS
 
@@ -79,6 +87,11 @@ _FORMAT_SUFFIXES: tuple[tuple[str, str], ...] = (
     (".csv.gz", "csv"),
     (".csv", "csv"),
     (".tsv.gz", "tsv"),
+    (".rds", "rds"),
+    (".fastq.gz", "fastq"),
+    (".fq.gz", "fastq"),
+    (".fastq", "fastq"),
+    (".fq", "fastq"),
     (".tsv", "tsv"),
     (".txt.gz", "tsv"),
     (".txt", "tsv"),
@@ -140,10 +153,22 @@ class Dataset:
     cell_type_key: str | None = None
     notes: str | None = None
     extra: Mapping[str, str] = field(default_factory=dict)
+    technology: Technology | None = None
+
+    @property
+    def is_reads(self) -> bool:
+        """Raw reads (an sra accession or FASTQ URLs): quantified before they are read as counts."""
+        return self.type == "sra" or self.format in READS_FORMATS
+
+    def urls(self) -> list[str]:
+        """A direct row's URLs: FASTQ rows may list several (R1;R2), separated by ``;``."""
+        return [u for u in self.download_url.split(";") if u]
 
     def fingerprint(self) -> str:
         """Hash of the fields that decide what is downloaded and how it is read."""
         text = "\x1f".join(f"{k}={getattr(self, k) or ''}" for k in FINGERPRINT_FIELDS)
+        if self.technology:  # only when set: rows of plans sealed before the column existed keep their hash
+            text += f"\x1ftechnology={self.technology}"
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict[str, Any]:
@@ -428,15 +453,25 @@ def _validate_table(
         url = get("download_url")
         if url is None:
             bad("download_url", "missing required value")
-        elif dtype in DATASET_TYPES:
-            url = _check_source(url, dtype, root, lambda reason: bad("download_url", reason))
-
         fmt = (get("format") or "").lower() or None
+        if url is not None and dtype in DATASET_TYPES:
+            if dtype == "direct" and ";" in url:
+                # several files of one sample: only FASTQ rows (R1;R2), each URL checked on its own
+                parts = url.split(";")
+                checked = [_check_source(u, dtype, root, lambda reason: bad("download_url", reason)) for u in parts]
+                url = ";".join(checked)
+                if any(not u for u in parts):
+                    bad("download_url", "empty URL between ';' separators")
+                elif (fmt or infer_format(parts[0])) != "fastq":
+                    bad("download_url", "several URLs (separated by ';') are only allowed for FASTQ rows (R1;R2)")
+            else:
+                url = _check_source(url, dtype, root, lambda reason: bad("download_url", reason))
+
         inferred = False
         if fmt is not None and fmt not in FORMATS:
             bad("format", f"unknown format {get('format')!r}; expected one of: {', '.join(FORMATS)}")
         elif fmt is None and dtype == "direct" and url is not None:
-            fmt = infer_format(url)
+            fmt = infer_format(url.split(";")[0])
             inferred = fmt is not None
             if fmt is None:
                 bad("format", f"cannot infer the format from the URL's file name; set one of: {', '.join(FORMATS)}")
@@ -448,6 +483,15 @@ def _validate_table(
                 expected = parse_size(raw_size)
             except ValueError:
                 bad("expected_bytes", f"{_cell_text(raw_size)!r} is not a byte count (a number, optionally with a unit such as GB)")
+
+        technology = (get("technology") or "").lower() or None
+        if technology is not None and technology not in TECHNOLOGIES:
+            bad("technology", f"unknown technology {get('technology')!r}; expected one of: {', '.join(TECHNOLOGIES)}")
+        elif technology is None and (dtype == "sra" or fmt in READS_FORMATS):
+            bad("technology", f"raw reads need a technology (the chemistry kb count quantifies with); one of: "
+                f"{', '.join(TECHNOLOGIES)}")
+        if dtype == "sra" and fmt is not None and fmt not in READS_FORMATS:
+            bad("format", f"an sra row holds reads; leave format empty or set 'fastq' (not {fmt!r})")
 
         sha256 = (get("sha256") or "").lower() or None
         if sha256 is not None and not SHA256_RE.match(sha256):
@@ -477,6 +521,7 @@ def _validate_table(
                 batch_key=get("batch_key"),
                 cell_type_key=get("cell_type_key"),
                 notes=get("notes"),
+                technology=technology,  # type: ignore[arg-type]
                 extra={k: t for k, i in extra_columns.items() if i < len(values) and (t := _cell_text(values[i]))},
             )
         )

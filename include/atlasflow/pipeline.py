@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -33,8 +34,13 @@ __all__ = [
     "integrate_batch_step",
     "load_batch_ids",
     "prepare_run",
+    "finish_quant",
     "process_dataset_step",
+    "quant_dataset_step",
+    "quant_job",
+    "reads_to_quantify",
     "record_trained",
+    "run_quant",
     "slurm_training_finished",
     "slurm_training_submitted",
     "train_batch_step",
@@ -127,7 +133,7 @@ def _admit_batch(config: AtlasConfig, batch_id: str, *, owner: str) -> dict[str,
                 "reason": f"{batch_id} was trained before ({done.get('checkpoint_dir')}): nothing to reserve"}
     ledger = Ledger(config.storage)
     datasets = [Dataset.from_dict(d) for d in spec["datasets"]]
-    footprint = batch_footprint(datasets, ledger)
+    footprint = batch_footprint(datasets, ledger, quant=config.quant)
     index = spec["index"]
     paths = [f"data/raw/{d.dataset_id}" for d in datasets] + [f"data/processed/{batch_id}",
                                                               f"models/checkpoints/{batch_id}",
@@ -157,6 +163,11 @@ def _download_dataset(config: AtlasConfig, batch_id: str, dataset_id: str, *, fi
         return {"dataset_id": dataset_id, "status": "ok", "skipped": f"{batch_id} already trained"}
     if (layout.tombstones / f"{dataset_id}.json").exists() and (layout.processed_dir(batch_id) / f"{dataset_id}.h5ad").exists():
         return {"dataset_id": dataset_id, "status": "ok", "skipped": "already processed"}
+    if dataset.is_reads:
+        from atlasflow.quant import quantified
+
+        if quantified(layout.raw_dir(dataset_id)) is not None:  # its FASTQ files are gone by design
+            return {"dataset_id": dataset_id, "status": "ok", "skipped": "already quantified"}
     cap = int((dataset.expected_bytes or config.storage.unknown_size_gb * GB) * 1.25) + 1_000_000
     Ledger(config.storage).heartbeat(batch_id)
     try:
@@ -169,6 +180,80 @@ def _download_dataset(config: AtlasConfig, batch_id: str, dataset_id: str, *, fi
         return _quarantine(config, batch_id, dataset_id, "download", str(exc))
     return {"dataset_id": dataset_id, "status": "ok", "bytes": result.bytes, "files": len(result.files),
             "seconds": round(result.seconds, 2)}
+
+
+def run_quant(config: AtlasConfig, batch_id: str, dataset_id: str) -> dict[str, Any]:
+    """``kb count`` on one downloaded reads dataset (the part a SLURM job runs).
+
+    Never raises for bad input: returns ``{"status": "ok", ...summary}`` or
+    ``{"status": "failed", "reason": ...}`` for :func:`finish_quant`, which runs on the Airflow side
+    (ledger, deletions, quarantine).
+    """
+    from atlasflow.quant import QuantError, quantify
+
+    dataset = _dataset(config, batch_id, dataset_id)
+    base = {"dataset_id": dataset_id, "batch_id": batch_id}
+    if dataset is None:
+        return {**base, "status": "failed", "reason": "no longer in the manifest"}
+    layout = _layout(config)
+    try:
+        summary = quantify(layout.raw_dir(dataset_id), technology=dataset.technology or "",
+                           config=config.quant, work_dir=layout.cache / "quant" / dataset_id)
+    except QuantError as exc:
+        return {**base, "status": "failed", "reason": str(exc)}
+    return {**base, "status": "ok", **summary}
+
+
+def finish_quant(config: AtlasConfig, batch_id: str, dataset_id: str, outcome: dict[str, Any]) -> dict[str, Any]:
+    """After :func:`run_quant`: delete the FASTQ files (the ledger records the bytes freed), or quarantine."""
+    from atlasflow.quant import fastq_files
+
+    layout = _layout(config)
+    cleaner = Cleaner(Ledger(config.storage))
+    if outcome.get("status") != "ok":
+        cleaner.delete_raw(dataset_id, batch_id=batch_id)
+        shutil.rmtree(layout.cache / "quant" / dataset_id, ignore_errors=True)
+        return _quarantine(config, batch_id, dataset_id, "quant", str(outcome.get("reason")))
+    freed = 0
+    if config.quant.delete_fastq:
+        for path in fastq_files(layout.raw_dir(dataset_id)):
+            freed += cleaner.remove(path, "FASTQ quantified (counts kept)", batch_id=batch_id, dataset_id=dataset_id)
+    keep = ("reads_processed", "reads_pseudoaligned", "percent_pseudoaligned", "barcodes", "genes", "seconds",
+            "fastq_bytes")
+    return {"dataset_id": dataset_id, "status": "ok", "quant": {k: outcome.get(k) for k in keep}, "fastq_freed": freed}
+
+
+def reads_to_quantify(config: AtlasConfig, batch_id: str, fetched: dict[str, Any]) -> bool:
+    """Whether a download result is raw reads still to be quantified (else the quant task passes it on)."""
+    if fetched.get("status") != "ok" or "already" in str(fetched.get("skipped", "")):
+        return False
+    dataset = _dataset(config, batch_id, fetched["dataset_id"])
+    return dataset is not None and dataset.is_reads
+
+
+def quant_dataset_step(config: AtlasConfig, batch_id: str, fetched: dict[str, Any]) -> dict[str, Any]:
+    """The quant task with the local backend: reads → counts → FASTQ deleted. Other datasets pass through."""
+    if not reads_to_quantify(config, batch_id, fetched):
+        return fetched
+    Ledger(config.storage).heartbeat(batch_id)
+    dataset_id = fetched["dataset_id"]
+    return finish_quant(config, batch_id, dataset_id, run_quant(config, batch_id, dataset_id))
+
+
+def quant_job(config: AtlasConfig, batch_id: str, dataset_id: str, *, python: str | None = None) -> dict[str, Any]:
+    """The ``atlasflow quant run`` command line for one dataset, and the SLURM settings for it (CPU partition)."""
+    import dataclasses
+
+    layout = _layout(config)
+    config_file = write_json_atomic(layout.state / "jobs" / batch_id / f"quant-{dataset_id}.config.json",
+                                    config.to_dict())
+    cmd = [python or sys.executable, "-m", "atlasflow.cli", "quant", "run", "--config", str(config_file),
+           "--batch-id", batch_id, "--dataset-id", dataset_id]
+    minutes = max(1, int(config.quant.timeout_s // 60) + 1)
+    slurm = dataclasses.replace(config.slurm, partition=config.quant.slurm_partition or config.slurm.partition,
+                                gpus=0, cpus=config.quant.threads, mem_gb=config.quant.slurm_mem_gb,
+                                time_limit=f"{minutes // 60:02d}:{minutes % 60:02d}:00")
+    return {"command": cmd, "log_dir": str(config.state_dir / "jobs" / batch_id), "slurm": slurm}
 
 
 def process_dataset_step(config: AtlasConfig, batch_id: str, fetched: dict[str, Any]) -> dict[str, Any]:
@@ -206,7 +291,11 @@ def _process_dataset_step(config: AtlasConfig, batch_id: str, fetched: dict[str,
         return _quarantine(config, batch_id, dataset_id, "process", exc.reason)
     fetch_info = layout.raw_dir(dataset_id) / "fetch.json"
     checksums = json.loads(fetch_info.read_text())["files"] if fetch_info.exists() else []
-    Ledger(config.storage).record_expansion(dataset_id, summary["format"], summary["raw_bytes"], summary["processed_bytes"])
+    ledger = Ledger(config.storage)
+    ledger.record_expansion(dataset_id, summary["format"], summary["raw_bytes"], summary["processed_bytes"])
+    if dataset.is_reads and (quant := _quant_summary(layout.raw_dir(dataset_id))):
+        # what admission needs for the next reads sample: processed bytes per FASTQ byte
+        ledger.record_expansion(dataset_id, "fastq", quant.get("fastq_bytes", 0), summary["processed_bytes"])
     cleaner.write_tombstone(dataset_id, {
         "batch_id": batch_id, "downloads": [{"name": f["name"], "sha256": f["sha256"], "bytes": f["bytes"]} for f in checksums],
         "processed_sha256": file_sha256(out), "cells_before": summary["cells_before"], "cells_after": summary["cells_after"],
@@ -220,6 +309,12 @@ def _process_dataset_step(config: AtlasConfig, batch_id: str, fetched: dict[str,
     keep = ("dataset_id", "status", "path", "format", "raw_bytes", "processed_bytes", "cells_before", "cells_after",
             "genes_after", "removed", "coverage", "strategy", "non_integer", "seconds")
     return {k: summary[k] for k in keep}
+
+
+def _quant_summary(raw_dir: Path) -> dict[str, Any] | None:
+    from atlasflow.quant import quantified
+
+    return quantified(raw_dir)
 
 
 def _previous(root: Path, batch_id: str) -> Path | None:

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from atlasflow.config import AtlasConfig
 from atlasflow.fsutil import write_json_atomic
-from atlasflow.manifest import FINGERPRINT_FIELDS, Dataset, Manifest, read_manifest
+from atlasflow.manifest import FINGERPRINT_FIELDS, READS_FORMATS, Dataset, Manifest, read_manifest
 
 __all__ = [
     "Batch",
@@ -94,6 +94,15 @@ class BatchPlan:
             if b.batch_id == batch_id_:
                 return b
         raise KeyError(f"{batch_id_} is not in the plan (it has {len(self.batches)} batches)")
+
+    def has_reads(self, batch_id_: str) -> bool:
+        """Whether a batch holds raw reads (sra rows or FASTQ files) that need quantifying.
+
+        Read from the plan's fingerprints, so a DAG file can decide at parse time whether the
+        batch gets a ``quant`` step; a plan saved without fingerprints is assumed to have reads.
+        """
+        prints = [self.fingerprints.get(d) for d in self.batch(batch_id_).dataset_ids]
+        return any(p is None or p.get("type") == "sra" or p.get("format") in READS_FORMATS for p in prints)
 
     @property
     def new_batches(self) -> tuple[Batch, ...]:

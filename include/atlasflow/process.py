@@ -52,7 +52,8 @@ def process_dataset(
         files = primary_files(raw_dir)
         symbols = vocab.symbol_set() | set(vocab.synonyms)  # for telling genes from cells in tables
         for path in files:
-            fmt = dataset.format if len(files) == 1 and dataset.format else None
+            # a reads dataset arrives here as kb count's 10x folder, whatever its manifest format says
+            fmt = dataset.format if len(files) == 1 and dataset.format and not dataset.is_reads else None
             sources.append(open_counts(path, fmt=fmt, cache=cache_dir / dataset.dataset_id, vocabulary=symbols))
         raw_bytes = sum(p.stat().st_size for p in files)
         meta = {"disease_status": dataset.disease_status, "tissue_type": dataset.tissue_type, "species": dataset.species}

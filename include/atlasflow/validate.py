@@ -169,10 +169,30 @@ def _manifest(config: AtlasConfig) -> list[Check]:
         program = (shlex.split(config.download.sra_command) or [""])[0]
         found = shutil.which(program) if program else None
         rows = ", ".join(sra_rows[:3]) + (" …" if len(sra_rows) > 3 else "")
-        checks.append(Check("tool:sra", "ok", f"{found} for {len(sra_rows)} sra row(s)") if found else
-                      Check("tool:sra", "fail", f"{program or 'download.sra_command'} is not on PATH, needed by "
-                                                f"{len(sra_rows)} sra row(s) ({rows}): install sra-tools or set "
-                                                "download.sra_command"))
+        if found:
+            checks.append(Check("tool:sra", "ok", f"{found} for {len(sra_rows)} sra row(s)"))
+        elif config.download.sra_resolver == "sra-tools":
+            checks.append(Check("tool:sra", "fail", f"{program or 'download.sra_command'} is not on PATH, needed by "
+                                                    f"{len(sra_rows)} sra row(s) ({rows}): install sra-tools, set "
+                                                    "download.sra_command, or download.sra_resolver: auto/ena"))
+        else:  # auto falls back to ENA's FASTQ links
+            checks.append(Check("tool:sra", "ok", f"{program or 'sra-tools'} not on PATH: {len(sra_rows)} sra row(s) "
+                                                  f"({rows}) are fetched from ENA ({config.download.ena_base_url})"))
+    reads = [d.dataset_id for d in m if d.is_reads]
+    if reads:
+        rows = ", ".join(reads[:3]) + (" …" if len(reads) > 3 else "")
+        missing = [f"quant.{k} {getattr(config.quant, k) or '(not set)'}" for k in ("index", "t2g")
+                   if not getattr(config.quant, k) or not Path(str(getattr(config.quant, k))).is_file()]
+        kb = shutil.which("kb", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+        if missing:
+            checks.append(Check("quant", "fail", f"{'; '.join(missing)} missing, needed by {len(reads)} FASTQ "
+                                                 f"row(s) ({rows}): build it once with `atlasflow quant ref --fasta "
+                                                 "GENOME.fa --gtf GENES.gtf --out DIR`"))
+        elif kb is None:
+            checks.append(Check("quant", "fail", f"kb (kb-python) is not installed, needed by {len(reads)} FASTQ "
+                                                 f"row(s) ({rows})"))
+        else:
+            checks.append(Check("quant", "ok", f"{kb} with {config.quant.index} for {len(reads)} FASTQ row(s)"))
     return checks
 
 

@@ -101,3 +101,14 @@ def test_reference_lists_every_option_with_help():
     assert keys == expected
     assert all(r["help"] for r in rows)
     assert next(r for r in rows if r["key"] == "training.backend")["type"] == "'local' | 'slurm'"
+
+
+def test_quant_section_defaults_and_relative_paths(tmp_path):
+    c = load_config()
+    assert (c.quant.timeout_s, c.download.timeout_s, c.quant.backend) == (600.0, 1800.0, "local")  # design doc
+    path = tmp_path / "atlasflow.yaml"
+    path.write_text("quant:\n  index: ref/index.idx\n  t2g: /abs/t2g.txt\n")
+    c = load_config(path)
+    assert (c.quant.index, c.quant.t2g) == (str(tmp_path / "ref" / "index.idx"), "/abs/t2g.txt")
+    with pytest.raises(ConfigError, match="quant.backend: 'cloud' is not one of local, slurm"):
+        load_config(overrides={"quant.backend": "cloud"})

@@ -26,13 +26,13 @@ def only_problem(path: Path, **kwargs) -> tuple[int | None, str | None, str]:
 
 def test_reads_csv_with_every_column(tmp_path):
     header = ["Dataset ID", " Download-URL ", "TYPE", "disease_status", "Tissue Type", "species", "format",
-              "expected_bytes", "sha256", "md5", "batch_key", "cell_type_key", "notes", "Lab"]
+              "expected_bytes", "sha256", "md5", "batch_key", "cell_type_key", "notes", "Lab", "Technology"]
     sha = "ab" * 32
     rows = [
-        ["GSE1000", "gse1000", "GEO", "ALS", "spinal_cord", "human", "", "12 GB", "", "", "", "", "", "Smith"],
+        ["GSE1000", "gse1000", "GEO", "ALS", "spinal_cord", "human", "", "12 GB", "", "", "", "", "", "Smith", ""],
         ["pbmc", "https://host.org/a/pbmc_filtered_feature_bc_matrix.h5", "direct", "control", "blood", "human",
-         "", "1.5GiB", sha, "", "donor", "cell_type", "a note", ""],
-        ["SRR123", "srr123", "sra", "", "", "", "", 5000, "", "0" * 32, "", "", "", ""],
+         "", "1.5GiB", sha, "", "donor", "cell_type", "a note", "", ""],
+        ["SRR123", "srr123", "sra", "", "", "", "", 5000, "", "0" * 32, "", "", "", "", "10XV3"],
     ]
     m = read_manifest(write_csv(tmp_path / "m.csv", rows, header))
     assert [d.dataset_id for d in m] == ["GSE1000", "pbmc", "SRR123"]
@@ -42,6 +42,7 @@ def test_reads_csv_with_every_column(tmp_path):
     assert (pbmc.format, pbmc.format_inferred, pbmc.expected_bytes) == ("10x_h5", True, int(1.5 * 2**30))
     assert (pbmc.sha256, pbmc.batch_key, pbmc.cell_type_key, pbmc.notes) == (sha, "donor", "cell_type", "a note")
     assert (sra.download_url, sra.md5, sra.expected_bytes, sra.format) == ("SRR123", "0" * 32, 5000, None)
+    assert (sra.technology, sra.is_reads, pbmc.technology, pbmc.is_reads) == ("10xv3", True, None, False)
     assert any("lab" in w for w in m.warnings)
     assert len(m.sha256) == 64
 
@@ -129,9 +130,9 @@ def test_duplicate_header_column(manifest_csv):
 
 
 def test_unknown_type_and_format(manifest_csv):
-    found = problems_of(manifest_csv([["a", "https://h.org/x.h5ad", "ftp", "", ""], ["b", "https://h.org/x", "direct", "rds", ""]]))
+    found = problems_of(manifest_csv([["a", "https://h.org/x.h5ad", "ftp", "", ""], ["b", "https://h.org/x", "direct", "rdata", ""]]))
     assert (2, "type", "unknown type 'ftp'; expected one of: geo, direct, sra") in found
-    assert any(r == 3 and c == "format" and "unknown format 'rds'" in why for r, c, why in found)
+    assert any(r == 3 and c == "format" and "unknown format 'rdata'" in why for r, c, why in found)
 
 
 def test_direct_format_must_be_inferable(manifest_csv):
@@ -197,7 +198,7 @@ def test_geo_accessions(manifest_csv, acc, ok):
      ("SRX7", False), ("SRR", False), ("PRJ9", False)],
 )
 def test_sra_accessions(manifest_csv, acc, ok):
-    path = manifest_csv([["a", acc, "sra", "", ""]])
+    path = manifest_csv([["a", acc, "sra", "", "", "10xv2"]], [*HEADER, "technology"])
     if ok:
         assert read_manifest(path).datasets[0].download_url == acc
     else:
@@ -301,3 +302,42 @@ def test_dataset_round_trips_through_dict(manifest_csv):
     from atlasflow.manifest import Dataset
 
     assert Dataset.from_dict(d.to_dict()) == d
+
+
+# ---- raw reads: technology and FASTQ URLs ------------------------------------------------------
+
+READS_HEADER = [*HEADER, "technology"]
+
+
+def test_reads_rows_need_a_known_technology(manifest_csv):
+    row, column, reason = only_problem(manifest_csv([["a", "SRR1", "sra", "", ""]], READS_HEADER))
+    assert (row, column) == (2, "technology") and "raw reads need a technology" in reason and "10xv3" in reason
+    row, column, reason = only_problem(manifest_csv([["a", "SRR1", "sra", "", "", "10xv9"]], READS_HEADER))
+    assert column == "technology" and reason == "unknown technology '10xv9'; expected one of: 10xv2, 10xv3, smartseq2"
+    row, column, reason = only_problem(manifest_csv([["a", "SRR1", "sra", "h5ad", "", "10xv3"]], READS_HEADER))
+    assert column == "format" and "an sra row holds reads" in reason
+    # a count matrix may carry a technology as metadata; it needs none
+    ok = read_manifest(manifest_csv([["b", "https://h.org/x.h5ad", "direct", "", "", "smartseq2"]], READS_HEADER))
+    assert ok.datasets[0].technology == "smartseq2" and not ok.datasets[0].is_reads
+
+
+def test_direct_fastq_rows_list_r1_and_r2(manifest_csv):
+    url = "https://h.org/s_R1.fastq.gz;https://h.org/s_R2.fastq.gz"
+    (d,) = read_manifest(manifest_csv([["s", url, "direct", "", "", "10xv3"]], READS_HEADER)).datasets
+    assert (d.format, d.format_inferred, d.is_reads) == ("fastq", True, True)
+    assert d.urls() == ["https://h.org/s_R1.fastq.gz", "https://h.org/s_R2.fastq.gz"]
+    _, column, reason = only_problem(manifest_csv([["s", "https://h.org/a.h5ad;https://h.org/b.h5ad", "direct", "", "",
+                                                    ""]], READS_HEADER))
+    assert column == "download_url" and "only allowed for FASTQ rows" in reason
+    _, column, reason = only_problem(manifest_csv([["s", "https://h.org/s_R1.fastq.gz;gopher://h.org/x", "direct",
+                                                    "", "", "10xv3"]], READS_HEADER))
+    assert column == "download_url" and "'gopher' is not allowed" in reason
+
+
+def test_technology_enters_the_fingerprint_only_when_set(manifest_csv):
+    # rows of plans sealed before the column existed keep their fingerprint (no spurious "edited" rows)
+    plain = read_manifest(manifest_csv([["a", "https://h.org/x.h5ad", "direct", "", ""]])).datasets[0]
+    blank = read_manifest(manifest_csv([["a", "https://h.org/x.h5ad", "direct", "", "", ""]], READS_HEADER)).datasets[0]
+    tagged = read_manifest(manifest_csv([["a", "https://h.org/x.h5ad", "direct", "", "", "10xv3"]],
+                                        READS_HEADER)).datasets[0]
+    assert plain.fingerprint() == blank.fingerprint() != tagged.fingerprint()

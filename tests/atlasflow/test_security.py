@@ -155,11 +155,12 @@ def test_tar_links_and_devices_are_refused(tmp_path, kind):
 @pytest.mark.parametrize("value", HOSTILE)
 def test_identifier_columns_refuse_shell_metacharacters(tmp_path, value):
     """dataset_id becomes a folder and a job name; sra/geo accessions become arguments: all are validated."""
-    rows = [[f"ds{value}", "https://h.org/x.h5ad", "direct", "", ""],
-            ["ok1", f"SRR1{value}", "sra", "", ""],
-            ["ok2", f"GSE1{value}", "geo", "", ""]]
+    rows = [[f"ds{value}", "https://h.org/x.h5ad", "direct", "", "", ""],
+            ["ok1", f"SRR1{value}", "sra", "", "", "10xv3"],
+            ["ok2", f"GSE1{value}", "geo", "", "", ""]]
+    header = ["dataset_id", "download_url", "type", "format", "expected_bytes", "technology"]
     with pytest.raises(ManifestError) as info:
-        read_manifest(write_csv(tmp_path / "m.csv", rows))
+        read_manifest(write_csv(tmp_path / "m.csv", rows, header))
     # (row numbers are physical lines: a quoted newline shifts the later ones, so compare columns)
     flagged = sorted(p.column for p in info.value.problems)
     assert flagged == ["dataset_id", "download_url", "download_url"], info.value.problems
@@ -186,11 +187,12 @@ def test_sra_accession_is_one_argument_never_shell_parsed(tmp_path):
     tool = tmp_path / "fake-dump"
     tool.write_text("#!/usr/bin/env python3\nimport json, sys, pathlib\n"
                     "out = pathlib.Path(sys.argv[sys.argv.index('--outdir') + 1])\n"
-                    "(out / 'argv.json').write_text(json.dumps(sys.argv[1:]))\n")
+                    "(out / 'argv.json').write_text(json.dumps(sys.argv[1:]))\n"
+                    "(out / 'reads_1.fastq').write_text('@r\\nACGT\\n+\\nIIII\\n')\n")
     tool.chmod(0o755)
     for i, value in enumerate(HOSTILE):
         dest = tmp_path / f"raw{i}"
-        ds = Dataset(f"s{i}", f"SRR1{value}", "sra", 2)
+        ds = Dataset(f"s{i}", f"SRR1{value}", "sra", 2, technology="10xv3")
         fetch_dataset(ds, dest, config=DownloadConfig(sra_command=f"{tool} --outdir {{outdir}} {{accession}}"))
         assert json.loads((dest / "argv.json").read_text()) == ["--outdir", str(dest), f"SRR1{value}"]
     assert not list(tmp_path.rglob("PWNED")) and not Path(os.getcwd(), "PWNED").exists()

@@ -104,15 +104,27 @@ def test_held_bytes_count_towards_the_room_for_the_budget(tmp_path):
 
 
 def test_sra_rows_need_their_tool(tmp_path, manifest_csv):
-    rows = direct_rows(1) + [["srr1", "SRR000001", "sra", "", ""]]
-    base = {"storage.base_dir": str(tmp_path / "b"), "manifest.path": str(manifest_csv(rows))}
-    missing = by_name(run_checks(load_config(overrides={**base, "download.sra_command":
+    header = ["dataset_id", "download_url", "type", "format", "expected_bytes", "technology"]
+    rows = [r + [""] for r in direct_rows(1)] + [["srr1", "SRR000001", "sra", "", "", "10xv3"]]
+    base = {"storage.base_dir": str(tmp_path / "b"), "manifest.path": str(manifest_csv(rows, header))}
+    missing = by_name(run_checks(load_config(overrides={**base, "download.sra_resolver": "sra-tools",
+                                                        "download.sra_command":
                                                         "no-such-fasterq-dump {accession} {outdir}"}), gpu=False))
     assert missing["tool:sra"].status == "fail"
     assert "no-such-fasterq-dump is not on PATH" in missing["tool:sra"].detail and "srr1" in missing["tool:sra"].detail
     present = by_name(run_checks(load_config(overrides={**base, "download.sra_command": "true {accession} {outdir}"}),
                                  gpu=False))
     assert present["tool:sra"].status == "ok"
+    # auto: without sra-tools the reads come from ENA; the index they are quantified against is missing
+    auto = by_name(run_checks(load_config(overrides={**base, "download.sra_command": "no-such-dump {accession}"}),
+                              gpu=False))
+    assert auto["tool:sra"].status == "ok" and "fetched from ENA" in auto["tool:sra"].detail
+    assert auto["quant"].status == "fail" and "atlasflow quant ref" in auto["quant"].detail
+    index = tmp_path / "i.idx"
+    index.write_bytes(b"x")
+    ready = by_name(run_checks(load_config(overrides={**base, "quant.index": str(index), "quant.t2g": str(index)}),
+                               gpu=False))
+    assert ready["quant"].status == "ok", ready["quant"].detail
     assert "tool:sra" not in by_name(run_checks(load_config(overrides={
         "storage.base_dir": str(tmp_path / "b"), "manifest.path": str(manifest_csv(direct_rows(2), name="d.csv"))}),
         gpu=False))

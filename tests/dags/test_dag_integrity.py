@@ -13,7 +13,7 @@ from tests.atlasflow.conftest import direct_rows, write_csv, write_xlsx
 
 REPO = Path(__file__).resolve().parents[2]
 DAGS = REPO / "dags"
-KNOWN_POOLS = {"default_pool", "downloads", "gpu"}
+KNOWN_POOLS = {"default_pool", "downloads", "gpu", "quant"}
 HEAVY = ("scanpy", "anndata", "scvi", "torch", "numpy", "pandas", "lightning")
 
 
@@ -56,6 +56,7 @@ def test_batches_are_laid_out_from_the_manifest(monkeypatch, tmp_path):
     groups = sorted({t.task_id.split(".")[0] for t in dag.tasks if "." in t.task_id})
     assert groups == ["batch_0000", "batch_0001", "batch_0002"]
     per_batch = sorted(t.task_id.split(".")[1] for t in dag.tasks if t.task_id.startswith("batch_0001."))
+    # no raw reads in this manifest, so no batch has a quant step
     assert per_batch == ["admit", "cleanup", "download", "integrate", "process", "train"]
     assert dag.get_task("batch_0000.admit").upstream_task_ids == {"prepare"}
     # pipelining: admission and training chain batch to batch, nothing else does
@@ -63,6 +64,7 @@ def test_batches_are_laid_out_from_the_manifest(monkeypatch, tmp_path):
     assert dag.get_task("batch_0001.train").upstream_task_ids == {"batch_0001.integrate", "batch_0000.train"}
     assert dag.get_task("batch_0001.download").pool == "downloads"
     assert dag.get_task("batch_0001.train").pool == "gpu"
+    assert dag.get_task("batch_0001.process").upstream_task_ids == {"batch_0001.download"}
     assert dag.get_task("batch_0001.admit").mode == "reschedule"
     assert dag.get_task("batch_0001.cleanup").is_teardown
     assert dag.get_task("batch_0001.download").map_index_template == "{{ dataset_id }}"
@@ -121,3 +123,21 @@ def test_parsing_imports_no_heavy_modules(tmp_path):
     env = {**os.environ, "ATLASFLOW_CONFIG": str(config)}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
     assert json.loads(out.strip().splitlines()[-1]) == []
+
+
+def test_only_batches_with_raw_reads_get_a_quant_step(monkeypatch, tmp_path):
+    rows = direct_rows(4)
+    rows[3] = ["fq003", "https://example.org/r/S_R1.fastq.gz;https://example.org/r/S_R2.fastq.gz", "direct", "", 1_000_000,
+               "10xv3"]
+    header = ["dataset_id", "download_url", "type", "format", "expected_bytes", "technology"]
+    bag = dagbag(monkeypatch, write_config(tmp_path, write_csv(tmp_path / "m.csv", [r + [""] * (6 - len(r)) for r in rows],
+                                                               header)))
+    assert bag.import_errors == {}
+    dag = bag.dags["atlas_ingest"]
+    assert "batch_0000.quant" not in dag.task_dict  # ds000, ds001: count files only
+    # raw reads are quantified between download and process, two at a time (pool quant)
+    quant = dag.get_task("batch_0001.quant")
+    assert quant.pool == "quant" and quant.map_index_template == "{{ dataset_id }}"
+    assert quant.upstream_task_ids == {"batch_0001.download"}
+    assert dag.get_task("batch_0001.process").upstream_task_ids == {"batch_0001.quant"}
+    assert quant.execution_timeout.total_seconds() == 600 + 120

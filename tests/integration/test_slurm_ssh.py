@@ -347,3 +347,42 @@ def test_local_and_slurm_backends_give_identical_checkpoints(slurm_airflow, tmp_
     assert weights_a.keys() == weights_b.keys()
     for key in weights_a:
         assert torch.equal(weights_a[key], weights_b[key]), key
+
+
+def test_quantification_runs_as_a_cpu_slurm_job(slurm_airflow, tmp_path):
+    """quant.backend slurm: `atlasflow quant run` as a real job (no GPU asked for), its result read by
+    the operator; the FASTQ files are deleted on the Airflow side afterwards."""
+    import numpy as np
+
+    from atlasflow import pipeline as P
+    from atlasflow.config import load_config
+    from atlasflow.plan import write_batch_spec
+    from atlasflow.quant import build_reference
+    from atlasflow.testing.geo_server import GeoServer
+    from atlasflow.testing.reads import build_fastq_demo, make_reference
+
+    ref = make_reference(tmp_path / "ref", n_genes=8)
+    paths = build_reference(ref.genome, ref.gtf, tmp_path / "ref" / "index")
+    rng = np.random.default_rng(5)
+    barcodes = sorted({"".join("ACGT"[i] for i in rng.integers(0, 4, 16)) for _ in range(200)})
+    (tmp_path / "onlist.txt").write_text("\n".join(barcodes) + "\n")
+    (tmp_path / "www").mkdir()
+    with GeoServer(tmp_path / "www") as server:
+        build_fastq_demo(tmp_path, server.url, reference=ref, index=paths["index"], t2g=paths["t2g"],
+                         onlist=str(tmp_path / "onlist.txt"), barcodes=barcodes, n_samples=1, n_cells=5)
+        config = load_config(tmp_path / "atlasflow.yaml", overrides={"quant.backend": "slurm"})
+        P.prepare_run(config)
+        write_batch_spec(config, "batch_0000")
+        assert P.admit_batch(config, "batch_0000", owner="test")["admitted"]
+        P.download_dataset(config, "batch_0000", "fq0", final_try=True)
+    job = P.quant_job(config, "batch_0000", "fq0")
+    assert job["slurm"].gpus == 0
+    dag = _dag(dict(command=job["command"], dataset_id="fq0", batch_id="batch_0000", output_dir=job["log_dir"],
+                    slurm={**FAST, "time_limit": job["slurm"].time_limit, "mem_gb": 2}))
+    ti = _ti(dag.test())
+    assert ti.state == "success"
+    outcome = ti.xcom_pull(task_ids="train")
+    assert outcome["status"] == "ok" and outcome["dataset_id"] == "fq0" and outcome["reads_pseudoaligned"] > 0
+    done = P.finish_quant(config, "batch_0000", "fq0", outcome)
+    assert done["status"] == "ok" and done["fastq_freed"] > 0
+    assert not list((config.base_dir / "data" / "raw" / "fq0").glob("*.fastq.gz"))

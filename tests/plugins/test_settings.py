@@ -18,6 +18,7 @@ def test_project_settings_file_declares_pools_connection_variables():
     pools = {p.name: p for p in s.pools}
     assert (pools["downloads"].slots, pools["downloads"].include_deferred) == (5, False)
     assert (pools["gpu"].slots, pools["gpu"].include_deferred) == (1, True)
+    assert (pools["quant"].slots, pools["quant"].include_deferred) == (2, True)
     (conn,) = s.connections
     assert conn.conn_id == "slurm_ssh" and conn.conn_type == "ssh" and conn.password is None
     assert conn.extra["no_host_key_check"] is False and "key_file" in conn.extra

@@ -5,9 +5,6 @@ from __future__ import annotations
 import html.parser
 import logging
 import re
-import shlex
-import shutil
-import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -37,7 +34,7 @@ log = logging.getLogger(__name__)
 # of per-sample raw data whose contents we cannot know in advance).
 GEO_MATRIX = re.compile(
     r"(\.h5ad|\.h5|\.loom|matrix\.mtx(\.gz)?|barcodes\.tsv(\.gz)?|(features|genes)\.tsv(\.gz)?|"
-    r"\.(csv|tsv|txt)(\.gz)?)$",
+    r"\.(csv|tsv|txt)(\.gz)?|\.rds)$",
     re.IGNORECASE,
 )
 GEO_SKIP = re.compile(r"(_RAW\.tar$|\.(png|jpe?g|tiff?|pdf|bam|bai|bw|bigwig|bed(\.gz)?|fastq(\.gz)?)$|filelist\.txt$)",
@@ -118,29 +115,6 @@ def _list_geo(url: str, timeout_s: float) -> list[str]:
     return parser.hrefs
 
 
-def _run_sra(dataset: Dataset, dest: Path, config: DownloadConfig) -> list[FetchedFile]:
-    template = shlex.split(config.sra_command)
-    if not template:
-        raise FetchError("download.sra_command is empty")
-    exe = shutil.which(template[0])
-    if exe is None:
-        raise FetchError(f"{dataset.dataset_id}: SRA download needs {template[0]!r}, which is not installed "
-                         "(install sra-tools, or set download.sra_command)")
-    # placeholders are filled per argument after splitting: the accession never meets a shell
-    argv = [exe] + [arg.format(accession=dataset.download_url, outdir=str(dest)) for arg in template[1:]]
-    log.info("running %s", argv)
-    try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=config.timeout_s, check=False)
-    except subprocess.TimeoutExpired as exc:
-        raise TransientFetchError(f"{template[0]} timed out after {config.timeout_s:g} s") from exc
-    if done.returncode != 0:
-        raise FetchError(f"{template[0]} exited {done.returncode}: {done.stderr.strip()[-500:]}")
-    from atlasflow.fetch.http import _hash
-
-    return [FetchedFile(p.name, str(p), p.stat().st_size, _hash(p, "sha256"), f"sra:{dataset.download_url}")
-            for p in sorted(dest.iterdir()) if p.is_file() and not p.name.endswith((".part", ".done.json"))]
-
-
 def fetch_dataset(dataset: Dataset, dest_dir: Path, *, config: DownloadConfig, max_bytes: int | None = None) -> FetchResult:
     """Fetch ``dataset`` into ``dest_dir`` (``data/raw/<dataset_id>``); idempotent.
 
@@ -154,7 +128,12 @@ def fetch_dataset(dataset: Dataset, dest_dir: Path, *, config: DownloadConfig, m
     dest_dir.mkdir(parents=True, exist_ok=True)
     kw = {"attempts": config.attempts, "backoff_s": config.backoff_s, "timeout_s": config.read_timeout_s}
     skipped: list[str] = []
-    if dataset.type == "direct":
+    source: str = dataset.type
+    if dataset.is_reads:
+        from atlasflow.fetch.reads import fetch_reads
+
+        files, source = fetch_reads(dataset, dest_dir, config=config, max_bytes=max_bytes, **kw)
+    elif dataset.type == "direct":
         files = [download(dataset.download_url, dest_dir, max_bytes=max_bytes, sha256=dataset.sha256,
                           md5=dataset.md5, **kw)]
     elif dataset.type == "geo":
@@ -169,9 +148,9 @@ def fetch_dataset(dataset: Dataset, dest_dir: Path, *, config: DownloadConfig, m
             files.append(download(listing + name, dest_dir, name=safe_name(name), max_bytes=budget, **kw))
         if skipped:
             log.info("%s: skipped %s", dataset.dataset_id, ", ".join(skipped))
-    else:
-        files = _run_sra(dataset, dest_dir, config)
+    else:  # every sra row is a reads row, handled above
+        raise FetchError(f"{dataset.dataset_id}: unknown dataset type {dataset.type!r}")
     result = FetchResult(dataset.dataset_id, str(dest_dir), tuple(files), time.monotonic() - t0,
-                         dataset.type, tuple(skipped))
+                         source, tuple(skipped))
     write_json_atomic(dest_dir / "fetch.json", result.to_dict())
     return result

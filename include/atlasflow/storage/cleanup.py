@@ -67,6 +67,10 @@ class Cleaner:
         log.info("deleted %s (%d bytes): %s", target, nbytes, reason)
         return nbytes
 
+    def remove(self, path: Path, reason: str, *, batch_id: str | None = None, dataset_id: str | None = None) -> int:
+        """Delete one file or folder below the base dir, recording the bytes freed; returns them."""
+        return self._remove(path, reason, batch_id=batch_id, dataset_id=dataset_id)
+
     def delete_raw(self, dataset_id: str, *, batch_id: str | None = None) -> int:
         """Delete a processed dataset's download; returns the bytes freed."""
         return self._remove(self.layout.raw_dir(dataset_id), "raw data no longer needed: dataset processed",

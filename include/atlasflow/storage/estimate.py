@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
-from atlasflow.config import GB
+from atlasflow.config import GB, QuantConfig
 from atlasflow.manifest import Dataset
 from atlasflow.storage.ledger import Ledger
 
@@ -17,6 +18,7 @@ def batch_footprint(
     ledger: Ledger,
     *,
     content_lengths: Mapping[str, int] | None = None,
+    quant: QuantConfig | None = None,
 ) -> dict[str, Any]:
     """Estimate a batch's peak footprint.
 
@@ -25,6 +27,10 @@ def batch_footprint(
     the format's expansion factor, measured from earlier datasets when any). The batch adds one
     checkpoint + integration model (``storage.checkpoint_gb``). Raw files are deleted once
     processed, so this over-estimates a little: the budget is a hard limit, so err high.
+
+    A reads dataset (FASTQ) also needs kb count's working space while it runs (``quant.work_factor``
+    × the reads + ``quant.work_fixed_gb``), and a batch with reads counts the index once (its size
+    on disk, else ``quant.index_gb``): its samples share it.
 
     Returns
     -------
@@ -41,9 +47,21 @@ def batch_footprint(
             raw, source = int(lengths[d.dataset_id]), "content-length"
         else:
             raw, source = int(config.unknown_size_gb * GB), "default"
-        factor = ledger.expansion_factor(d.format)
+        reads = d.type == "sra" or d.format == "fastq"
+        factor = ledger.expansion_factor("fastq" if reads else d.format)
         processed = int(raw * factor)
+        row = {"dataset_id": d.dataset_id, "raw": raw, "processed": processed, "factor": round(factor, 4),
+               "size_source": source}
+        if reads:
+            q = quant or QuantConfig()
+            row["quant_work"] = int(raw * q.work_factor + q.work_fixed_gb * GB)
+            total += row["quant_work"]
         total += raw + processed
-        rows.append({"dataset_id": d.dataset_id, "raw": raw, "processed": processed, "factor": round(factor, 4),
-                     "size_source": source})
-    return {"bytes": total, "datasets": rows}
+        rows.append(row)
+    out: dict[str, Any] = {"bytes": total, "datasets": rows}
+    if any("quant_work" in r for r in rows):
+        q = quant or QuantConfig()
+        index = Path(q.index) if q.index else None
+        out["index"] = index.stat().st_size if index is not None and index.is_file() else int(q.index_gb * GB)
+        out["bytes"] += out["index"]
+    return out

@@ -63,7 +63,10 @@ SAMPLE_KEYS = ("time", "data", "models", "cache", "outputs", "reserved", "free",
 
 # Processed bytes per downloaded byte before any dataset of a format has been measured here:
 # benchmarks/expansion_factors.py on real cells, rounded up by ~25 % (gzip'd text expands most).
-SEED_EXPANSION = {"h5ad": 0.7, "10x_h5": 0.5, "10x_mtx": 2.2, "loom": 0.5, "csv": 1.0, "tsv": 6.0}
+# fastq: the processed h5ad of a quantified sample per FASTQ byte (a guess, err high: counts are
+# ~1000x smaller than reads); rds: like h5ad, a compressed binary of the same matrix.
+SEED_EXPANSION = {"h5ad": 0.7, "10x_h5": 0.5, "10x_mtx": 2.2, "loom": 0.5, "csv": 1.0, "tsv": 6.0,
+                  "fastq": 0.05, "rds": 1.5}
 
 
 class BudgetExceededError(ValueError):

@@ -10,6 +10,9 @@ does), and can misbehave on purpose, per path, to exercise the downloader:
 - ``no_length``: send no Content-Length,
 - ``rate``: bytes per second (bandwidth throttle); ``rate=`` on the server throttles every file.
 
+A folder holding ``<ACCESSION>.tsv`` answers ``GET folder?accession=<ACCESSION>&…`` with that file:
+ENA's Portal API ``filereport`` stand-in (see :func:`atlasflow.testing.reads.publish_ena`).
+
 Every body transfer is recorded (path, start, end, bytes): tests and benchmarks read how many
 downloads ran at once from ``transfers()`` or from the ``--transfer-log`` JSON-lines file.
 
@@ -24,6 +27,7 @@ import argparse
 import html
 import json
 import os
+import re
 import socket
 import sys
 import threading
@@ -34,7 +38,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 __all__ = ["GeoServer", "geo_series_dir", "max_concurrent"]
 
@@ -78,6 +82,13 @@ class _Handler(BaseHTTPRequestHandler):
         if not target.is_relative_to(self.server.root) or not target.exists():
             self.send_error(HTTPStatus.NOT_FOUND)
             return
+        accession = parse_qs(urlsplit(self.path).query).get("accession", [""])[0]
+        if target.is_dir() and accession:  # an API answer keyed by ?accession= (ENA's filereport)
+            keyed = target / f"{accession}.tsv"
+            if not re.fullmatch(r"[A-Za-z0-9]{1,32}", accession) or not keyed.is_file():
+                self.send_error(HTTPStatus.NOT_FOUND)
+                return
+            target = keyed
         if target.is_dir():
             self._listing(target, rel, head)
             return

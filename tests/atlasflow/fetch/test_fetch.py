@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import os
@@ -169,8 +170,9 @@ def test_sra_runs_the_configured_tool_without_a_shell(tmp_path):
     ds = Dataset("s1", "SRR123", "sra", 2)
     config = DownloadConfig(sra_command=f"{tool} --outdir {{outdir}} {{accession}}")
     result = fetch_dataset(ds, tmp_path / "raw", config=config)
-    assert [f.name for f in result.files] == ["SRR123.fastq"]
-    missing = DownloadConfig(sra_command="definitely-not-installed-dump {accession}")
+    assert [f.name for f in result.files] == ["SRR123.fastq.gz"]  # gzipped, as ENA serves reads
+    assert gzip.decompress(Path(result.files[0].path).read_bytes()) == b"reads"
+    missing = DownloadConfig(sra_command="definitely-not-installed-dump {accession}", sra_resolver="sra-tools")
     with pytest.raises(FetchError, match="needs 'definitely-not-installed-dump', which is not installed"):
         fetch_dataset(ds, tmp_path / "raw2", config=missing)
 

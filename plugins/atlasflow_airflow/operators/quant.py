@@ -1,0 +1,48 @@
+"""QuantOperator: quantify one downloaded reads dataset (kb count), locally or as a SLURM job."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from atlasflow_airflow.operators.slurm import SlurmJobOperator
+
+
+class QuantOperator(SlurmJobOperator):
+    """Mapped over a batch's download results (``fetched``), in pool ``quant``.
+
+    ``quant.backend`` decides at run time: ``local`` runs kb count in this task (a hard time
+    limit, the process group killed on expiry), ``slurm`` submits ``atlasflow quant run`` to the
+    CPU partition and defers, exactly as training does. Either way the FASTQ files are deleted
+    (and the ledger records the bytes) on this side once the counts are written; a bad sample is
+    quarantined. Datasets that are not raw reads pass through untouched.
+    """
+
+    template_fields = ()
+    ui_color = "#e3f0d8"
+
+    def __init__(self, *, batch_id: str, fetched: dict[str, Any], **kwargs: Any) -> None:
+        kwargs.setdefault("pool", "quant")
+        super().__init__(command=(), dataset_id="quant", batch_id=batch_id, output_dir="", **kwargs)
+        self.fetched = fetched
+
+    def execute(self, context: Any) -> Any:
+        from atlasflow.pipeline import quant_dataset_step, quant_job, reads_to_quantify
+        from atlasflow_airflow.runtime import task_config
+
+        fetched = dict(self.fetched)
+        context["dataset_id"] = fetched.get("dataset_id")  # the map index label in the UI
+        config = task_config(context)
+        if config.quant.backend == "local" or not reads_to_quantify(config, self.batch_id, fetched):
+            return quant_dataset_step(config, self.batch_id, fetched)
+        python = config.slurm.python or ("python" if config.slurm.env_activate else None)
+        job = quant_job(config, self.batch_id, fetched["dataset_id"], python=python)
+        self.command, self.output_dir, self.slurm = job["command"], job["log_dir"], job["slurm"]
+        self.dataset_id = fetched["dataset_id"]
+        return super().execute(context)
+
+    def execute_complete(self, context: Any, event: dict[str, Any]) -> Any:
+        from atlasflow.pipeline import finish_quant
+        from atlasflow_airflow.runtime import task_config
+
+        outcome = super().execute_complete(context, event)
+        return finish_quant(task_config(context), self.batch_id, outcome["dataset_id"], outcome)
