@@ -66,6 +66,11 @@ class LocalAirflow:
                     "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
                     # the manifest (not the DAG file) changes between runs: re-parse often
                     "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "5"}
+        if self.db_url.startswith("sqlite"):
+            # one writer at a time: wait for the lock instead of failing after 5 s (atlasflow_airflow.sqlite)
+            self.env.update(dict.fromkeys(("AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS",
+                                           "AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS_ASYNC"),
+                                          "atlasflow_airflow.sqlite.CONNECT_ARGS"))
         if executor == "CeleryExecutor":
             if not broker_url or self.db_url.startswith("sqlite"):
                 raise ValueError("CeleryExecutor needs a broker_url and a server database (db_url)")
