@@ -136,9 +136,10 @@ def _calibrate(root: Path, paths: dict[str, str], onlist: str) -> float:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    import numpy as np
+
     from atlasflow.config import load_config
-    from atlasflow.quant import build_reference
-    from atlasflow.testing.reads import build_fastq_demo, make_reference
+    from atlasflow.testing.reads import build_fastq_demo, indexed_reference
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=8)
@@ -152,22 +153,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="atlasflow-bench-fastq-") as tmp:
         root = Path(tmp)
-        ref = make_reference(root / "ref", n_genes=12)
-        paths = build_reference(ref.genome, ref.gtf, root / "ref" / "index")
-        import numpy as np
-
-        rng = np.random.default_rng(7)
-        barcodes = sorted({"".join("ACGT"[i] for i in rng.integers(0, 4, 16)) for _ in range(2000)})
-        onlist = root / "onlist.txt"
-        onlist.write_text("\n".join(barcodes) + "\n")
+        kb = indexed_reference(root / "ref", n_genes=12, n_barcodes=2000, seed=7)
+        paths, onlist, barcodes = {"index": kb["index"], "t2g": kb["t2g"]}, kb["onlist"], kb["barcodes"]
         (root / "www").mkdir()
         url_file = root / "port"
         # the data are written before the server starts; its URL is only needed in the config
-        info = build_fastq_demo(root, "http://127.0.0.1:0", reference=ref, index=paths["index"], t2g=paths["t2g"],
-                                onlist=str(onlist), barcodes=barcodes, n_samples=args.samples, n_cells=args.cells,
+        info = build_fastq_demo(root, "http://127.0.0.1:0", reference=kb["ref"], index=paths["index"], t2g=paths["t2g"],
+                                onlist=onlist, barcodes=barcodes, n_samples=args.samples, n_cells=args.cells,
                                 mean_umis=4.0)
         sample_bytes = int(np.mean(list(info["fastq_bytes"].values())))
-        calibration = _calibrate(root, paths, str(onlist))
+        calibration = _calibrate(root, paths, onlist)
         download_s = args.download_s or calibration * args.download_share / (1 - args.download_share)
         rate = sample_bytes / download_s  # bytes/s per transfer; a sample's two files go one after the other
         server = subprocess.Popen([sys.executable, "-m", "atlasflow.testing.geo_server", "--root", str(root / "www"),

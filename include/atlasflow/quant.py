@@ -27,14 +27,13 @@ import signal
 import subprocess
 import sys
 import time
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from atlasflow.config import QuantConfig
-from atlasflow.fsutil import write_json_atomic
+from atlasflow.fsutil import GzipDamaged, gunzip_blocks, write_json_atomic
 
 __all__ = [
     "CHEMISTRIES",
@@ -121,26 +120,13 @@ def _chunks(path: Path, size: int = 1 << 20) -> Any:
                 yield block
             return
         fh.seek(0)
-        d = zlib.decompressobj(wbits=31)
-        member_open = False
-        while block := fh.read(size):
-            while block:
-                try:
-                    out = d.decompress(block)
-                except zlib.error as exc:
-                    raise QuantError(f"{path.name}: damaged gzip data ({exc}); download it again") from exc
-                member_open = True
-                if out:
-                    yield out
-                if d.eof:  # one member ended; another may follow in the same block
-                    block = d.unused_data
-                    d = zlib.decompressobj(wbits=31)
-                    member_open = False
-                else:
-                    block = b""
-        if member_open:
-            raise QuantError(f"{path.name}: the gzip stream is truncated (the file ends before its end-of-stream "
-                             "marker: an interrupted download or copy); download it again")
+        try:
+            yield from gunzip_blocks(fh, size=size)
+        except GzipDamaged as exc:
+            if exc.truncated:
+                raise QuantError(f"{path.name}: the gzip stream is truncated (the file ends before its "
+                                 "end-of-stream marker: an interrupted download or copy); download it again") from exc
+            raise QuantError(f"{path.name}: {exc}; download it again") from exc
 
 
 def check_fastq(path: Path) -> FastqStats:

@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
+from atlasflow.fsutil import GzipDamaged, gunzip_blocks
+
 __all__ = ["RdsCounts", "RdsError", "read_rds_counts"]
 
 log = logging.getLogger(__name__)
@@ -186,8 +188,6 @@ def _finish(path: Path, matrix: sp.csr_matrix, genes: list[str] | None, cells: l
 def _check_stream(path: Path) -> None:
     """Refuse what rds2py cannot parse before it sees it: its parser spins forever (uninterruptibly,
     in C++) on a damaged gzip stream, so the whole stream is decompressed and checked here first."""
-    import zlib
-
     with path.open("rb") as fh:
         head = fh.read(5)
         if head.startswith(b"X\n"):
@@ -201,24 +201,13 @@ def _check_stream(path: Path) -> None:
         if not head.startswith(b"\x1f\x8b"):
             raise RdsError(f"{path.name}: not a readable RDS file (no RDS or gzip header)")
         fh.seek(0)
-        d = zlib.decompressobj(wbits=31)
         first = b""
-        open_member = False
-        while block := fh.read(1 << 20):
-            while block:
-                try:
-                    out = d.decompress(block)
-                except zlib.error as exc:
-                    raise RdsError(f"{path.name}: not a readable RDS file (damaged gzip data: {exc})") from exc
-                open_member = True
+        try:
+            for out in gunzip_blocks(fh):
                 if len(first) < 2:
                     first += out[:2]
-                if d.eof:
-                    block, d, open_member = d.unused_data, zlib.decompressobj(wbits=31), False
-                else:
-                    block = b""
-    if open_member:
-        raise RdsError(f"{path.name}: not a readable RDS file (the gzip stream is truncated)")
+        except GzipDamaged as exc:
+            raise RdsError(f"{path.name}: not a readable RDS file ({exc})") from exc
     if not first.startswith(b"X\n"):
         raise RdsError(f"{path.name}: not a readable RDS file (gzip data, but not an R XDR serialisation)")
 

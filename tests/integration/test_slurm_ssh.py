@@ -352,24 +352,18 @@ def test_local_and_slurm_backends_give_identical_checkpoints(slurm_airflow, tmp_
 def test_quantification_runs_as_a_cpu_slurm_job(slurm_airflow, tmp_path):
     """quant.backend slurm: `atlasflow quant run` as a real job (no GPU asked for), its result read by
     the operator; the FASTQ files are deleted on the Airflow side afterwards."""
-    import numpy as np
 
     from atlasflow import pipeline as P
     from atlasflow.config import load_config
     from atlasflow.plan import write_batch_spec
-    from atlasflow.quant import build_reference
     from atlasflow.testing.geo_server import GeoServer
-    from atlasflow.testing.reads import build_fastq_demo, make_reference
+    from atlasflow.testing.reads import build_fastq_demo, indexed_reference
 
-    ref = make_reference(tmp_path / "ref", n_genes=8)
-    paths = build_reference(ref.genome, ref.gtf, tmp_path / "ref" / "index")
-    rng = np.random.default_rng(5)
-    barcodes = sorted({"".join("ACGT"[i] for i in rng.integers(0, 4, 16)) for _ in range(200)})
-    (tmp_path / "onlist.txt").write_text("\n".join(barcodes) + "\n")
+    kb = indexed_reference(tmp_path / "ref", n_genes=8, n_barcodes=200, seed=5)
     (tmp_path / "www").mkdir()
     with GeoServer(tmp_path / "www") as server:
-        build_fastq_demo(tmp_path, server.url, reference=ref, index=paths["index"], t2g=paths["t2g"],
-                         onlist=str(tmp_path / "onlist.txt"), barcodes=barcodes, n_samples=1, n_cells=5)
+        build_fastq_demo(tmp_path, server.url, reference=kb["ref"], index=kb["index"], t2g=kb["t2g"],
+                         onlist=kb["onlist"], barcodes=kb["barcodes"], n_samples=1, n_cells=5)
         config = load_config(tmp_path / "atlasflow.yaml", overrides={"quant.backend": "slurm"})
         P.prepare_run(config)
         write_batch_spec(config, "batch_0000")

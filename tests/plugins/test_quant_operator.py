@@ -10,15 +10,13 @@ import tempfile
 import uuid
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from atlasflow import pipeline as P
 from atlasflow.config import load_config
 from atlasflow.plan import write_batch_spec
-from atlasflow.quant import build_reference
 from atlasflow.testing.geo_server import GeoServer
-from atlasflow.testing.reads import build_fastq_demo, make_reference
+from atlasflow.testing.reads import build_fastq_demo, indexed_reference
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -38,15 +36,11 @@ def test_mapped_quant_operator_in_a_dag_run(airflow_db, tmp_path, monkeypatch):
 
     from atlasflow_airflow.operators.quant import QuantOperator
 
-    ref = make_reference(tmp_path / "ref", n_genes=8)
-    paths = build_reference(ref.genome, ref.gtf, tmp_path / "ref" / "index")
-    rng = np.random.default_rng(3)
-    barcodes = sorted({"".join("ACGT"[i] for i in rng.integers(0, 4, 16)) for _ in range(200)})
-    (tmp_path / "onlist.txt").write_text("\n".join(barcodes) + "\n")
+    kb = indexed_reference(tmp_path / "ref", n_genes=8, n_barcodes=200, seed=3)
     (tmp_path / "www").mkdir()
     with GeoServer(tmp_path / "www") as server:
-        build_fastq_demo(tmp_path, server.url, reference=ref, index=paths["index"], t2g=paths["t2g"],
-                         onlist=str(tmp_path / "onlist.txt"), barcodes=barcodes, n_samples=1, n_cells=5)
+        build_fastq_demo(tmp_path, server.url, reference=kb["ref"], index=kb["index"], t2g=kb["t2g"],
+                         onlist=kb["onlist"], barcodes=kb["barcodes"], n_samples=1, n_cells=5)
         monkeypatch.setenv("ATLASFLOW_CONFIG", str(tmp_path / "atlasflow.yaml"))
         config = load_config(tmp_path / "atlasflow.yaml")
         P.prepare_run(config)

@@ -15,11 +15,12 @@ import gzip
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-__all__ = ["CHEMISTRY_LAYOUT", "ENA_HOST", "Reference", "SimulatedRun", "make_reference", "publish_ena", "simulate_10x",
-           "write_fastq"]
+__all__ = ["CHEMISTRY_LAYOUT", "ENA_HOST", "Reference", "SimulatedRun", "build_fastq_demo", "indexed_reference",
+           "make_reference", "publish_ena", "simulate_10x", "write_fastq"]
 
 log = logging.getLogger(__name__)
 _BASES = np.frombuffer(b"ACGT", dtype=np.uint8)
@@ -207,6 +208,25 @@ def publish_ena(root: Path, accession: str, files: list[Path], *, api_path: str 
     (report / f"{accession}.tsv").write_text("run_accession\tfastq_ftp\tfastq_bytes\tfastq_md5\n"
                                              f"{accession}\t{';'.join(links)}\t{';'.join(sizes)}\t{';'.join(md5s)}\n")
     return "/" + api_path
+
+
+def indexed_reference(folder: Path, *, n_genes: int = 12, n_barcodes: int = 500, seed: int = 7,
+                      gene_names: list[str] | None = None) -> dict[str, Any]:
+    """A synthetic reference indexed with the real ``kb ref``, and a small 10x on-list, under ``folder``.
+
+    The on-list (``n_barcodes`` random 16-mers; simulated cells are drawn from it) keeps barcode
+    correction fast: kb's own 10x v3 list is 6.8 M barcodes and takes ~10 s per sample to load.
+    Returns ``{"ref", "index", "t2g", "onlist", "barcodes"}``.
+    """
+    from atlasflow.quant import build_reference
+
+    ref = make_reference(folder, n_genes=n_genes, gene_names=gene_names)
+    paths = build_reference(ref.genome, ref.gtf, folder / "index")
+    rng = np.random.default_rng(seed)
+    barcodes = sorted({"".join("ACGT"[i] for i in rng.integers(0, 4, 16)) for _ in range(n_barcodes)})
+    onlist = folder / "onlist.txt"
+    onlist.write_text("\n".join(barcodes) + "\n")
+    return {"ref": ref, "index": paths["index"], "t2g": paths["t2g"], "onlist": str(onlist), "barcodes": barcodes}
 
 
 def build_fastq_demo(root: Path, url: str, *, reference: Reference, index: str, t2g: str, onlist: str,
