@@ -240,6 +240,14 @@ def stop(args: argparse.Namespace) -> int:
                 os.killpg(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+    # SIGKILL is not instant on a loaded machine: return only once they are gone, so a caller that
+    # checks right after (or starts again on the same ports) never sees a half-dead component
+    deadline = time.time() + 30
+    while time.time() < deadline and any(alive(p) for p in pids.values()):
+        time.sleep(0.2)
+    if left := [f"{c} (pid {p})" for c, p in pids.items() if alive(p)]:
+        print(f"still alive after SIGKILL: {', '.join(left)}", file=sys.stderr)
+        return 1
     if pids:
         print(f"stopped {', '.join(f'{c} (pid {p})' for c, p in pids.items())}")
     write_state({})

@@ -48,8 +48,14 @@ def airflow_factory(tmp_path):
     for af in started:
         pids = af.pids() if (af.home / "local" / "state.json").exists() else {}
         af.cli("stop", check=False)
-        assert not any(Path(f"/proc/{p}").exists() and "State:\tZ" not in Path(f"/proc/{p}/status").read_text()
-                       for p in pids.values())
+        assert not [p for p in pids.values() if _alive(p)], af.log("scheduler")[-2000:]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+    except OSError:  # gone, or went between the listing and the read
+        return False
 
 
 def overlaps(a: tuple[float, float], b: tuple[float, float]) -> bool:
