@@ -1,7 +1,8 @@
 """Run every benchmark script in benchmarks/ (each writes its own JSON under benchmarks/results/).
 
 ``make bench`` runs them all; ``make bench BENCH=parse_time`` (or ``--only parse_time,...``) picks some.
-A summary with each script's status and wall time goes to benchmarks/results/summary.json.
+A summary with each script's status, wall time and finish time goes to benchmarks/results/summary.json;
+a run of some benchmarks updates their entries and keeps the others' from earlier runs.
 """
 
 from __future__ import annotations
@@ -35,9 +36,17 @@ def main() -> int:
         sys.stdout.flush()
         t0 = time.perf_counter()
         rc = subprocess.run([sys.executable, str(script)], cwd=HERE.parent).returncode
-        summary.append({"benchmark": script.stem, "returncode": rc, "seconds": round(time.perf_counter() - t0, 1)})
+        summary.append({"benchmark": script.stem, "returncode": rc, "seconds": round(time.perf_counter() - t0, 1),
+                        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     (HERE / "results").mkdir(exist_ok=True)
-    (HERE / "results" / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    path = HERE / "results" / "summary.json"
+    ran = {s["benchmark"] for s in summary}
+    try:
+        earlier = [s for s in json.loads(path.read_text()) if s.get("benchmark") not in ran]
+    except (OSError, ValueError):  # none yet, or damaged: start over
+        earlier = []
+    merged = sorted(earlier + summary, key=lambda s: s["benchmark"])
+    path.write_text(json.dumps(merged, indent=1) + "\n")
     failed = [s["benchmark"] for s in summary if s["returncode"] != 0]
     if failed:
         sys.stderr.write(f"failed: {', '.join(failed)}\n")
