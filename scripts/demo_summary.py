@@ -63,7 +63,7 @@ def main() -> int:
     if state.get("api_port") and pw.exists():
         print(f"Airflow UI: http://127.0.0.1:{state['api_port']}  user admin, password {json.loads(pw.read_text())['admin']}")
         if os.environ.get("KEEP_UI", "0") != "1":
-            print("  (it stops when the demo ends; `KEEP_UI=1 make demo` keeps it running to look at the run)")
+            print("  (it stops when the demo ends; `make demo KEEP_UI=1` keeps it running to look at the run)")
     return 0 if run.state == "success" else 1
 
 
