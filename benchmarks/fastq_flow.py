@@ -30,31 +30,6 @@ RESULTS = Path(__file__).resolve().parent / "results"
 DESIGN_DOC_SPEEDUP = 2.5
 
 
-class DiskSampler:
-    """Peak bytes on disk under a folder, sampled in a thread."""
-
-    def __init__(self, folder: Path, every_s: float = 0.05) -> None:
-        self.folder, self.every_s, self.peak = folder, every_s, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        from atlasflow.storage.layout import tree_bytes
-
-        while not self._stop.is_set():
-            if self.folder.exists():
-                self.peak = max(self.peak, tree_bytes(self.folder))
-            time.sleep(self.every_s)
-
-    def __enter__(self) -> DiskSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
 def _sample(config: Any, batch: str, ds: str, t0: float, row: dict[str, Any]) -> None:
     from atlasflow import pipeline as P
 
@@ -81,6 +56,7 @@ def _quant(config: Any, batch: str, ds: str, t0: float, row: dict[str, Any]) -> 
 def run_mode(config: Any, ids: list[str], *, parallel: bool, downloads: int, quants: int) -> dict[str, Any]:
     from atlasflow import pipeline as P
     from atlasflow.plan import write_batch_spec
+    from atlasflow.testing.disk import PeakDiskSampler
 
     P.prepare_run(config)
     write_batch_spec(config, "batch_0000")
@@ -88,7 +64,7 @@ def run_mode(config: Any, ids: list[str], *, parallel: bool, downloads: int, qua
     assert admission["admitted"], admission["reason"]
     rows = {d: {"dataset_id": d} for d in ids}
     t0 = time.monotonic()
-    with DiskSampler(config.base_dir) as disk:
+    with PeakDiskSampler([config.base_dir]) as disk:
         if parallel:
             with ThreadPoolExecutor(downloads, thread_name_prefix="dl") as dl, \
                     ThreadPoolExecutor(quants, thread_name_prefix="quant") as qp:

@@ -29,8 +29,6 @@ import os
 import shutil
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,8 +43,8 @@ STAGES = ("admit", "download", "process", "integrate", "train", "cleanup")
 
 def run_mode(pipelining: bool, work: Path, *, batch_size: int, rate: float) -> dict:
     from atlasflow.config import load_config
-    from atlasflow.storage import tree_bytes
     from atlasflow.testing.demo import build_demo
+    from atlasflow.testing.disk import PeakDiskSampler
     from atlasflow.testing.geo_server import GeoServer
     from atlasflow.testing.local_airflow import LocalAirflow, union_seconds
 
@@ -61,25 +59,15 @@ def run_mode(pipelining: bool, work: Path, *, batch_size: int, rate: float) -> d
         base = Path(config.storage.base_dir)
         airflow = LocalAirflow(root / "airflow", cfg, parallelism=PARALLELISM)
         airflow.start()
-        peak, stop = [0], threading.Event()
-
-        def sample() -> None:
-            while not stop.is_set():
-                peak[0] = max(peak[0], sum(tree_bytes(base / a) for a in ("data", "models", "cache", "outputs")))
-                time.sleep(0.05)
-
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
         try:
-            try:
-                run_id, rc = airflow.trigger(timeout=3000)
-            except RuntimeError as exc:
-                raise RuntimeError(f"{exc}\n--- dag-processor log ---\n{airflow.log('dag-processor')[-4000:]}") from None
+            with PeakDiskSampler([base / a for a in ("data", "models", "cache", "outputs")]) as disk:
+                try:
+                    run_id, rc = airflow.trigger(timeout=3000)
+                except RuntimeError as exc:
+                    raise RuntimeError(f"{exc}\n--- dag-processor log ---\n{airflow.log('dag-processor')[-4000:]}") from None
             times = airflow.task_times(run_id)
             start, end = airflow.run_times(run_id)
         finally:
-            stop.set()
-            sampler.join()
             airflow.stop()
         bytes_served = sum(t["bytes"] for t in server.transfers())
     makespan = end - start
@@ -88,8 +76,8 @@ def run_mode(pipelining: bool, work: Path, *, batch_size: int, rate: float) -> d
     work_stages = {s: v for s, v in busy.items() if s not in ("admit", "cleanup")}
     return {
         "pipelining": pipelining, "succeeded": rc == 0, "makespan_s": round(makespan, 1),
-        "peak_bytes": peak[0], "budget_bytes": config.storage.max_storage_bytes,
-        "peak_fraction_of_budget": round(peak[0] / config.storage.max_storage_bytes, 3),
+        "peak_bytes": disk.peak, "budget_bytes": config.storage.max_storage_bytes,
+        "peak_fraction_of_budget": round(disk.peak / config.storage.max_storage_bytes, 3),
         "busy_fraction": busy, "bottleneck": max(work_stages, key=work_stages.get),
         "tasks": len(times), "bytes_served": bytes_served,
     }

@@ -275,12 +275,18 @@ class SlurmConfig:
     python: str | None = _opt(
         None, "Python that runs `atlasflow train` on the cluster; empty: `python` of env_activate when set, else the "
         "Airflow worker's own interpreter (a shared filesystem, as in the local test cluster).")
+
     retry_mem_factor: float = _opt(1.5, "On retry after OUT_OF_MEMORY, multiply --mem by this.", min=1)
     retry_time_factor: float = _opt(1.5, "On retry after TIMEOUT, multiply --time by this.", min=1)
     poll_min_s: float = _opt(5.0, "First poll interval; doubles per unchanged poll.", min=0.1)
     poll_max_s: float = _opt(300.0, "Longest poll interval.", min=0.1)
     lost_grace_s: float = _opt(600.0, "A job absent from squeue, scontrol and sacct is LOST only after this.", min=0)
     transient_retries: int = _opt(5, "Consecutive transient SSH/slurmctld errors tolerated while polling.", min=0)
+
+    @property
+    def remote_python(self) -> str | None:
+        """The interpreter a job runs with: ``python``, else ``python`` of env_activate, else None (this one's)."""
+        return self.python or ("python" if self.env_activate else None)
 
 
 @dataclass(frozen=True)

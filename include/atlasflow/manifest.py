@@ -25,6 +25,7 @@ __all__ = [
     "READS_FORMATS",
     "TECHNOLOGIES",
     "Dataset",
+    "holds_reads",
     "Manifest",
     "ManifestError",
     "Problem",
@@ -42,6 +43,11 @@ READS_FORMATS: tuple[str, ...] = ("fastq",)
 Technology = Literal["10xv2", "10xv3", "smartseq2"]
 # Sequencing chemistry of a reads row (kb count -x); the manifest spells it in lower case.
 TECHNOLOGIES: tuple[str, ...] = ("10xv2", "10xv3", "smartseq2")
+
+
+def holds_reads(dataset_type: str | None, fmt: str | None) -> bool:
+    """Whether a row of this type and format is raw reads (an sra accession or FASTQ files), not counts."""
+    return dataset_type == "sra" or fmt in READS_FORMATS
 
 REQUIRED_COLUMNS = ("dataset_id", "download_url", "type")
 OPTIONAL_COLUMNS = (
@@ -158,7 +164,7 @@ class Dataset:
     @property
     def is_reads(self) -> bool:
         """Raw reads (an sra accession or FASTQ URLs): quantified before they are read as counts."""
-        return self.type == "sra" or self.format in READS_FORMATS
+        return holds_reads(self.type, self.format)
 
     def urls(self) -> list[str]:
         """A direct row's URLs: FASTQ rows may list several (R1;R2), separated by ``;``."""
@@ -487,7 +493,7 @@ def _validate_table(
         technology = (get("technology") or "").lower() or None
         if technology is not None and technology not in TECHNOLOGIES:
             bad("technology", f"unknown technology {get('technology')!r}; expected one of: {', '.join(TECHNOLOGIES)}")
-        elif technology is None and (dtype == "sra" or fmt in READS_FORMATS):
+        elif technology is None and holds_reads(dtype, fmt):
             bad("technology", f"raw reads need a technology (the chemistry kb count quantifies with); one of: "
                 f"{', '.join(TECHNOLOGIES)}")
         if dtype == "sra" and fmt is not None and fmt not in READS_FORMATS:

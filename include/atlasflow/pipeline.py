@@ -244,15 +244,16 @@ def quant_job(config: AtlasConfig, batch_id: str, dataset_id: str, *, python: st
     """The ``atlasflow quant run`` command line for one dataset, and the SLURM settings for it (CPU partition)."""
     import dataclasses
 
+    from atlasflow.slurm import format_minutes
+
     layout = _layout(config)
     config_file = write_json_atomic(layout.state / "jobs" / batch_id / f"quant-{dataset_id}.config.json",
                                     config.to_dict())
     cmd = [python or sys.executable, "-m", "atlasflow.cli", "quant", "run", "--config", str(config_file),
            "--batch-id", batch_id, "--dataset-id", dataset_id]
-    minutes = max(1, int(config.quant.timeout_s // 60) + 1)
     slurm = dataclasses.replace(config.slurm, partition=config.quant.slurm_partition or config.slurm.partition,
                                 gpus=0, cpus=config.quant.threads, mem_gb=config.quant.slurm_mem_gb,
-                                time_limit=f"{minutes // 60:02d}:{minutes % 60:02d}:00")
+                                time_limit=format_minutes(int(config.quant.timeout_s // 60) + 1))
     return {"command": cmd, "log_dir": str(config.state_dir / "jobs" / batch_id), "slurm": slurm}
 
 
@@ -293,7 +294,9 @@ def _process_dataset_step(config: AtlasConfig, batch_id: str, fetched: dict[str,
     checksums = json.loads(fetch_info.read_text())["files"] if fetch_info.exists() else []
     ledger = Ledger(config.storage)
     ledger.record_expansion(dataset_id, summary["format"], summary["raw_bytes"], summary["processed_bytes"])
-    if dataset.is_reads and (quant := _quant_summary(layout.raw_dir(dataset_id))):
+    from atlasflow.quant import quantified
+
+    if dataset.is_reads and (quant := quantified(layout.raw_dir(dataset_id))):
         # what admission needs for the next reads sample: processed bytes per FASTQ byte
         ledger.record_expansion(dataset_id, "fastq", quant.get("fastq_bytes", 0), summary["processed_bytes"])
     cleaner.write_tombstone(dataset_id, {
@@ -309,12 +312,6 @@ def _process_dataset_step(config: AtlasConfig, batch_id: str, fetched: dict[str,
     keep = ("dataset_id", "status", "path", "format", "raw_bytes", "processed_bytes", "cells_before", "cells_after",
             "genes_after", "removed", "coverage", "strategy", "non_integer", "seconds")
     return {k: summary[k] for k in keep}
-
-
-def _quant_summary(raw_dir: Path) -> dict[str, Any] | None:
-    from atlasflow.quant import quantified
-
-    return quantified(raw_dir)
 
 
 def _previous(root: Path, batch_id: str) -> Path | None:

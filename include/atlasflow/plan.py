@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from atlasflow.config import AtlasConfig
 from atlasflow.fsutil import write_json_atomic
-from atlasflow.manifest import FINGERPRINT_FIELDS, READS_FORMATS, Dataset, Manifest, read_manifest
+from atlasflow.manifest import FINGERPRINT_FIELDS, Dataset, Manifest, holds_reads, read_manifest
 
 __all__ = [
     "Batch",
@@ -102,7 +102,7 @@ class BatchPlan:
         batch gets a ``quant`` step; a plan saved without fingerprints is assumed to have reads.
         """
         prints = [self.fingerprints.get(d) for d in self.batch(batch_id_).dataset_ids]
-        return any(p is None or p.get("type") == "sra" or p.get("format") in READS_FORMATS for p in prints)
+        return any(p is None or holds_reads(p.get("type"), p.get("format")) for p in prints)
 
     @property
     def new_batches(self) -> tuple[Batch, ...]:

@@ -47,6 +47,7 @@ __all__ = [
     "order_reads",
     "quantified",
     "quantify",
+    "reference_problems",
 ]
 
 log = logging.getLogger(__name__)
@@ -248,6 +249,22 @@ def kb_executable() -> str:
     return found
 
 
+def reference_problems(config: QuantConfig) -> list[str]:
+    """What keeps ``quant.index`` / ``quant.t2g`` / ``quant.onlist`` from being used; empty when ready."""
+    problems = []
+    for key in ("index", "t2g"):
+        value = getattr(config, key)
+        if not value:
+            problems.append(f"quant.{key} is not configured; build a reference once with `atlasflow quant ref "
+                            "--fasta GENOME.fa --gtf GENES.gtf --out DIR` and set quant.index / quant.t2g")
+        elif not Path(value).is_file():
+            problems.append(f"quant.{key} {value} does not exist; build it with `atlasflow quant ref --fasta "
+                            "GENOME.fa --gtf GENES.gtf --out DIR` (or fix the path)")
+    if config.onlist and not Path(config.onlist).is_file():
+        problems.append(f"quant.onlist {config.onlist} does not exist")
+    return problems
+
+
 def _run(argv: list[str], *, timeout_s: float, log_path: Path, cwd: Path | None = None) -> None:
     """Run ``argv`` in its own process group; on timeout, TERM then KILL the whole group."""
     log.info("running %s", argv)
@@ -313,16 +330,8 @@ def quantify(raw_dir: Path, *, technology: str, config: QuantConfig, work_dir: P
         return done
     if technology not in CHEMISTRIES:
         raise QuantError(f"unknown technology {technology!r}; expected one of: {', '.join(CHEMISTRIES)}")
-    for key in ("index", "t2g"):
-        value = getattr(config, key)
-        if not value:
-            raise QuantError(f"quant.{key} is not configured; build a reference once with `atlasflow quant ref "
-                             "--fasta GENOME.fa --gtf GENES.gtf --out DIR` and set quant.index / quant.t2g")
-        if not Path(value).is_file():
-            raise QuantError(f"quant.{key} {value} does not exist; build it with `atlasflow quant ref --fasta "
-                             "GENOME.fa --gtf GENES.gtf --out DIR` (or fix the path)")
-    if config.onlist and not Path(config.onlist).is_file():
-        raise QuantError(f"quant.onlist {config.onlist} does not exist")
+    if problems := reference_problems(config):
+        raise QuantError(problems[0])
     t0 = time.monotonic()
     found = fastq_files(raw_dir)
     checked = {f: check_fastq(f) for f in found}  # every file, index reads too: a cut file is never quantified

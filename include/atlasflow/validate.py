@@ -181,16 +181,16 @@ def _manifest(config: AtlasConfig) -> list[Check]:
     reads = [d.dataset_id for d in m if d.is_reads]
     if reads:
         rows = ", ".join(reads[:3]) + (" …" if len(reads) > 3 else "")
-        missing = [f"quant.{k} {getattr(config.quant, k) or '(not set)'}" for k in ("index", "t2g")
-                   if not getattr(config.quant, k) or not Path(str(getattr(config.quant, k))).is_file()]
-        kb = shutil.which("kb", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-        if missing:
-            checks.append(Check("quant", "fail", f"{'; '.join(missing)} missing, needed by {len(reads)} FASTQ "
-                                                 f"row(s) ({rows}): build it once with `atlasflow quant ref --fasta "
-                                                 "GENOME.fa --gtf GENES.gtf --out DIR`"))
-        elif kb is None:
-            checks.append(Check("quant", "fail", f"kb (kb-python) is not installed, needed by {len(reads)} FASTQ "
-                                                 f"row(s) ({rows})"))
+        from atlasflow.quant import QuantError, kb_executable, reference_problems
+
+        problems = reference_problems(config.quant)
+        try:
+            kb = kb_executable()
+        except QuantError as exc:  # kb-python missing
+            problems.append(str(exc))
+        if problems:
+            checks.append(Check("quant", "fail", f"{'; '.join(problems)} (needed by {len(reads)} FASTQ row(s): "
+                                                 f"{rows})"))
         else:
             checks.append(Check("quant", "ok", f"{kb} with {config.quant.index} for {len(reads)} FASTQ row(s)"))
     return checks

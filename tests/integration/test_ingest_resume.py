@@ -18,7 +18,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -26,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from atlasflow.testing.demo import build_demo
+from atlasflow.testing.disk import PeakDiskSampler
 from atlasflow.testing.geo_server import GeoServer, max_concurrent
 from atlasflow.testing.local_airflow import LocalAirflow
 
@@ -64,7 +64,6 @@ def overlaps(a: tuple[float, float], b: tuple[float, float]) -> bool:
 
 def test_pipelined_pooled_budgeted_run(tmp_path, airflow_factory):
     from atlasflow.config import load_config
-    from atlasflow.storage import tree_bytes
 
     root = tmp_path / "demo"
     (root / "www").mkdir(parents=True)
@@ -78,20 +77,8 @@ def test_pipelined_pooled_budgeted_run(tmp_path, airflow_factory):
         base = Path(config.storage.base_dir)
         af = airflow_factory(root / "atlasflow.yaml", parallelism=8)
         af.cli("unpause", "atlas_retrain")
-        peak, stop = [0], threading.Event()
-
-        def sample() -> None:
-            while not stop.is_set():
-                peak[0] = max(peak[0], sum(tree_bytes(base / a) for a in ("data", "models", "cache", "outputs")))
-                time.sleep(0.05)
-
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
-        try:
+        with PeakDiskSampler([base / a for a in ("data", "models", "cache", "outputs")]) as disk:
             run_id, rc = af.trigger()
-        finally:
-            stop.set()
-            sampler.join()
         assert rc == 0, af.log("scheduler")[-4000:]
         transfers = server.transfers()
 
@@ -104,13 +91,13 @@ def test_pipelined_pooled_budgeted_run(tmp_path, airflow_factory):
     pipelined = [i for i in range(3)
                  if any(overlaps(times[d][:2], times[(f"batch_{i:04d}.train", -1)][:2])
                         for d in downloads if d[0] == f"batch_{i + 1:04d}.download")]
-    print(f"\npeak {peak[0]} B of {budget} B; {concurrent} transfers / {running} download tasks at once; "
+    print(f"\npeak {disk.peak} B of {budget} B; {concurrent} transfers / {running} download tasks at once; "
           f"waits {waits}; "
           f"batch i+1 downloading while batch i trains for i in {pipelined}")
 
     assert len(downloads) == 24
     assert 1 < concurrent <= 5 and running <= 5  # the pool's 5 slots hold back parallelism 8 and 6-12 downloads
-    assert 0 < peak[0] <= budget
+    assert 0 < disk.peak <= budget
     assert sum(1 for w in waits.values() if w > 0) >= 2  # the budget made at least two batches wait
     assert pipelined, "no batch downloaded while the one before it trained"
     gone = json.loads((base / "state" / "quarantine" / "pbmc_gone.json").read_text())

@@ -9,13 +9,12 @@ import os
 import socket
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
 
 from atlasflow.testing.demo import build_demo
+from atlasflow.testing.disk import PeakDiskSampler
 from atlasflow.testing.geo_server import GeoServer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -97,7 +96,6 @@ def test_ingest_run_under_real_scheduler(local_airflow):
     from sqlalchemy import create_engine, text
 
     from atlasflow.config import load_config
-    from atlasflow.storage import tree_bytes
 
     cli, home, base, db, env = local_airflow
     started = cli("start", "--api-port", str(free_port()))
@@ -107,22 +105,10 @@ def test_ingest_run_under_real_scheduler(local_airflow):
     subprocess.run([sys.executable, "-m", "atlasflow_airflow.settings", "apply", str(REPO / "airflow_settings.yaml")],
                    env=env, check=True, capture_output=True)
     budget = load_config(env["ATLASFLOW_CONFIG"]).storage.max_storage_bytes
-    peak, stop = [0], threading.Event()
-
-    def sample() -> None:
-        while not stop.is_set():
-            peak[0] = max(peak[0], tree_bytes(base / "data") + tree_bytes(base / "models") + tree_bytes(base / "cache"))
-            time.sleep(0.1)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    try:
+    with PeakDiskSampler([base / "data", base / "models", base / "cache"], every_s=0.1) as disk:
         run = cli("trigger", "atlas_ingest", "--wait", "--timeout", "800", check=False)
-    finally:
-        stop.set()
-        sampler.join()
     assert run.returncode == 0, run.stdout + run.stderr + (home / "local" / "scheduler.log").read_text()[-3000:]
-    assert 0 < peak[0] <= budget
+    assert 0 < disk.peak <= budget
 
     engine = create_engine(db)
     with engine.connect() as conn:

@@ -30,7 +30,7 @@ def _parse_minutes(time_limit: str) -> int:
     return int(days or 0) * 1440 + h * 60 + m + (1 if s else 0)
 
 
-def _format_minutes(minutes: int) -> str:
+def format_minutes(minutes: int) -> str:
     d, rem = divmod(minutes, 1440)
     h, m = divmod(rem, 60)
     return f"{d}-{h:02d}:{m:02d}:00" if d else f"{h:02d}:{m:02d}:00"
@@ -78,7 +78,7 @@ class JobSpec:
 def scale_resources(spec: JobSpec, *, mem_factor: float = 1.0, time_factor: float = 1.0) -> JobSpec:
     """Return ``spec`` with memory and/or time limit multiplied (retry after OOM/TIMEOUT)."""
     minutes = max(1, round(_parse_minutes(spec.time_limit) * time_factor))
-    return replace(spec, mem_gb=spec.mem_gb * mem_factor, time_limit=_format_minutes(minutes))
+    return replace(spec, mem_gb=spec.mem_gb * mem_factor, time_limit=format_minutes(minutes))
 
 
 def render_sbatch(spec: JobSpec) -> str:
@@ -95,7 +95,7 @@ def render_sbatch(spec: JobSpec) -> str:
             lines.append(f"#SBATCH --{flag}={q(value)}")
     mem_mb = max(1, int(round(spec.mem_gb * 1024)))
     lines += [
-        f"#SBATCH --time={_format_minutes(_parse_minutes(spec.time_limit))}",
+        f"#SBATCH --time={format_minutes(_parse_minutes(spec.time_limit))}",
         f"#SBATCH --mem={mem_mb}M",
         f"#SBATCH --cpus-per-task={int(spec.cpus)}",
         "#SBATCH --nodes=1",

@@ -46,7 +46,8 @@ class Cleaner:
         self.ledger = ledger
         self.layout: StorageLayout = ledger.layout
 
-    def _remove(self, path: Path, reason: str, *, batch_id: str | None = None, dataset_id: str | None = None) -> int:
+    def remove(self, path: Path, reason: str, *, batch_id: str | None = None, dataset_id: str | None = None) -> int:
+        """Delete one file or folder below the base dir, recording the bytes freed; returns them."""
         if not os.path.lexists(path):
             return 0
         if path.is_symlink():  # a link is removed as a link, whatever it points at
@@ -67,18 +68,14 @@ class Cleaner:
         log.info("deleted %s (%d bytes): %s", target, nbytes, reason)
         return nbytes
 
-    def remove(self, path: Path, reason: str, *, batch_id: str | None = None, dataset_id: str | None = None) -> int:
-        """Delete one file or folder below the base dir, recording the bytes freed; returns them."""
-        return self._remove(path, reason, batch_id=batch_id, dataset_id=dataset_id)
-
     def delete_raw(self, dataset_id: str, *, batch_id: str | None = None) -> int:
         """Delete a processed dataset's download; returns the bytes freed."""
-        return self._remove(self.layout.raw_dir(dataset_id), "raw data no longer needed: dataset processed",
+        return self.remove(self.layout.raw_dir(dataset_id), "raw data no longer needed: dataset processed",
                             batch_id=batch_id, dataset_id=dataset_id)
 
     def delete_processed(self, batch_id: str) -> int:
         """Delete a trained batch's processed files."""
-        return self._remove(self.layout.processed_dir(batch_id), "processed data no longer needed: batch trained",
+        return self.remove(self.layout.processed_dir(batch_id), "processed data no longer needed: batch trained",
                             batch_id=batch_id)
 
     def prune_checkpoints(self, keep: int | None = None) -> int:
@@ -93,7 +90,7 @@ class Cleaner:
             for _, path in batches[:-keep] if keep > 0 else batches:
                 if root == self.layout.checkpoints and path.resolve() == production:
                     continue  # the promoted model is what the next run resumes from: never pruned
-                freed += self._remove(path, f"older than the last {keep} checkpoints", batch_id=path.name)
+                freed += self.remove(path, f"older than the last {keep} checkpoints", batch_id=path.name)
         return freed
 
     def _production_checkpoint(self) -> Path | None:
@@ -112,7 +109,7 @@ class Cleaner:
         freed = 0
         if self.layout.cache.is_dir():
             for entry in self.layout.cache.iterdir():
-                freed += self._remove(entry, "cache cleared between batches")
+                freed += self.remove(entry, "cache cleared between batches")
         return freed
 
     def finish_batch(self, batch_id: str, dataset_ids: list[str]) -> dict[str, Any]:

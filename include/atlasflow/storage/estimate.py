@@ -38,6 +38,7 @@ def batch_footprint(
     """
     config = ledger.config
     lengths = content_lengths or {}
+    q = quant or QuantConfig()
     rows = []
     total = int(config.checkpoint_gb * GB)
     for d in datasets:
@@ -47,20 +48,17 @@ def batch_footprint(
             raw, source = int(lengths[d.dataset_id]), "content-length"
         else:
             raw, source = int(config.unknown_size_gb * GB), "default"
-        reads = d.type == "sra" or d.format == "fastq"
-        factor = ledger.expansion_factor("fastq" if reads else d.format)
+        factor = ledger.expansion_factor("fastq" if d.is_reads else d.format)
         processed = int(raw * factor)
         row = {"dataset_id": d.dataset_id, "raw": raw, "processed": processed, "factor": round(factor, 4),
                "size_source": source}
-        if reads:
-            q = quant or QuantConfig()
+        if d.is_reads:
             row["quant_work"] = int(raw * q.work_factor + q.work_fixed_gb * GB)
             total += row["quant_work"]
         total += raw + processed
         rows.append(row)
     out: dict[str, Any] = {"bytes": total, "datasets": rows}
     if any("quant_work" in r for r in rows):
-        q = quant or QuantConfig()
         index = Path(q.index) if q.index else None
         out["index"] = index.stat().st_size if index is not None and index.is_file() else int(q.index_gb * GB)
         out["bytes"] += out["index"]

@@ -34,8 +34,7 @@ class QuantOperator(SlurmJobOperator):
         config = task_config(context)
         if config.quant.backend == "local" or not reads_to_quantify(config, self.batch_id, fetched):
             return quant_dataset_step(config, self.batch_id, fetched)
-        python = config.slurm.python or ("python" if config.slurm.env_activate else None)
-        job = quant_job(config, self.batch_id, fetched["dataset_id"], python=python)
+        job = quant_job(config, self.batch_id, fetched["dataset_id"], python=config.slurm.remote_python)
         self.command, self.output_dir, self.slurm = job["command"], job["log_dir"], job["slurm"]
         self.dataset_id = fetched["dataset_id"]
         return super().execute(context)

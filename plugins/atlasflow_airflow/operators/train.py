@@ -51,8 +51,7 @@ class TrainBatchOperator(SlurmJobOperator):
         if (done := batch_trained(config, self.batch_id)) is not None:
             self.log.info("%s already trained: %s", self.batch_id, done.get("checkpoint_dir"))
             return record_trained(config, self.batch_id, done)
-        python = config.slurm.python or ("python" if config.slurm.env_activate else None)
-        job = training_job(config, self.batch_id, previous_checkpoint=checkpoint, python=python)
+        job = training_job(config, self.batch_id, previous_checkpoint=checkpoint, python=config.slurm.remote_python)
         self.command, self.output_dir, self.slurm = job["command"], job["log_dir"], config.slurm
         slurm_training_submitted(config, self.batch_id)  # the run report's train stage starts here
         return super().execute(context)
