@@ -75,6 +75,12 @@ def test_pipelined_pooled_budgeted_run(tmp_path, airflow_factory):
             f.write("retrain:\n  schedule: null  # only the model Asset triggers atlas_retrain\n")
         config = load_config(root / "atlasflow.yaml")
         base = Path(config.storage.base_dir)
+        # A slow mirror for one of batch_0001's files: its last bytes arrive only once batch_0000's
+        # training job exists, so batch_0001's downloads certainly overlap batch_0000's training if the
+        # DAG lets them (with plan.pipelining off, batch_0001 would not be admitted before that training
+        # had ended). Without this, whether they still run then depends on this machine's speed.
+        (held,) = _files_of(root, "pbmc_7")
+        server.faults[held] = {"hold_until": str(base / "state" / "jobs" / "batch_0000")}
         af = airflow_factory(root / "atlasflow.yaml", parallelism=8)
         af.cli("unpause", "atlas_retrain")
         with PeakDiskSampler([base / a for a in ("data", "models", "cache", "outputs")]) as disk:
@@ -88,18 +94,27 @@ def test_pipelined_pooled_budgeted_run(tmp_path, airflow_factory):
     concurrent = max_concurrent(transfers)
     running = max_concurrent([{"start": times[d][0], "end": times[d][1]} for d in downloads])
     waits = af.admission_waits(run_id)
-    pipelined = [i for i in range(3)
-                 if any(overlaps(times[d][:2], times[(f"batch_{i:04d}.train", -1)][:2])
-                        for d in downloads if d[0] == f"batch_{i + 1:04d}.download")]
+
+    def train(i: int) -> tuple[float, float]:
+        return times[(f"batch_{i:04d}.train", -1)][:2]
+
+    def downloads_of(i: int) -> list[tuple[float, float]]:
+        return [times[d][:2] for d in downloads if d[0] == f"batch_{i:04d}.download"]
+
+    overlapped = [i for i in range(3) if any(overlaps(d, train(i)) for d in downloads_of(i + 1))]
     print(f"\npeak {disk.peak} B of {budget} B; {concurrent} transfers / {running} download tasks at once; "
-          f"waits {waits}; "
-          f"batch i+1 downloading while batch i trains for i in {pipelined}")
+          f"waits {waits}; batch i+1 downloading while batch i trains for i in {overlapped}")
 
     assert len(downloads) == 24
     assert 1 < concurrent <= 5 and running <= 5  # the pool's 5 slots hold back parallelism 8 and 6-12 downloads
     assert 0 < disk.peak <= budget
-    assert sum(1 for w in waits.values() if w > 0) >= 2  # the budget made at least two batches wait
-    assert pipelined, "no batch downloaded while the one before it trained"
+    # Each batch reserves ~8 MB (7 MB of it the checkpoint allowance) of the 21 MB budget. batch_0000 and
+    # batch_0001 are admitted within seconds; batch_0002 asks right after, and fits only once batch_0000
+    # is cleaned up, which its throttled downloads alone (its largest file takes ~27 s) make later than
+    # that first ask. Whether batch_0003 waits depends on how far batch_0001 got by the time batch_0002
+    # was admitted (timing, not budget), so for it only "never over budget" (the sampled peak) holds.
+    assert waits["batch_0002.admit"] > 0, waits
+    assert 0 in overlapped, "batch_0001 did not download while batch_0000 trained"
     gone = json.loads((base / "state" / "quarantine" / "pbmc_gone.json").read_text())
     assert gone["stage"] == "download" and "404" in gone["reason"] and gone["batch_id"] == "batch_0003"
     final = json.loads((base / "models" / "checkpoints" / "batch_0003" / "result.json").read_text())

@@ -8,7 +8,11 @@ does), and can misbehave on purpose, per path, to exercise the downloader:
 - ``drop_after``: send only this many body bytes on the first N requests, then hang up,
 - ``lie_length``: announce this many bytes more than the file has,
 - ``no_length``: send no Content-Length,
-- ``rate``: bytes per second (bandwidth throttle); ``rate=`` on the server throttles every file.
+- ``rate``: bytes per second (bandwidth throttle); ``rate=`` on the server throttles every file,
+- ``hold_until``: a path on this machine; the file's last ``hold_bytes`` (default 1024) trickle out
+  one byte every ``hold_every_s`` (default 2 s, so the client's read timeout never fires) until that
+  path exists or ``hold_max_s`` (default 600) have passed: a slow mirror whose transfer is certain to
+  be in flight when something else happens (tests use it to pin down an overlap).
 
 A folder holding ``<ACCESSION>.tsv`` answers ``GET folder?accession=<ACCESSION>&…`` with that file:
 ENA's Portal API ``filereport`` stand-in (see :func:`atlasflow.testing.reads.publish_ena`).
@@ -134,8 +138,13 @@ class _Handler(BaseHTTPRequestHandler):
             with target.open("rb") as fh:
                 fh.seek(start)
                 step = min(64 * 1024, max(1024, int(rate / 8))) if rate else 64 * 1024
+                hold_at = max(0, limit - int(fault.get("hold_bytes", 1024))) if fault.get("hold_until") else limit
                 while sent < limit:
-                    block = fh.read(min(step, limit - sent))
+                    if sent >= hold_at and not self._released(fault, t0):
+                        block = fh.read(1)
+                        time.sleep(float(fault.get("hold_every_s", 2.0)))
+                    else:
+                        block = fh.read(min(step, (hold_at if sent < hold_at else limit) - sent))
                     if not block:
                         break
                     if rate:
@@ -153,6 +162,10 @@ class _Handler(BaseHTTPRequestHandler):
         if sent < body_len + int(fault.get("lie_length", 0)) or fault.get("no_length"):
             self.close_connection = True
             self.connection.shutdown(socket.SHUT_RDWR)
+
+    @staticmethod
+    def _released(fault: dict[str, Any], t0: float) -> bool:
+        return Path(fault["hold_until"]).exists() or time.monotonic() - t0 > float(fault.get("hold_max_s", 600))
 
     def _listing(self, folder: Path, rel: str, head: bool) -> None:
         base = rel if rel.endswith("/") else rel + "/"

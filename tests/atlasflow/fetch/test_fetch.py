@@ -226,3 +226,24 @@ def test_a_transfer_that_keeps_progressing_is_not_given_up(served):
     server.faults["/files/data.h5ad"] = {"drop_after": 40_000, "drop_times": 99}
     f = download(f"{server.url}/files/data.h5ad", dest, sha256=sha(data), **FAST)
     assert Path(f.path).read_bytes() == data and server.hits("/files/data.h5ad") == 8
+
+
+def test_a_held_transfer_trickles_until_its_path_exists(served):
+    import threading
+    import time
+
+    server, data, dest = served
+    gate = dest.parent / "gate"
+    # the hold outlasts the 1 s read timeout: trickling one byte every 0.2 s keeps the client reading
+    server.faults["/files/data.h5ad"] = {"hold_until": str(gate), "hold_bytes": 100, "hold_every_s": 0.2}
+    opened = threading.Timer(2.5, gate.touch)
+    opened.start()
+    t0 = time.monotonic()
+    f = download(f"{server.url}/files/data.h5ad", dest, sha256=sha(data), **{**FAST, "timeout_s": 1})
+    opened.join()
+    assert Path(f.path).read_bytes() == data
+    assert time.monotonic() - t0 >= 2.5
+    while not server.transfers():  # the server logs a transfer just after its last byte has gone
+        time.sleep(0.05)
+    (transfer,) = server.transfers()  # one transfer, never retried, that lasted until the gate opened
+    assert transfer["bytes"] == SIZE and transfer["end"] - transfer["start"] >= 2.4
