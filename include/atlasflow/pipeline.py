@@ -17,7 +17,13 @@ from typing import Any
 
 from atlasflow.config import GB, AtlasConfig
 from atlasflow.fsutil import write_json_atomic
-from atlasflow.genes import Vocabulary
+from atlasflow.genes import (
+    Vocabulary,
+    VocabularyMismatchError,
+    dataset_species,
+    species_mapping_for,
+    vocabulary_mismatch,
+)
 from atlasflow.manifest import Dataset
 from atlasflow.plan import batch_id as make_batch_id
 from atlasflow.plan import freeze_plan, load_plan
@@ -106,9 +112,18 @@ def _quarantine(config: AtlasConfig, batch_id: str, dataset_id: str, stage: str,
 
 
 def prepare_run(config: AtlasConfig) -> dict[str, Any]:
-    """Validate the manifest, seal the plan, pin the vocabulary for every later batch."""
-    summary = freeze_plan(config)
+    """Validate the manifest, seal the plan, pin the vocabulary for every later batch.
+
+    Raises
+    ------
+    VocabularyMismatchError
+        ``genes.vocab_path`` is not the vocabulary pinned by this base_dir's first run; checked
+        before the plan is extended, so a wrong config changes nothing.
+    """
     pinned = config.state_dir / "vocab.json"
+    if (problem := vocabulary_mismatch(pinned, config.genes.vocab_path)) is not None:
+        raise VocabularyMismatchError(problem)
+    summary = freeze_plan(config)
     if not pinned.exists():
         Vocabulary.load(config.genes.vocab_path).save(pinned)
     summary["vocab_version"] = Vocabulary.load(pinned).version
@@ -161,6 +176,12 @@ def _download_dataset(config: AtlasConfig, batch_id: str, dataset_id: str, *, fi
     layout = _layout(config)
     if batch_trained(config, batch_id) is not None:
         return {"dataset_id": dataset_id, "status": "ok", "skipped": f"{batch_id} already trained"}
+    species, evidence = dataset_species(dataset.species, [])
+    if species != "human":
+        table, why_not = species_mapping_for(species, config.genes.species_mapping)
+        if table is None:  # refused before a byte is fetched; process would refuse it anyway
+            return _quarantine(config, batch_id, dataset_id, "download",
+                               f"{dataset_id}: not human: {evidence} (manifest {config.manifest.path}); {why_not}")
     if (layout.tombstones / f"{dataset_id}.json").exists() and (layout.processed_dir(batch_id) / f"{dataset_id}.h5ad").exists():
         return {"dataset_id": dataset_id, "status": "ok", "skipped": "already processed"}
     if dataset.is_reads:

@@ -12,13 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from atlasflow.config import AtlasConfig
-from atlasflow.formats import FormatError, open_counts, primary_files
-from atlasflow.genes import Vocabulary
+from atlasflow.formats import CountSource, FormatError, open_counts, primary_files
+from atlasflow.genes import OrthologTable, Vocabulary, dataset_species, species_mapping_for
 from atlasflow.manifest import Dataset
 from atlasflow.qc import DatasetQuarantined, run_qc
 from atlasflow.validate import apply_memory_strategy, recorded_memory_strategy
 
-__all__ = ["DatasetQuarantined", "process_dataset"]
+__all__ = ["DatasetQuarantined", "process_dataset", "species_gate"]
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,8 @@ def process_dataset(
     Raises
     ------
     DatasetQuarantined
-        Unreadable or empty files, non-numeric tables, unsafe archives, too little vocabulary
+        Unreadable or empty files, non-numeric tables, unsafe archives, a dataset that is not
+        human (without a ``genes.species_mapping`` for its species), too little vocabulary
         coverage, or no cell passing QC.
     """
     if not raw_dir.is_dir():
@@ -56,10 +57,12 @@ def process_dataset(
             fmt = dataset.format if len(files) == 1 and dataset.format and not dataset.is_reads else None
             sources.append(open_counts(path, fmt=fmt, cache=cache_dir / dataset.dataset_id, vocabulary=symbols))
         raw_bytes = sum(p.stat().st_size for p in files)
+        orthologs = species_gate(dataset, sources, config)
         meta = {"disease_status": dataset.disease_status, "tissue_type": dataset.tissue_type, "species": dataset.species}
         qc = apply_memory_strategy(config.qc, recorded_memory_strategy(config))
         result = run_qc(sources, out_path, dataset_id=dataset.dataset_id, vocab=vocab, config=qc,
-                        obs_meta=meta, batch_key=dataset.batch_key, cell_type_key=dataset.cell_type_key)
+                        obs_meta=meta, batch_key=dataset.batch_key, cell_type_key=dataset.cell_type_key,
+                        orthologs=orthologs)
     except FormatError as exc:
         raise DatasetQuarantined(str(exc)) from exc
     finally:
@@ -79,3 +82,25 @@ def process_dataset(
         log.warning("%s: the matrix holds non-integer values: counts expected (recorded in the summary)",
                     dataset.dataset_id)
     return summary
+
+
+
+def species_gate(dataset: Dataset, sources: list[CountSource], config: AtlasConfig) -> OrthologTable | None:
+    """None for a human dataset; the ortholog table for one of a mapped species; else quarantine it.
+
+    Raises
+    ------
+    DatasetQuarantined
+        Naming the dataset, its files and the evidence (the manifest's species, or how many
+        symbols look like mouse symbols).
+    """
+    species, evidence = dataset_species(dataset.species, [g for s in sources for g in s.genes],
+                                        [i for s in sources for i in (s.gene_ids or [])])
+    if species == "human":
+        return None
+    table, why_not = species_mapping_for(species, config.genes.species_mapping)
+    if table is None:
+        files = ", ".join(s.path.name for s in sources)
+        raise DatasetQuarantined(f"{dataset.dataset_id} ({files}): not human: {evidence}; {why_not}")
+    log.info("%s: %s genes mapped through %s", dataset.dataset_id, species, table.path)
+    return table

@@ -24,7 +24,7 @@ import scipy.sparse as sp
 
 from atlasflow.config import QCConfig
 from atlasflow.formats import CountSource
-from atlasflow.genes import Vocabulary, map_genes
+from atlasflow.genes import OrthologTable, Vocabulary, map_genes
 
 __all__ = ["DatasetQuarantined", "QCResult", "choose_strategy", "run_qc"]
 
@@ -132,8 +132,12 @@ def run_qc(
     obs_meta: dict[str, str | None] | None = None,
     batch_key: str | None = None,
     cell_type_key: str | None = None,
+    orthologs: OrthologTable | None = None,
 ) -> QCResult:
     """Filter, harmonise and write ``sources`` (one dataset) to ``out_path`` (see docs/contracts.md).
+
+    ``orthologs``: the dataset is of another species; its genes reach the vocabulary only through
+    this table.
 
     Raises
     ------
@@ -146,7 +150,7 @@ def run_qc(
     if strategy == "chunked":
         _pin_malloc_threshold()
     n_vocab = len(vocab)
-    mappings = [map_genes(s.genes, vocab, gene_ids=s.gene_ids) for s in sources]
+    mappings = [map_genes(s.genes, vocab, gene_ids=s.gene_ids, orthologs=orthologs) for s in sources]
     maps = [np.asarray(m.positions, dtype=np.int64) for m in mappings]
     removed = {"min_genes": 0, "max_genes": 0, "min_counts": 0, "max_counts": 0, "max_pct_mito": 0}
     gene_cells = np.zeros(n_vocab, dtype=np.int64)
@@ -214,6 +218,8 @@ def run_qc(
         "matched_by_id": int(sum(m.matched_by_id for m in mappings)),
         "matched_by_synonym": int(sum(m.matched_by_synonym for m in mappings)),
     }
+    if orthologs is not None:
+        coverage["orthologs"] = f"{orthologs.species} via {orthologs.path}"
     if coverage["vocab_fraction"] < config.min_vocab_coverage:
         raise DatasetQuarantined(
             f"{source_names}: its genes cover {coverage['vocab_fraction']:.1%} of the vocabulary "

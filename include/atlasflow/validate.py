@@ -196,6 +196,32 @@ def _manifest(config: AtlasConfig) -> list[Check]:
     return checks
 
 
+def _vocabulary(config: AtlasConfig) -> list[Check]:
+    """The configured vocabulary reads and is the one this base_dir pinned; the ortholog table reads."""
+    from atlasflow.genes import OrthologTable, Vocabulary, vocabulary_mismatch
+
+    pinned = config.state_dir / "vocab.json"
+    try:
+        wanted = Vocabulary.load(config.genes.vocab_path)
+        problem = vocabulary_mismatch(pinned, config.genes.vocab_path)
+    except ValueError as exc:
+        return [Check("vocabulary", "fail", str(exc))]
+    if problem is not None:
+        checks = [Check("vocabulary", "fail", problem)]
+    elif pinned.exists():
+        checks = [Check("vocabulary", "ok", f"{wanted.describe()}, pinned in {pinned}")]
+    else:
+        checks = [Check("vocabulary", "ok", f"{wanted.describe()}; the first run pins it in {pinned}")]
+    if config.genes.species_mapping:
+        try:
+            table = OrthologTable.load(config.genes.species_mapping)
+        except ValueError as exc:
+            return [*checks, Check("species_mapping", "fail", str(exc))]
+        checks.append(Check("species_mapping", "ok", f"{len(table.to_human):,} {table.species} genes → human "
+                                                     f"({table.ambiguous} ambiguous left out): {table.path}"))
+    return checks
+
+
 @dataclass(frozen=True)
 class MemoryStrategy:
     """One row of the design documents' strategy matrix, in terms of this pipeline's QC knobs."""
@@ -280,6 +306,7 @@ def run_checks(config: AtlasConfig, *, requirements: Path | None = None, gpu: bo
         lambda: _disk(config),
         _memory,
         lambda: _manifest(config),
+        lambda: _vocabulary(config),
         *extra,
     ]
     if gpu:
@@ -318,7 +345,10 @@ def system_report(config: AtlasConfig, *, requirements: Path | None = None, gpu:
         requirements = candidate if candidate.is_file() else None
     checks = run_checks(config, requirements=requirements, gpu=gpu, extra=extra)
     pinned = config.state_dir / "vocab.json"
-    n_genes = len(Vocabulary.load(str(pinned) if pinned.exists() else config.genes.vocab_path))
+    try:
+        n_genes = len(Vocabulary.load(str(pinned) if pinned.exists() else config.genes.vocab_path))
+    except ValueError:  # an unreadable vocabulary is a failed check already; size the strategy by the default
+        n_genes = len(Vocabulary.default())
     strategy, reason = choose_memory_strategy(n_genes, psutil.virtual_memory().total)
     checks.append(Check("memory_strategy", "ok", reason))
     summary = {**summarize(checks), "memory_strategy": {**asdict(strategy), "reason": reason}}

@@ -14,6 +14,7 @@ import pytest
 
 from atlasflow import pipeline as P
 from atlasflow.config import load_config
+from atlasflow.genes import Vocabulary, VocabularyMismatchError
 from atlasflow.plan import write_batch_spec
 from atlasflow.testing.demo import build_demo
 from atlasflow.testing.geo_server import GeoServer
@@ -84,3 +85,33 @@ def test_a_dataset_removed_from_the_manifest_is_quarantined_not_fatal(demo):
     config, _ = demo
     P.prepare_run(config)
     assert P.download_dataset(config, "batch_0000", "not_there", final_try=True)["reason"] == "no longer in the manifest"
+
+
+def test_a_vocabulary_other_than_the_pinned_one_stops_prepare(demo):
+    config, _ = demo
+    assert P.prepare_run(config)["vocab_version"] == Vocabulary.builtin("pbmc68k").version  # pinned by run 1
+    plan = Path(config.plan_path).read_bytes()
+    human = config.with_overrides({"genes.vocab_path": None})  # the default: the human vocabulary
+    with pytest.raises(VocabularyMismatchError) as caught:
+        P.prepare_run(human)
+    message = str(caught.value)
+    assert "asks for builtin:human_grch38_ens100 (version 825072f1f5a0, 19,927 genes), the default" in message
+    assert f"pinned builtin:pbmc68k (version {Vocabulary.builtin('pbmc68k').version}, 765 genes)" in message
+    assert "set genes.vocab_path back to builtin:pbmc68k" in message and "set storage.base_dir to a new" in message
+    assert Path(config.plan_path).read_bytes() == plan  # refused before the plan is touched
+    assert P.prepare_run(config)["vocab_version"] == Vocabulary.builtin("pbmc68k").version  # the fix works
+
+
+def test_a_row_whose_species_is_not_human_is_quarantined_before_download(demo):
+    config, server = demo
+    P.prepare_run(config)
+    spec = config.state_dir / "batches" / "batch_0000.json"
+    write_batch_spec(config, "batch_0000")
+    data = json.loads(spec.read_text())
+    data["datasets"][0]["species"] = "Mus musculus"  # as if the manifest said so
+    spec.write_text(json.dumps(data))
+    got = P.download_dataset(config, "batch_0000", "pbmc_1", final_try=False)
+    assert got["status"] == "quarantined" and got["stage"] == "download"
+    assert got["reason"].startswith("pbmc_1: not human: the manifest's species is 'Mus musculus' (manifest ")
+    assert "no genes.species_mapping is configured" in got["reason"]
+    assert not server.transfers()  # nothing fetched for it

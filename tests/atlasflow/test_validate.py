@@ -155,3 +155,28 @@ def test_recorded_strategy_drives_auto_qc_only(tmp_path):
     assert recorded_memory_strategy(config) is None
     system_report(config, gpu=False)
     assert recorded_memory_strategy(config)["name"] in {s.name for s in STRATEGIES}
+
+
+def test_a_vocabulary_other_than_the_pinned_one_fails_validation(tmp_path):
+    from atlasflow.genes import Vocabulary
+
+    base = tmp_path / "b"
+    small = Vocabulary.builtin("pbmc68k")
+    pin = base / "state" / "vocab.json"
+    pin.parent.mkdir(parents=True)
+    # a pin written before pins named their source: still named, by its genes
+    pin.write_text(json.dumps({k: v for k, v in small.to_dict().items() if k != "source"}))
+    config = load_config(overrides={"storage.base_dir": str(base)})  # genes.vocab_path: the default, human
+    check = by_name(run_checks(config, gpu=False))["vocabulary"]
+    assert check.status == "fail"
+    assert "builtin:human_grch38_ens100 (version 825072f1f5a0, 19,927 genes)" in check.detail
+    assert f"builtin:pbmc68k (version {small.version}, 765 genes)" in check.detail
+    assert f"set genes.vocab_path back to builtin:pbmc68k (or to {pin})" in check.detail
+    assert "set storage.base_dir to a new folder" in check.detail
+    with pytest.raises(SystemValidationError, match="vocabulary: genes.vocab_path asks for builtin:human") as caught:
+        validate_for_run(config)
+    assert "vocabulary" in caught.value.failed
+    fixed = by_name(run_checks(config.with_overrides({"genes.vocab_path": "builtin:pbmc68k"}), gpu=False))
+    assert fixed["vocabulary"].status == "ok" and f"pinned in {pin}" in fixed["vocabulary"].detail
+    fresh = by_name(run_checks(load_config(overrides={"storage.base_dir": str(tmp_path / "new")}), gpu=False))
+    assert fresh["vocabulary"].status == "ok" and "the first run pins it" in fresh["vocabulary"].detail

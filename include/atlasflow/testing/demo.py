@@ -91,6 +91,8 @@ download:
   backoff_s: 0.2
 qc:
   min_genes: 50
+genes:
+  vocab_path: builtin:pbmc68k  # the demo's 765 genes; real atlases use the default human vocabulary
 integration:
   max_epochs: {integration_epochs}
 training:

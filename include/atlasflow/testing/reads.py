@@ -288,6 +288,8 @@ quant:
   threads: 1
   index_gb: 0.001
   work_fixed_gb: 0.001
+genes:
+  vocab_path: builtin:pbmc68k  # small, like the simulated genes (named after its symbols by the tests)
 qc:
   min_genes: 1
   min_cells: 1

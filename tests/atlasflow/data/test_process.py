@@ -20,6 +20,7 @@ from atlasflow.process import DatasetQuarantined, process_dataset
 from atlasflow.testing.realdata import WRITABLE_FORMATS, pbmc_counts, write_format
 
 CONFIG = load_config(overrides={"qc.min_genes": 10, "qc.min_cells": 3, "qc.max_pct_mito": 20})
+VOCAB = Vocabulary.builtin("pbmc68k")  # these cells' own 765 genes (the default vocabulary is human)
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +30,7 @@ def pbmc():
 
 def process(raw: Path, tmp: Path, dataset_id: str = "ds", config=CONFIG, **kw):
     return process_dataset(raw, Dataset(dataset_id, "https://h/x", "direct", 2, **kw), config=config,
-                           out_path=tmp / "processed" / f"{dataset_id}.h5ad", vocab=Vocabulary.default(),
+                           out_path=tmp / "processed" / f"{dataset_id}.h5ad", vocab=VOCAB,
                            cache_dir=tmp / "cache")
 
 
@@ -43,7 +44,7 @@ def test_every_format_reads_back_the_same_counts(pbmc, tmp_path, fmt):
     path = write_format(pbmc, fmt, tmp_path / "raw")
     expected = {"10x_mtx_dir": "10x_mtx", "10x_mtx_tar": "10x_mtx", "tsv_gz": "tsv"}.get(fmt, fmt)
     assert detect_format(path) == expected
-    got = read_counts(path, cache=tmp_path / "cache", dataset_id="ds", vocabulary=Vocabulary.default().symbol_set())
+    got = read_counts(path, cache=tmp_path / "cache", dataset_id="ds", vocabulary=VOCAB.symbol_set())
     assert list(got.var_names) == list(pbmc.var_names) and list(got.obs_names) == list(pbmc.obs_names)
     assert (got.layers["counts"] != pbmc.X).nnz == 0
     assert got.uns["atlasflow_read"]["non_integer"] is False and (got.obs["dataset_id"] == "ds").all()
@@ -77,8 +78,8 @@ def test_processed_file_follows_the_contract(pbmc, tmp_path):
     assert out.obs_names[0].startswith("pbmc1:") and out.obs_names.is_unique
     assert set(out.obs["dataset_id"]) == {"pbmc1"} and set(out.obs["batch"]) == {"pbmc1"}
     assert set(out.obs["disease_status"]) == {"control"} and out.obs["cell_type"].nunique() == 10
-    assert set(out.var_names) <= Vocabulary.default().symbol_set() and out.var["highly_variable"].sum() > 0
-    assert out.uns["atlasflow"]["vocab_version"] == Vocabulary.default().version
+    assert set(out.var_names) <= VOCAB.symbol_set() and out.var["highly_variable"].sum() > 0
+    assert out.uns["atlasflow"]["vocab_version"] == VOCAB.version
     # counts are the input's counts, cell for cell and gene for gene
     cells = [c.split(":", 1)[1] for c in out.obs_names]
     upper = {g.upper(): g for g in pbmc.var_names}  # the vocabulary holds upper-case symbols
@@ -116,9 +117,9 @@ def test_ensembl_ids_map_with_version_suffixes():
 
 
 def test_low_coverage_is_quarantined_not_fatal(pbmc, tmp_path):
-    mouse = pbmc.copy()
-    mouse.var_names = [g.capitalize() + "_mm" for g in pbmc.var_names]  # nothing maps
-    write_format(mouse, "h5ad", tmp_path / "raw")
+    unknown = pbmc.copy()
+    unknown.var_names = [g + "_X" for g in pbmc.var_names]  # nothing maps
+    write_format(unknown, "h5ad", tmp_path / "raw")
     with pytest.raises(DatasetQuarantined, match="cover 0.0% of the vocabulary"):
         process(tmp_path / "raw", tmp_path)
     assert not (tmp_path / "processed" / "ds.h5ad").exists()

@@ -29,7 +29,7 @@ def r_fixtures(tmp_path_factory):
     if setup.returncode != 0:
         pytest.skip(f"R is not available: {setup.stderr.strip()}")
     out = tmp_path_factory.mktemp("rds")
-    genes = sorted(Vocabulary.load(None).symbol_set())[:N_GENES]
+    genes = sorted(Vocabulary.builtin("pbmc68k").symbol_set())[:N_GENES]
     (out / "genes.txt").write_text("\n".join(genes) + "\n")
     done = subprocess.run([str(REPO / "scripts" / "local-r"), "run", str(Path(__file__).with_name("rds_fixtures.R")),
                            str(out), str(out / "genes.txt")], capture_output=True, text=True, timeout=300)
@@ -78,7 +78,7 @@ def test_rds_dataset_goes_through_processing_with_cell_types(r_fixtures, tmp_pat
     (raw / "sce.rds").write_bytes((out / "sce.rds").read_bytes())
     config = AtlasConfig(qc=QCConfig(min_genes=1, min_cells=1, max_pct_mito=100, min_vocab_coverage=0))
     ds = Dataset("r1", "https://x.org/sce.rds", "direct", 2, format="rds", cell_type_key="cell_type")
-    summary = process_dataset(raw, ds, config=config, out_path=tmp_path / "r1.h5ad", vocab=Vocabulary.load(None),
+    summary = process_dataset(raw, ds, config=config, out_path=tmp_path / "r1.h5ad", vocab=Vocabulary.builtin("pbmc68k"),
                               cache_dir=tmp_path / "cache")
     assert summary["format"] == "rds" and summary["cells_before"] == truth.shape[1]
     import anndata as ad
@@ -114,4 +114,4 @@ def test_damaged_rds_is_a_format_error_that_quarantines(tmp_path):
     ds = Dataset("x", "https://x.org/x.rds", "direct", 2, format="rds")
     with pytest.raises(DatasetQuarantined, match="x.rds: not a readable RDS file"):
         process_dataset(tmp_path / "raw", ds, config=AtlasConfig(), out_path=tmp_path / "x.h5ad",
-                        vocab=Vocabulary.load(None), cache_dir=tmp_path / "cache")
+                        vocab=Vocabulary.builtin("pbmc68k"), cache_dir=tmp_path / "cache")

@@ -9,10 +9,20 @@ from atlasflow.testing.realdata import pbmc_counts, write_format
 from tests.atlasflow.test_cli import run
 
 
-def test_default_vocabulary_is_versioned_and_stable():
+def test_default_vocabulary_is_the_human_one():
+    from atlasflow.config import load_config
+
     v = Vocabulary.default()
-    assert len(v) == 765 and v.version == Vocabulary.default().version and len(v.version) == 12
-    assert "CD3E" in v.symbol_set()
+    assert len(v) == 19_927 and v.source == "builtin:human_grch38_ens100" and len(v.version) == 12
+    assert load_config().genes.vocab_path is None and Vocabulary.load(None).version == v.version
+    code, out = run("vocab", "show")
+    assert code == 0 and f"vocabulary {v.version}: 19927 genes" in out
+
+
+def test_small_vocabulary_is_versioned_and_stable():
+    v = Vocabulary.builtin("pbmc68k")  # the demo's and the tests', set explicitly in their configs
+    assert len(v) == 765 and v.version == Vocabulary.load("builtin:pbmc68k").version and len(v.version) == 12
+    assert "CD3E" in v.symbol_set() and v.describe() == f"builtin:pbmc68k (version {v.version}, 765 genes)"
 
 
 def test_build_from_a_gene_table_and_a_data_file(tmp_path):
@@ -52,7 +62,7 @@ def test_human_vocabulary_is_packaged_with_ids_and_synonyms():
     assert v.gene_ids[v.symbols.index("CD3E")] == "ENSG00000198851"
     assert sum(s.startswith("MT-") for s in v.symbols) == 13  # the mitochondrial protein-coding genes
     assert v.synonyms["IGJ"] == "JCHAIN" and v.synonyms["ADRBK1"] == "GRK2"
-    assert Vocabulary.default().synonyms == {} and len(Vocabulary.default()) == 765
+    assert Vocabulary.builtin("pbmc68k").synonyms == {} and len(Vocabulary.builtin("pbmc68k")) == 765
 
 
 def test_unknown_builtin_names_the_packaged_ones():

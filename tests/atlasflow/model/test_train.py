@@ -23,7 +23,8 @@ from atlasflow.testing.realdata import pbmc_counts, write_format
 
 TINY = {"model.preset": "custom", "model.d_model": 32, "model.n_layers": 1, "model.n_heads": 2, "model.d_ff": 64,
         "model.max_genes": 64, "training.batch_cells": 32, "training.block_cells": 64, "training.warmup_steps": 3,
-        "training.checkpoint_every_steps": 3, "qc.min_genes": 10}
+        "training.checkpoint_every_steps": 3, "qc.min_genes": 10,
+        "genes.vocab_path": "builtin:pbmc68k"}  # the small vocabulary of these cells (the default is human)
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +33,7 @@ def batches(tmp_path_factory):
     root = tmp_path_factory.mktemp("batches")
     pbmc = pbmc_counts()
     config = load_config(overrides=TINY)
-    vocab = Vocabulary.default()
+    vocab = Vocabulary.builtin("pbmc68k")
     for b, batch in enumerate(("batch_0000", "batch_0001")):
         for d in range(2):
             ds = f"d{2 * b + d}"
@@ -56,7 +57,7 @@ def test_validation_holds_out_whole_datasets():
 
 
 def test_batch0_then_batch1_from_checkpoint_equals_straight_through(batches, tmp_path):
-    config, vocab = config_for(tmp_path, **{"training.epochs": 3}), Vocabulary.default()
+    config, vocab = config_for(tmp_path, **{"training.epochs": 3}), Vocabulary.builtin("pbmc68k")
     straight = Trainer(config, vocab)
     straight.run_batch(batches / "batch_0000")
     straight.run_batch(batches / "batch_0001")
@@ -82,7 +83,7 @@ def test_batch0_then_batch1_from_checkpoint_equals_straight_through(batches, tmp
 
 
 def test_checkpoint_refuses_a_different_vocabulary_or_model(batches, tmp_path):
-    config, vocab = config_for(tmp_path), Vocabulary.default()
+    config, vocab = config_for(tmp_path), Vocabulary.builtin("pbmc68k")
     trainer = Trainer(config, vocab)
     trainer.run_batch(batches / "batch_0000")
     trainer.save(tmp_path / "ckpt")
@@ -121,7 +122,7 @@ def test_cli_writes_checkpoints_with_lineage(batches, tmp_path):
     assert json.loads((out1 / "result.json").read_text()) == r1
     assert r0["parent_checkpoint"] is None and r1["parent_checkpoint"] == str(out0) and len(r1["parent_hash"]) == 16
     assert r1["global_step"] > r0["global_step"] and r1["cells_seen"] > r0["cells_seen"]
-    assert r1["datasets_seen"] == ["d0", "d1", "d2", "d3"] and r1["vocab_version"] == Vocabulary.default().version
+    assert r1["datasets_seen"] == ["d0", "d1", "d2", "d3"] and r1["vocab_version"] == Vocabulary.builtin("pbmc68k").version
     assert sorted(p.name for p in out1.iterdir()) == ["model.pt", "progress.json", "result.json", "state.pt",
                                                       "val_sets.npz"]
     assert not (tmp_path / "models" / "batch_0001.partial").exists()
@@ -132,7 +133,7 @@ def test_cli_writes_checkpoints_with_lineage(batches, tmp_path):
 
 def test_killed_job_resumes_from_its_intra_batch_checkpoint(batches, tmp_path):
     cfg = _write_config(tmp_path, **{"training.epochs": 30, "training.checkpoint_every_steps": 5})
-    reference = train_batch(load_config(cfg), Vocabulary.default(), batches / "batch_0000", tmp_path / "ref")
+    reference = train_batch(load_config(cfg), Vocabulary.builtin("pbmc68k"), batches / "batch_0000", tmp_path / "ref")
     out = tmp_path / "run" / "batch_0000"
     proc = subprocess.Popen(_cli(cfg, batches / "batch_0000", out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     partial = out.with_name("batch_0000.partial") / "progress.json"
@@ -183,10 +184,10 @@ def test_cell_type_head_trains_on_labelled_cells(batches, tmp_path):
 
     types = "CD14+ Monocyte,CD19+ B,CD4+/CD25 T Reg,CD56+ NK,CD8+ Cytotoxic T,Dendritic"
     config = config_for(tmp_path, **{"model.cell_types": types, "model.cell_type_weight": 1.0, "training.epochs": 2})
-    with_head = Trainer(config, Vocabulary.default())
+    with_head = Trainer(config, Vocabulary.builtin("pbmc68k"))
     assert with_head.model.cell_head is not None and with_head.model.cell_head.out_features == 6
     with_head.run_batch(batches / "batch_0000")
-    plain = Trainer(config_for(tmp_path, **{"training.epochs": 2}), Vocabulary.default())
+    plain = Trainer(config_for(tmp_path, **{"training.epochs": 2}), Vocabulary.builtin("pbmc68k"))
     plain.run_batch(batches / "batch_0000")
     # the extra loss term is really there: same seed and data, different losses
     assert with_head.progress.losses != plain.progress.losses

@@ -10,10 +10,11 @@ N_GENES = 12
 
 
 def vocab_symbols(n: int) -> list[str]:
-    """Real gene symbols from the default vocabulary, so processed data passes gene harmonisation."""
+    """Real gene symbols from the demo's small vocabulary (what build_fastq_demo's config sets), so
+    processed data passes gene harmonisation."""
     from atlasflow.genes import Vocabulary
 
-    return sorted(Vocabulary.load(None).symbol_set())[:n]
+    return sorted(Vocabulary.builtin("pbmc68k").symbol_set())[:n]
 
 
 @pytest.fixture(scope="session")
