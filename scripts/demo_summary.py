@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from atlasflow.config import load_config
+from atlasflow.runlog import read_stages
 from atlasflow.storage import Ledger
 
 
@@ -51,6 +52,15 @@ def main() -> int:
                   f"forgetting check {b['forgetting']}")
         print(f"final checkpoint {latest[-1].parent}: step {progress['global_step']}, {progress['cells_seen']} cells "
               f"seen, datasets {', '.join(progress['datasets_seen'])}")
+    from atlasflow.report import integration_scores
+
+    for row in integration_scores(read_stages(base / "state")):
+        scib = row["scib"]
+        print(f"  integrated {row['batch_id']} ({row['mode']}): scIB total scVI {scib['scvi']['total']} vs PCA(50) "
+              f"{scib['pca']['total']} (bio {scib['scvi']['bio_conservation']} vs {scib['pca']['bio_conservation']}, "
+              f"batch {scib['scvi']['batch_correction']} vs {scib['pca']['batch_correction']}) on {scib['cells']} "
+              f"labelled cells, {scib['cells_earlier_batches']} of them from earlier batches; "
+              f"{scib['batch_unlabelled']} unlabelled cells of the batch left out")
     system = base / "state" / "system.json"
     if system.exists():
         print(f"system validation: {json.loads(system.read_text())['memory_strategy']['reason']}")

@@ -28,7 +28,8 @@ from atlasflow.config import GB, AtlasConfig, load_config
 from atlasflow.fsutil import write_json_atomic, write_text_atomic
 from atlasflow.runlog import read_jobs, read_stages
 
-__all__ = ["STAGES", "collect_run", "register", "render_html", "run_metrics", "write_run_report"]
+__all__ = ["STAGES", "collect_run", "integration_scores", "register", "render_html", "run_metrics",
+           "write_run_report"]
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +165,30 @@ def collect_run(config: AtlasConfig) -> dict[str, Any]:
         "datasets": datasets, "stages": stages, "stage_summary": _stage_summary(stages), "jobs": read_jobs(state),
         "trained": [trained[b] for b in sorted(trained)], "lineage": _lineage(trained),
         "decisions": _decisions(state), "production": _read_json(ledger.layout.production_pointer),
+        "integration": integration_scores(stages),
     }
+
+
+def integration_scores(stages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each integrated batch's mode and scIB scores (scVI latent vs PCA), from its integrate record.
+
+    Parameters
+    ----------
+    stages
+        Stage records (:func:`atlasflow.runlog.read_stages`).
+
+    Returns
+    -------
+    list of dict
+        ``{"batch_id", "mode", "scib"}`` per batch whose integration was scored, by batch id;
+        ``scib`` as in ``models/integration/<batch_id>/result.json``.
+    """
+    rows = []
+    for r in stages:
+        result = r.get("integration") if r["stage"] == "integrate" else None
+        if isinstance(result, dict) and isinstance(result.get("scib"), dict):
+            rows.append({"batch_id": r["batch_id"], "mode": result.get("mode"), "scib": result["scib"]})
+    return sorted(rows, key=lambda row: row["batch_id"])
 
 
 def _decisions(state: Path, *, last: int = 20) -> list[dict[str, Any]]:
@@ -217,6 +241,7 @@ def run_metrics(data: dict[str, Any], run_id: str) -> dict[str, Any]:
         "datasets": {s: sum(d["status"] == s for d in data["datasets"]) for s in ("processed", "quarantined", "failed",
                                                                                 "pending")},
         "jobs": data["jobs"],
+        "integration": data.get("integration", []),
         "batches": [{k: t.get(k) for k in ("batch_id", "checkpoint_dir", "train_loss", "val_loss", "val_masked_acc",
                                            "val_baseline_acc", "cells_seen", "global_step", "seconds")}
                     for t in data["trained"]],
@@ -309,6 +334,27 @@ def _plot_loss(data: dict[str, Any]) -> str | None:
         ax2.set_xlabel("training step (all batches)")
         ax2.set_ylabel("train loss")
         ax2.set_title("final checkpoint's loss history")
+    return _png(fig)
+
+
+def _plot_integration(data: dict[str, Any]) -> str | None:
+    import matplotlib.pyplot as plt
+
+    rows = data.get("integration") or []
+    if not rows:
+        return None
+    fig, axes = plt.subplots(1, 3, figsize=(10, 3), sharey=True)
+    x = [r["batch_id"] for r in rows]
+    for ax, key in zip(axes, ("bio_conservation", "batch_correction", "total"), strict=True):
+        for emb, label, style in (("scvi", "scVI latent", "-o"), ("pca", "PCA(50), unintegrated", "--s")):
+            ys = [(r["scib"].get(emb) or {}).get(key) for r in rows]
+            ax.plot([xi for xi, y in zip(x, ys, strict=True) if y is not None], [y for y in ys if y is not None],
+                    style, label=label)
+        ax.set_title(key.replace("_", " "))
+        ax.set_ylim(0, 1)
+        ax.tick_params(axis="x", labelrotation=30, labelsize=7)
+    axes[0].set_ylabel("scIB score (higher is better)")
+    axes[0].legend(fontsize=7)
     return _png(fig)
 
 
@@ -437,6 +483,25 @@ def render_html(data: dict[str, Any], metrics: dict[str, Any]) -> str:
                  + _img(_plot_loss(data), "loss per batch")
                  + _table(["batch", "train loss", "val loss", "val masked acc", "baseline acc", "cells seen",
                            "global step", "seconds"], loss_rows) + "</section>")
+
+    metric_names = ("asw_label", "nmi", "ari", "isolated_label_asw", "clisi", "asw_batch", "graph_connectivity",
+                    "ilisi", "bio_conservation", "batch_correction", "total")
+    integration_rows = [[r["batch_id"], r["mode"], label, r["scib"].get("cells"), r["scib"].get("cells_earlier_batches"),
+                         r["scib"].get("batch_unlabelled"), *(_num((r["scib"].get(emb) or {}).get(m))
+                                                               for m in metric_names)]
+                        for r in data.get("integration") or []
+                        for emb, label in (("scvi", "scVI"), ("pca", "PCA(50)"))]
+    parts.append("<section id=integration><h2>Integration (scIB metrics)</h2>"
+                 + (_img(_plot_integration(data), "scIB scores per batch")
+                    + _table(["batch", "mode", "embedding", "cells scored", "of earlier batches", "unlabelled in batch",
+                              "ASW label", "NMI", "ARI", "isolated ASW", "cLISI", "batch ASW", "graph conn.", "iLISI",
+                              "bio", "batch", "total"], integration_rows)
+                    + "<p>The scVI/scArches latent and PCA(50) of log-normalised counts, scored on the same labelled "
+                      "cells: a sample of the batch with the earlier batches' pool (a query is scored together with "
+                      "its reference). Unlabelled cells are left out. NMI/ARI: k-means at the number of cell types; "
+                      "total = 0.6 bio + 0.4 batch.</p>"
+                    if integration_rows else "<p class=none>No integration scored.</p>")
+                 + "</section>")
 
     stage_rows = [[s, v["records"], _secs(v["task_seconds"]), _secs(v["wall_seconds"]), _secs(v["max_seconds"]),
                    v["failed"], "bottleneck" if s == summary["bottleneck"] else ("waiting for disk" if s == "admit" else "")]

@@ -28,10 +28,12 @@ __all__ = ["BATCH_SCOPE", "read_jobs", "read_stages", "record_job", "record_stag
 log = logging.getLogger(__name__)
 
 BATCH_SCOPE = "_batch"  # file name of a record that belongs to the whole batch, not one dataset
-# result keys copied into a stage record (small scalars only; the record is not a second XCom)
+# result keys copied into a stage record (small values only; the record is not a second XCom).
+# "integration" is the integrate step's ~1 KB summary with its scIB scores: the report reads them
+# here because cleanup prunes the integration folders that hold result.json
 _KEEP = ("bytes", "files", "cells_before", "cells_after", "genes_after", "format", "raw_bytes", "processed_bytes",
          "reason", "skipped", "admitted", "checkpoint_dir", "global_step", "train_loss", "val_loss", "trained",
-         "released")
+         "released", "integration")
 
 
 def stage_path(state_dir: Path, stage: str, batch_id: str, dataset_id: str | None = None) -> Path:

@@ -243,12 +243,41 @@ def test_slurm_training_is_recorded_from_the_trigger_event(tmp_path):
     assert "<td>41</td><td>OUT_OF_MEMORY</td>" in page and "<td>42</td><td>COMPLETED</td>" in page
 
 
+def test_integration_scores_are_reported_per_batch(tmp_path):
+    from atlasflow.runlog import record_stage
+
+    config = load_config(None, overrides={"storage.base_dir": str(tmp_path / "base")})
+    metrics = {"asw_label": 0.61, "nmi": 0.6, "ari": 0.45, "isolated_label_asw": 0.57, "clisi": 0.97,
+               "asw_batch": 0.78, "graph_connectivity": 0.87, "ilisi": 0.79, "bio_conservation": 0.64,
+               "batch_correction": 0.81, "total": 0.71}
+    for batch_id, mode, earlier in (("batch_0000", "reference", 0), ("batch_0001", "scarches_query", 300)):
+        scib = {"cells": 300 + earlier, "unlabelled": 0, "cell_types": 10, "batches": 4, "clustering": "kmeans",
+                "cells_this_batch": 300, "cells_earlier_batches": earlier, "batch_unlabelled": 12,
+                "scvi": metrics, "pca": {**metrics, "total": 0.7349, "ilisi": None}}
+        with record_stage(config.state_dir, "integrate", batch_id) as out:
+            out.update({"status": "ok", "integration": {"batch_id": batch_id, "mode": mode, "scib": scib}})
+    with record_stage(config.state_dir, "integrate", "batch_0002") as out:  # integration disabled: no row
+        out.update({"status": "ok", "integration": None})
+    written = write_run_report(config, "integrated")
+    page = Path(written["html"]).read_text()
+    section = page[page.index("<section id=integration>"):page.index("<section id=stages>")]
+    assert section.count("<tr><td>batch_0001</td><td>scarches_query</td>") == 2 and "batch_0002" not in section
+    assert ("<tr><td>batch_0001</td><td>scarches_query</td><td>scVI</td><td>600</td><td>300</td><td>12</td>"
+            "<td>0.6100</td>") in section
+    assert "<td>PCA(50)</td>" in section and "<td>0.7349</td></tr>" in section
+    assert 'src="data:image/png;base64,' in section  # the per-batch plot
+    run_metrics = json.loads(Path(written["metrics"]).read_text())
+    assert [(r["batch_id"], r["scib"]["scvi"]["total"]) for r in run_metrics["integration"]] == [
+        ("batch_0000", 0.71), ("batch_0001", 0.71)]
+
+
 def test_a_run_that_did_nothing_still_gets_a_report(tmp_path):
     # the DAG's report task runs even when prepare failed: no plan, no samples, no checkpoint
     config = load_config(None, overrides={"storage.base_dir": str(tmp_path / "base")})
     written = write_run_report(config, "empty")
     page = Path(written["html"]).read_text()
     assert "No batch trained yet." in page and "No training job recorded." in page
+    assert "No integration scored." in page
     assert "bottleneck stage: <span class=key>none yet" in page
     assert json.loads(Path(written["metrics"]).read_text())["records"] == []
 
