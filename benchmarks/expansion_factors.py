@@ -23,7 +23,7 @@ def main() -> dict:
     from atlasflow.storage.layout import tree_bytes
     from atlasflow.testing.realdata import WRITABLE_FORMATS, pbmc_counts, write_format
 
-    config = load_config(overrides={"qc.min_genes": 10})
+    config = load_config(overrides={"qc.min_genes": 10, "genes.vocab_path": "builtin:pbmc68k"})
     pbmc = pbmc_counts()
     rows = {}
     with tempfile.TemporaryDirectory(prefix="atlasflow-bench-exp-") as tmp:
@@ -32,7 +32,7 @@ def main() -> dict:
             path = write_format(pbmc, fmt, raw)
             raw_bytes = tree_bytes(path)
             summary = process_dataset(raw, Dataset("d", "https://h/x", "direct", 2), config=config,
-                                      out_path=Path(tmp) / fmt / "out.h5ad", vocab=Vocabulary.default(),
+                                      out_path=Path(tmp) / fmt / "out.h5ad", vocab=Vocabulary.builtin("pbmc68k"),
                                       cache_dir=Path(tmp) / fmt / "cache")
             rows[fmt] = {"input_bytes": raw_bytes, "processed_bytes": summary["processed_bytes"],
                          "factor": round(summary["processed_bytes"] / raw_bytes, 3)}

@@ -38,7 +38,7 @@ def _make_batch(n_cells: int, folder: Path) -> Path:
     resample(pbmc_counts(), n_cells, seed=n_cells).write_h5ad(raw / "data.h5ad")
     batch = folder / "batch_0000"
     process_dataset(raw, Dataset("bench", "https://h/x.h5ad", "direct", 2), out_path=batch / "bench.h5ad",
-                    config=load_config(overrides={"qc.min_genes": 10}), vocab=Vocabulary.default(), cache_dir=folder / "c")
+                    config=load_config(overrides={"qc.min_genes": 10, "genes.vocab_path": "builtin:pbmc68k"}), vocab=Vocabulary.builtin("pbmc68k"), cache_dir=folder / "c")
     return batch
 
 
@@ -56,14 +56,14 @@ def _loader(batch: Path) -> dict:
     from atlasflow.model.data import BatchData
     from atlasflow.model.tokenizer import Tokenizer
 
-    config = load_config()
+    config = load_config(overrides={"genes.vocab_path": "builtin:pbmc68k"})
     tok = Tokenizer(765, config.model.sizes()["max_genes"], config.model.n_bins)
-    data = BatchData(batch, Vocabulary.default(), tok, seed=0, block_cells=4096, val_fraction=0)
+    data = BatchData(batch, Vocabulary.builtin("pbmc68k"), tok, seed=0, block_cells=4096, val_fraction=0)
     t0 = time.perf_counter()
     n = 0
-    for _, t, b, _ in data.batches(epoch=0, batch_cells=256):
-        torch.from_numpy(t), torch.from_numpy(b)
-        n += t.shape[0]
+    for _, cells in data.batches(epoch=0, batch_cells=256):
+        torch.from_numpy(cells.tokens), torch.from_numpy(cells.bins), torch.from_numpy(cells.expr.toarray())
+        n += len(cells)
     ours = n / (time.perf_counter() - t0)
     adata = ad.read_h5ad(next(batch.glob("*.h5ad")), backed="r")
     loader = AnnLoader(adata, batch_size=256, shuffle=True)
@@ -87,9 +87,10 @@ def _train(batch: Path, out: Path) -> dict:
     from atlasflow.model.train import train_batch
 
     torch.set_num_threads(os.cpu_count() or 1)
-    config = load_config(overrides={"training.val_fraction": 0.0, "training.checkpoint_every_steps": 10_000})
+    config = load_config(overrides={"training.val_fraction": 0.0, "training.checkpoint_every_steps": 10_000,
+                                    "genes.vocab_path": "builtin:pbmc68k"})
     t0 = time.perf_counter()
-    result = train_batch(config, Vocabulary.default(), batch, out)
+    result = train_batch(config, Vocabulary.builtin("pbmc68k"), batch, out)
     seconds = time.perf_counter() - t0
     return {"cells": result["cells_seen"], "seconds": round(seconds, 1), "cells_per_s": round(result["cells_seen"] / seconds),
             "n_parameters": result["n_parameters"], "final_loss": result["train_loss"], "peak_rss_mb": _rss_mb()}

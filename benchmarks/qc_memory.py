@@ -33,11 +33,12 @@ def _process(path: Path, out: Path, strategy: str) -> dict:
     from atlasflow.manifest import Dataset
     from atlasflow.process import process_dataset
 
-    config = load_config(overrides={"qc.min_genes": 10, "qc.strategy": strategy, "qc.chunk_cells": 10_000})
+    config = load_config(overrides={"qc.min_genes": 10, "qc.strategy": strategy, "qc.chunk_cells": 10_000,
+                                    "genes.vocab_path": "builtin:pbmc68k"})
     raw = path.parent
     t0 = time.perf_counter()
     summary = process_dataset(raw, Dataset("bench", "https://h/x.h5ad", "direct", 2, format="h5ad"), config=config,
-                              out_path=out, vocab=Vocabulary.default(), cache_dir=out.parent / "cache")
+                              out_path=out, vocab=Vocabulary.builtin("pbmc68k"), cache_dir=out.parent / "cache")
     seconds = time.perf_counter() - t0
     return {"seconds": round(seconds, 2), "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "cells_after": summary["cells_after"], "raw_bytes": summary["raw_bytes"],

@@ -313,6 +313,14 @@ class ModelConfig:
         None, "Comma-separated cell-type labels: adds a cell-type head on the cls embedding, trained on cells whose "
         "obs cell_type is one of them (others are ignored). Empty: no head.")
     cell_type_weight: float = _opt(0.1, "Weight of the cell-type loss next to the masked-bin loss.", min=0)
+    cell_objective: Literal["expression", "none"] = _opt(
+        "expression", "`expression`: the cls embedding (what `atlasflow embed` exports) must predict every vocabulary "
+        "gene's log-normalised expression (a cell-level objective, see docs/model.md); `none`: masked bins only.")
+    expression_weight: float = _opt(10.0, "Weight of the expression (cell) loss next to the masked-bin loss.", min=0)
+    gene_ranking: Literal["count", "median"] = _opt(
+        "count", "Which genes fill a cell's sequence: `count` (highest values) or `median` (value over the cell's "
+        "total over the gene's corpus median, Geneformer's encoding; medians learned from the cells streamed so far "
+        "and kept in the checkpoint). Ties at the cut are broken by a seeded hash either way.")
 
     def cell_type_labels(self) -> list[str]:
         return [x.strip() for x in (self.cell_types or "").split(",") if x.strip()]
@@ -343,9 +351,16 @@ class TrainingConfig:
     seed: int = _opt(0, "Random seed for sampling, masking and initialisation.", min=0)
     epochs: int = _opt(1, "Passes over each batch's training cells.", min=1)
     batch_cells: int = _opt(64, "Cells per optimisation step.", min=1)
-    lr: float = _opt(1e-3, "AdamW learning rate (after warm-up).", min=0)
-    weight_decay: float = _opt(0.01, "AdamW weight decay.", min=0)
-    warmup_steps: int = _opt(20, "Linear learning-rate warm-up, in steps (counted over the whole run).", min=0)
+    lr: float = _opt(2e-3, "AdamW peak learning rate of each batch (after its warm-up).", min=0)
+    lr_floor: float = _opt(0.1, "Each batch's cosine schedule ends at lr × lr_floor.", min=0, max=1)
+    weight_decay: float = _opt(0.01, "AdamW weight decay (never on embeddings, norms and biases).", min=0)
+    warmup_steps: int = _opt(20, "Linear learning-rate warm-up at the start of every batch, in steps.", min=0)
+    replay_cells: int = _opt(
+        10000, "Replay reservoir: tokenised training cells kept from earlier batches (a uniform sample of every "
+        "cell trained so far), stored with the checkpoint. 0: no replay.", min=0)
+    replay_share: float = _opt(0.25, "Share of each step's cells drawn from the replay reservoir.", min=0, max=0.9)
+    eval_cells: int = _opt(
+        2000, "Held-out cells evaluated per batch: a seeded sample, read block by block (bounded memory).", min=10)
     mask_ratio: float = _opt(0.15, "Share of a cell's genes whose bin is masked and predicted.", min=0.01, max=0.9)
     checkpoint_every_steps: int = _opt(100, "Intra-batch checkpoint interval; an interrupted job resumes there.", min=1)
     block_cells: int = _opt(4096, "Contiguous cells read at once and shuffled together (block shuffle).", min=16)

@@ -1,9 +1,20 @@
-"""Cells → token sequences: the top expressed genes of a cell, each with its per-cell expression bin.
+"""Cells → token sequences: a cell's top-ranked genes, each with its per-cell expression bin.
 
 As in scGPT, a cell's non-zero values are binned by the cell's own quantiles, so bins are
 comparable across sequencing depths and equal for counts or log-normalised values (both are
 monotonic within a cell). Token ids: ``<pad>`` 0, ``<cls>`` 1, ``<mask>`` 2, then the vocabulary's
-genes in order. Deterministic: ties are broken by vocabulary position.
+genes in order.
+
+Which genes fill the ``max_genes`` slots is a separate choice from the bins:
+
+- ``count`` ranks a cell's genes by their value (the highest first);
+- ``median`` ranks them by value over the cell's total, divided by the gene's non-zero median in
+  the corpus streamed so far (Geneformer's rank value encoding): ubiquitous housekeeping genes
+  (ribosomal, mitochondrial) sink and genes that are high *for this cell* rise.
+
+Ties at the cut are broken by a seeded hash of (cell, gene), not by vocabulary position: with
+integer counts most cells' cut falls inside a tie, and a fixed order would always favour the same
+genes. The hash is a pure function of (seed, row, gene), so encoding stays deterministic.
 """
 
 from __future__ import annotations
@@ -13,10 +24,26 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
-__all__ = ["CLS", "MASK", "PAD", "N_SPECIAL", "Tokenizer"]
+__all__ = ["CLS", "MASK", "PAD", "N_SPECIAL", "Tokenizer", "tie_keys"]
 
 PAD, CLS, MASK = 0, 1, 2
 N_SPECIAL = 3
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+
+
+def tie_keys(rows: np.ndarray, genes: np.ndarray, seed: int) -> np.ndarray:
+    """A uniform ``uint64`` per (row, gene, seed): splitmix64 of the three, vectorised."""
+    with np.errstate(over="ignore"):
+        x = rows.astype(np.uint64) * _GOLDEN + genes.astype(np.uint64) * _MIX2 + np.uint64(seed) * _MIX1
+        x ^= x >> np.uint64(30)
+        x *= _MIX1
+        x ^= x >> np.uint64(27)
+        x *= _MIX2
+        x ^= x >> np.uint64(31)
+    return x
 
 
 @dataclass(frozen=True)
@@ -33,13 +60,27 @@ class Tokenizer:
     def seq_len(self) -> int:
         return self.max_genes + 1
 
-    def encode(self, block: sp.csr_matrix, columns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def encode(self, block: sp.csr_matrix, columns: np.ndarray, *, gene_scale: np.ndarray | None = None,
+               tie_seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """Tokenise a CSR block whose column j is vocabulary gene ``columns[j]`` (-1: not in it).
 
-        Returns ``(tokens, bins)``, both ``int64[n_cells, seq_len]``; position 0 is ``<cls>``.
-        Vectorised over the whole block (no per-cell Python loop): a cell's expressed genes are
-        ranked by value, the top ``max_genes`` kept (ties: lower vocabulary position first), and
-        each value binned by its rank among the cell's values — equal values share a bin.
+        Parameters
+        ----------
+        block
+            Counts (or any per-cell monotonic transform of them), cells × file columns.
+        columns
+            The vocabulary position of every file column, -1 where the gene is not in it.
+        gene_scale
+            ``float[n_genes]``: rank genes by ``value / cell total / gene_scale`` (``median``
+            ranking, the scale being each gene's corpus median) instead of by value. Bins are
+            still the cell's own quantiles of the values.
+        tie_seed
+            Seed of the hash that breaks ties at the cut.
+
+        Returns
+        -------
+        ``(tokens, bins)``, both ``int64[n_cells, seq_len]``; position 0 is ``<cls>``, the genes
+        follow in rank order (highest first), padding is 0.
         """
         n = block.shape[0]
         tokens = np.zeros((n, self.seq_len), dtype=np.int64)
@@ -47,24 +88,33 @@ class Tokenizer:
         tokens[:, 0] = CLS
         rows = np.repeat(np.arange(n), np.diff(block.indptr))
         genes = columns[block.indices]
-        values = block.data
+        values = np.asarray(block.data, dtype=np.float64)
+        totals = np.bincount(rows, weights=values, minlength=n)  # library size over every column
         keep = (genes >= 0) & (values > 0)
         rows, genes, values = rows[keep], genes[keep], values[keep]
         if rows.size == 0:
             return tokens, bins
-        order = np.lexsort((-genes, values, rows))  # by cell, then value ascending, ties: higher gene first
-        rows, genes, values = rows[order], genes[order], values[order]
         counts = np.bincount(rows, minlength=n)
         starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
+
+        # bins: rank by value within the cell; equal values share the bin of their first rank
+        order = np.lexsort((values, rows))
+        r_sorted, v_sorted = rows[order], values[order]
         pos = np.arange(rows.size)
-        rank = pos - starts[rows]  # ascending rank within the cell
         new_value = np.ones(rows.size, dtype=bool)
-        new_value[1:] = (rows[1:] != rows[:-1]) | (values[1:] != values[:-1])
+        new_value[1:] = (r_sorted[1:] != r_sorted[:-1]) | (v_sorted[1:] != v_sorted[:-1])
         first_of_value = np.maximum.accumulate(np.where(new_value, pos, 0))
-        tie_rank = first_of_value - starts[rows]
-        cell_bins = 1 + (tie_rank * (self.n_bins - 1)) // counts[rows]
-        slot = counts[rows] - 1 - rank  # 0 = the cell's highest value
-        chosen = slot < self.max_genes
-        tokens[rows[chosen], 1 + slot[chosen]] = N_SPECIAL + genes[chosen]
-        bins[rows[chosen], 1 + slot[chosen]] = np.minimum(cell_bins[chosen], self.n_bins - 1)
+        tie_rank = first_of_value - starts[r_sorted]
+        cell_bins = np.empty(rows.size, dtype=np.int64)
+        cell_bins[order] = np.minimum(1 + (tie_rank * (self.n_bins - 1)) // counts[r_sorted], self.n_bins - 1)
+
+        # slots: rank by the ranking score, ties by the seeded hash
+        score = values if gene_scale is None else values / np.maximum(totals[rows], 1e-12) / gene_scale[genes]
+        order = np.lexsort((tie_keys(rows, genes, tie_seed), score, rows))
+        rank = pos - starts[rows[order]]  # ascending within the cell
+        slot = counts[rows[order]] - 1 - rank  # 0 = the cell's highest
+        chosen = order[slot < self.max_genes]
+        slot = slot[slot < self.max_genes]
+        tokens[rows[chosen], 1 + slot] = N_SPECIAL + genes[chosen]
+        bins[rows[chosen], 1 + slot] = cell_bins[chosen]
         return tokens, bins

@@ -1,10 +1,18 @@
 """Incremental training, one batch at a time, with checkpoints that resume exactly.
 
-A :class:`Trainer` holds everything training depends on — weights, optimizer, scheduler, the
-masking RNG, step counters, loss history and lineage — and saves all of it. Training batch 0,
-saving, loading and training batch 1 therefore gives the same numbers as training both in one
-go; an intra-batch checkpoint every ``training.checkpoint_every_steps`` steps lets a killed job
-resume where it was (the data order is a pure function of seed, batch and epoch).
+A :class:`Trainer` holds everything training depends on — weights, optimizer, the masking RNG,
+step counters, loss history, lineage, the per-gene bin counts, the gene medians and the replay
+reservoir — and saves all of it. Training batch 0, saving, loading and training batch 1
+therefore gives the same numbers as training both in one go; an intra-batch checkpoint every
+``training.checkpoint_every_steps`` steps lets a killed job resume where it was (the data order
+is a pure function of seed, batch and epoch).
+
+Objective (see ``docs/model.md`` for the measurements behind it): masked-bin cross-entropy at
+the masked gene positions, plus ``model.expression_weight`` × the mean squared error of the
+expression decoder, which predicts every measured vocabulary gene's log-normalised expression
+from the ``<cls>`` output. Continual learning: each batch warms up and decays (cosine) its own
+learning rate, embeddings/norms/biases are not weight-decayed, and a share of every step's cells
+comes from a replay reservoir of earlier batches.
 """
 
 from __future__ import annotations
@@ -12,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import random
 import shutil
@@ -27,14 +36,18 @@ import torch.nn.functional as F
 from atlasflow.config import AtlasConfig
 from atlasflow.fsutil import write_json_atomic
 from atlasflow.genes import Vocabulary
-from atlasflow.model.data import BatchData
-from atlasflow.model.network import AtlasTransformer
-from atlasflow.model.tokenizer import Tokenizer
+from atlasflow.model.data import BatchData, CellBatch, HeldOutSample
+from atlasflow.model.genestats import GeneMedians
+from atlasflow.model.network import AtlasTransformer, no_decay
+from atlasflow.model.tokenizer import N_SPECIAL, Tokenizer
 
-__all__ = ["Trainer", "embed_file", "linear_probe_accuracy", "log_normalised_pca", "train_batch"]
+__all__ = ["Trainer", "embed_file", "linear_probe_accuracy", "log_normalised_pca", "per_gene_baseline_accuracy",
+           "train_batch"]
 
 log = logging.getLogger(__name__)
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
+PROBE_C = 0.1  # fixed inverse regularisation of every probe: no tuning that could favour one representation
+VAL_SET_CELLS = 1000  # held-out cells per batch kept in the checkpoint for forgetting and atlas_retrain
 
 
 @dataclass
@@ -43,6 +56,7 @@ class Progress:
 
     global_step: int = 0
     batch_id: str | None = None  # the batch being (or last) trained
+    batch_start_step: int = 0  # global_step when the current batch started
     epoch: int = 0  # within the current batch
     step_in_epoch: int = 0
     batch_done: bool = False
@@ -51,6 +65,9 @@ class Progress:
     datasets_seen: list[str] = field(default_factory=list)
     cells_seen: int = 0
     parent: str | None = None  # hash of the checkpoint this one grew from
+    medians_batches: list[str] = field(default_factory=list)  # batches whose cells are in the gene medians
+    replay_cells_represented: int = 0  # training cells the reservoir is a uniform sample of
+    replay_version: str | None = None  # the batch that last updated the reservoir
 
 
 def _device(config: AtlasConfig) -> torch.device:
@@ -67,6 +84,32 @@ def _file_hash(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def _build_network(config: AtlasConfig, tokenizer: Tokenizer, n_genes: int) -> AtlasTransformer:
+    sizes = config.model.sizes()
+    return AtlasTransformer(n_tokens=tokenizer.n_tokens, n_bins=config.model.n_bins, d_model=sizes["d_model"],
+                            n_layers=sizes["n_layers"], n_heads=sizes["n_heads"], d_ff=sizes["d_ff"],
+                            dropout=config.model.dropout, n_cell_types=len(config.model.cell_type_labels()),
+                            n_genes=n_genes if config.model.cell_objective == "expression" else 0)
+
+
+def lr_factor(step_in_batch: int, total_steps: int, *, warmup: int, floor: float) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine from 1 to ``floor`` at the batch's last step."""
+    if step_in_batch < warmup:
+        return (step_in_batch + 1) / warmup
+    span = max(total_steps - warmup, 1)
+    done = min(step_in_batch - warmup, span) / span
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * done))
+
+
+@dataclass(frozen=True)
+class LossParts:
+    total: torch.Tensor
+    masked_bins: torch.Tensor
+    expression: torch.Tensor | None
+    logits: torch.Tensor
+    labels: torch.Tensor  # -100 where not masked
+
+
 class Trainer:
     """Model + optimisation state for incremental training; see the module docstring."""
 
@@ -74,19 +117,21 @@ class Trainer:
         self.config = config
         self.vocab = vocab
         sizes = config.model.sizes()
-        self.tokenizer = Tokenizer(len(vocab), sizes["max_genes"], config.model.n_bins)
+        self.n_genes = len(vocab)
+        self.tokenizer = Tokenizer(self.n_genes, sizes["max_genes"], config.model.n_bins)
         self.device = _device(config)
         torch.manual_seed(config.training.seed)  # initial weights depend on the seed only
-        self.model = AtlasTransformer(n_tokens=self.tokenizer.n_tokens, n_bins=config.model.n_bins,
-                                      d_model=sizes["d_model"], n_layers=sizes["n_layers"], n_heads=sizes["n_heads"],
-                                      d_ff=sizes["d_ff"], dropout=config.model.dropout,
-                                      n_cell_types=len(config.model.cell_type_labels())).to(self.device)
+        self.model = _build_network(config, self.tokenizer, self.n_genes).to(self.device)
         t = config.training
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-        warm = max(t.warmup_steps, 1)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warm))
+        decayed, kept = no_decay(self.model)
+        self.optimizer = torch.optim.AdamW([{"params": decayed, "weight_decay": t.weight_decay},
+                                            {"params": kept, "weight_decay": 0.0}], lr=t.lr)
         self.generator = torch.Generator().manual_seed(t.seed + 1)
         self.progress = Progress()
+        # each gene's bin counts over every training token: the per-gene baseline of masked-bin accuracy
+        self.gene_bins = np.zeros((self.n_genes, config.model.n_bins), dtype=np.int64)
+        self.medians = GeneMedians(self.n_genes)
+        self.replay: CellBatch | None = None
         # a small sample of every batch's validation cells, kept with the checkpoint so later
         # batches can measure forgetting after the processed files are cleaned up
         self.val_sets: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -101,9 +146,16 @@ class Trainer:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         torch.save(self.model.state_dict(), tmp / "model.pt")
-        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                    "generator": self.generator.get_state(), "torch": torch.get_rng_state(),
-                    "numpy": np.random.get_state(), "python": random.getstate()}, tmp / "state.pt")
+        torch.save({"optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(),
+                    "torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+                   tmp / "state.pt")
+        np.savez_compressed(tmp / "stats.npz", gene_bins=self.gene_bins, medians=self.medians.counts)
+        if self.replay is not None:
+            previous = path / "replay.npz"
+            if previous.exists() and self._replay_saved == (path, self.progress.replay_version):
+                os.link(previous, tmp / "replay.npz")  # unchanged since the last save: no rewrite
+            else:
+                np.savez(tmp / "replay.npz", **self.replay.to_arrays(""))
         if self.val_sets:
             arrays = {f"{k}__{part}": arr for k, (t, b) in self.val_sets.items()
                       for part, arr in (("tokens", t), ("bins", b))}
@@ -119,13 +171,17 @@ class Trainer:
             os.replace(path, old)
         os.replace(tmp, path)
         shutil.rmtree(old, ignore_errors=True)
+        self._replay_saved = (path, self.progress.replay_version)
         return path
+
+    _replay_saved: tuple[Path, str | None] | None = None
 
     @classmethod
     def load(cls, path: Path, config: AtlasConfig, vocab: Vocabulary) -> Trainer:
         meta = json.loads((path / "progress.json").read_text())
         if meta.get("version") != CHECKPOINT_VERSION:
-            raise ValueError(f"{path}: checkpoint version {meta.get('version')} is not {CHECKPOINT_VERSION}")
+            raise ValueError(f"{path}: checkpoint version {meta.get('version')} is not {CHECKPOINT_VERSION} (written by "
+                             "another atlasflow release: train from scratch in a new models folder, or use that release)")
         if meta["vocab_version"] != vocab.version:
             raise ValueError(f"{path}: trained on vocabulary {meta['vocab_version']}, but {vocab.version} is in use")
         if meta["config"]["model"] != config.to_dict()["model"]:
@@ -134,25 +190,30 @@ class Trainer:
         trainer.model.load_state_dict(torch.load(path / "model.pt", map_location=trainer.device, weights_only=True))
         state = torch.load(path / "state.pt", weights_only=False)
         trainer.optimizer.load_state_dict(state["optimizer"])
-        trainer.scheduler.load_state_dict(state["scheduler"])
         trainer.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch"])
         np.random.set_state(state["numpy"])
         random.setstate(state["python"])
         fields = {k: meta[k] for k in Progress.__dataclass_fields__}
         trainer.progress = Progress(**fields)
+        with np.load(path / "stats.npz") as z:
+            trainer.gene_bins = z["gene_bins"].astype(np.int64)
+            trainer.medians = GeneMedians(trainer.n_genes, z["medians"])
+        if (path / "replay.npz").exists():
+            with np.load(path / "replay.npz") as z:
+                trainer.replay = CellBatch.from_arrays(z, "")
+            trainer._replay_saved = (path, trainer.progress.replay_version)
         if (path / "val_sets.npz").exists():
             with np.load(path / "val_sets.npz") as z:
                 names = sorted({k.rsplit("__", 1)[0] for k in z.files})
                 trainer.val_sets = {n: (z[f"{n}__tokens"], z[f"{n}__bins"]) for n in names}
-                # checkpoints written before dataset ids were kept have none
                 trainer.val_datasets = {n: z[f"{n}__datasets"] for n in names if f"{n}__datasets" in z.files}
         return trainer
 
-    # ---- training --------------------------------------------------------------------------------
+    # ---- the objective -----------------------------------------------------------------------------
 
     def _mask(self, tokens: torch.Tensor, bins: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        valid = tokens >= 3  # gene positions (not pad/cls/mask)
+        valid = tokens >= N_SPECIAL  # gene positions (not pad/cls/mask)
         n_valid = valid.sum(dim=1)
         k = torch.clamp(torch.round(n_valid * self.config.training.mask_ratio), min=1).long()
         scores = torch.rand(tokens.shape, generator=generator)
@@ -163,20 +224,69 @@ class Trainer:
         labels = bins.masked_fill(~masked, -100)
         return inputs, labels
 
-    def _loss(self, tokens: np.ndarray, bins: np.ndarray, generator: torch.Generator,
-              cell_labels: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        t = torch.from_numpy(tokens)
-        b = torch.from_numpy(bins)
-        inputs, labels = self._mask(t, b, generator)
+    def gene_scale(self) -> np.ndarray | None:
+        """The tokenizer's ranking scale: the gene medians with ``median`` ranking, else None."""
+        return self.medians.medians() if self.config.model.gene_ranking == "median" else None
+
+    def _loss(self, cells: CellBatch, generator: torch.Generator, *, with_cell_types: bool = True) -> LossParts:
+        t = torch.from_numpy(cells.tokens)
+        inputs, labels = self._mask(t, torch.from_numpy(cells.bins), generator)
         t, inputs, labels = t.to(self.device), inputs.to(self.device), labels.to(self.device)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             logits, cls = self.model(t, inputs)
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+        masked = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+        total, expression = masked, None
+        if self.model.decoder is not None:
+            target = torch.from_numpy(cells.expr.toarray()).to(self.device)
+            measured = torch.from_numpy(cells.measured_mask()).to(self.device)
+            err = (self.model.decoder(cls.float()) - target) ** 2
+            expression = (err * measured).sum() / measured.sum().clamp(min=1)
+            total = total + self.config.model.expression_weight * expression
         head = self.model.cell_head
-        if head is not None and cell_labels is not None and (cell_labels >= 0).any():
-            target = torch.from_numpy(cell_labels).to(self.device)
-            loss = loss + self.config.model.cell_type_weight * F.cross_entropy(head(cls.float()), target, ignore_index=-100)
-        return loss, logits, labels
+        if with_cell_types and head is not None and (cells.labels >= 0).any():
+            target = torch.from_numpy(cells.labels).to(self.device)
+            total = total + self.config.model.cell_type_weight * F.cross_entropy(head(cls.float()), target,
+                                                                                ignore_index=-100)
+        return LossParts(total, masked, expression, logits, labels)
+
+    # ---- training --------------------------------------------------------------------------------
+
+    def _start_batch(self, data: BatchData) -> None:
+        """Fold the batch's training cells into the gene medians (once per batch, before its first step)."""
+        p = self.progress
+        if self.config.model.gene_ranking == "median" and data.batch_dir.name not in p.medians_batches:
+            sample = data.sample("train", max(self.config.training.eval_cells, 10000), seed=self.config.training.seed)
+            if sample is not None:
+                self.medians.update(sample.cells.expr)
+            p.medians_batches.append(data.batch_dir.name)
+        data.gene_scale = self.gene_scale()
+
+    def _replay_cells(self, step_in_batch: int, n: int, batch_key: int) -> CellBatch | None:
+        if self.replay is None or n == 0 or len(self.replay) == 0:
+            return None
+        rng = np.random.default_rng([self.config.training.seed, batch_key, step_in_batch, 17])
+        return self.replay.take(rng.integers(0, len(self.replay), n))
+
+    def _update_replay(self, data: BatchData) -> None:
+        """Keep the reservoir a uniform sample of every training cell so far (new cells in proportion)."""
+        t, p = self.config.training, self.progress
+        if t.replay_cells == 0 or p.replay_version == data.batch_dir.name:
+            return
+        new = data.sample("train", t.replay_cells, seed=t.seed + 3)
+        if new is None:
+            return
+        seen, n_new = p.replay_cells_represented, new.total_cells
+        rng = np.random.default_rng([t.seed, data.batch_key, 5])
+        old = self.replay if self.replay is not None else None
+        k_new = min(len(new.cells), max(t.replay_cells - (len(old) if old else 0),
+                                        round(t.replay_cells * n_new / (seen + n_new))))
+        k_old = min(len(old) if old else 0, t.replay_cells - k_new)
+        parts = [new.cells.take(np.sort(rng.choice(len(new.cells), k_new, replace=False)))]
+        if old is not None and k_old:
+            parts.insert(0, old.take(np.sort(rng.choice(len(old), k_old, replace=False))))
+        self.replay = CellBatch.concat(parts)
+        p.replay_cells_represented = seen + n_new
+        p.replay_version = data.batch_dir.name
 
     def run_batch(self, batch_dir: Path, *, checkpoint: Path | None = None) -> dict[str, Any]:
         """Train on one batch folder, continuing wherever the progress says; returns its metrics."""
@@ -186,142 +296,230 @@ class Trainer:
         p = self.progress
         if p.batch_id != batch_dir.name or p.batch_done:
             p.batch_id, p.epoch, p.step_in_epoch, p.batch_done = batch_dir.name, 0, 0, False
+            p.batch_start_step = p.global_step
+        self._start_batch(data)
+        n_replay = round(t.replay_share * t.batch_cells) if self.replay is not None and len(self.replay) else 0
+        n_new = max(t.batch_cells - n_replay, 1)
+        total_steps = t.epochs * math.ceil(max(data.n_train_cells, 1) / n_new)
         t0 = time.monotonic()
-        first_step = p.global_step
         self.model.train()
         while p.epoch < t.epochs:
-            for step, tokens, bins, cell_labels in data.batches(epoch=p.epoch, batch_cells=t.batch_cells,
-                                                                start_step=p.step_in_epoch):
-                loss, _, _ = self._loss(tokens, bins, self.generator, cell_labels)
+            for step, cells in data.batches(epoch=p.epoch, batch_cells=n_new, start_step=p.step_in_epoch):
+                in_batch = p.global_step - p.batch_start_step
+                self._count_bins(cells)
+                if (rep := self._replay_cells(in_batch, n_replay, data.batch_key)) is not None:
+                    cells = CellBatch.concat([cells, rep])
+                factor = lr_factor(in_batch, total_steps, warmup=t.warmup_steps, floor=t.lr_floor)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = t.lr * factor
+                loss = self._loss(cells, self.generator).total
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
                 self.optimizer.step()
-                self.scheduler.step()
                 p.losses.append(float(loss.detach()))
                 p.global_step += 1
                 p.step_in_epoch = step + 1
-                p.cells_seen += int(tokens.shape[0])
+                p.cells_seen += len(cells) - (len(rep) if rep is not None else 0)
                 if checkpoint is not None and p.global_step % t.checkpoint_every_steps == 0:
                     self.save(checkpoint)  # intra-batch: a killed job resumes here
             p.epoch += 1
             p.step_in_epoch = 0
-        steps = p.global_step - first_step
+        steps = p.global_step - p.batch_start_step  # the whole batch, also after a resume
         metrics = self.evaluate(data)
         metrics.update({"batch_id": batch_dir.name, "steps": steps, "seconds": round(time.monotonic() - t0, 3),
-                        "train_cells": data.n_train_cells,
-                        "train_loss": float(np.mean(p.losses[-max(steps, 1):])) if p.losses else None,
+                        "train_cells": data.n_train_cells, "replay_cells_per_step": n_replay,
+                        "train_loss": float(np.mean(p.losses[-steps:])) if steps and p.losses else None,
                         "train_datasets": [f.dataset_id for f in data.train],
                         "val_datasets": [f.dataset_id for f in data.val]})
+        self._update_replay(data)
+        metrics["replay_reservoir_cells"] = len(self.replay) if self.replay is not None else 0
         p.datasets_seen = sorted(set(p.datasets_seen) | {f.dataset_id for f in data.train + data.val})
         p.batches.append(metrics)
         p.batch_done = True
         return metrics
 
+    def _count_bins(self, cells: CellBatch) -> None:
+        valid = cells.tokens >= N_SPECIAL
+        flat = (cells.tokens[valid] - N_SPECIAL) * self.gene_bins.shape[1] + cells.bins[valid]
+        self.gene_bins += np.bincount(flat, minlength=self.gene_bins.size).reshape(self.gene_bins.shape)
+
+    # ---- evaluation -------------------------------------------------------------------------------
+
     def masked_metrics(self, tokens: np.ndarray, bins: np.ndarray) -> dict[str, float]:
-        """Masked-bin ``loss``, ``masked_acc`` and ``baseline_acc`` on these cells, with the masks every
+        """Masked-bin ``loss``, ``masked_acc``, ``baseline_acc`` (most frequent bin) and ``per_gene_acc``
+        (each gene's most frequent bin on the training cells) on these cells, with the masks every
         evaluation uses (so two checkpoints scored on the same cells are compared on the same positions)."""
         return self._masked_metrics(tokens.astype(np.int64), bins.astype(np.int64))
 
+    def per_gene_table(self) -> np.ndarray:
+        """``int[n_genes]``: each gene's most frequent training bin (the overall most frequent for unseen genes)."""
+        seen = self.gene_bins.sum(axis=1) > 0
+        table = self.gene_bins.argmax(axis=1)
+        table[~seen] = self.gene_bins.sum(axis=0).argmax() if seen.any() else 1
+        return table
+
     @torch.no_grad()
     def _masked_metrics(self, tokens: np.ndarray, bins: np.ndarray) -> dict[str, float]:
-        """Masked-bin loss/accuracy, and the most-frequent-bin baseline on the same masked positions."""
         self.model.eval()
         gen = torch.Generator().manual_seed(self.config.training.seed + 7)  # same masks every evaluation
         loss_sum, correct, total = 0.0, 0, 0
         counts = np.zeros(self.config.model.n_bins, dtype=np.int64)
-        labels_all = []
+        labels_all, genes_all = [], []
         for lo in range(0, tokens.shape[0], 256):
-            loss, logits, labels = self._loss(tokens[lo: lo + 256], bins[lo: lo + 256], gen)
+            t = torch.from_numpy(tokens[lo: lo + 256])
+            inputs, labels = self._mask(t, torch.from_numpy(bins[lo: lo + 256]), gen)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+                logits, _ = self.model(t.to(self.device), inputs.to(self.device))
+            logits = logits.float().cpu()
             sel = labels != -100
-            pred = logits.argmax(-1)[sel].cpu().numpy()
-            lab = labels[sel].cpu().numpy()
-            loss_sum += float(loss) * lab.size
+            pred = logits.argmax(-1)[sel].numpy()
+            lab = labels[sel].numpy()
+            loss_sum += float(F.cross_entropy(logits[sel], labels[sel], reduction="sum"))
             correct += int((pred == lab).sum())
             total += lab.size
             counts += np.bincount(lab, minlength=counts.size)
             labels_all.append(lab)
+            genes_all.append(t[sel].numpy() - N_SPECIAL)
         self.model.train()
-        labels = np.concatenate(labels_all)
+        if total == 0:
+            return {"loss": float("nan"), "masked_acc": float("nan"), "baseline_acc": float("nan"),
+                    "per_gene_acc": float("nan")}
+        labels, genes = np.concatenate(labels_all), np.concatenate(genes_all)
         return {"loss": loss_sum / total, "masked_acc": correct / total,
-                "baseline_acc": float((labels == counts.argmax()).mean())}
+                "baseline_acc": float((labels == counts.argmax()).mean()),
+                "per_gene_acc": per_gene_baseline_accuracy(self.per_gene_table(), genes, labels)}
 
     @torch.no_grad()
-    def embed_tokens(self, tokens: np.ndarray, bins: np.ndarray) -> np.ndarray:
-        """cls embeddings, unmasked, ``float32[n_cells, d_model]``."""
-        self.model.eval()
+    def embed_tokens(self, tokens: np.ndarray, bins: np.ndarray, *, model: AtlasTransformer | None = None) -> np.ndarray:
+        """cls embeddings, unmasked, ``float32[n_cells, d_model]`` (of ``model``, default the trained one)."""
+        net = model or self.model
+        net.eval()
         out = []
         for lo in range(0, tokens.shape[0], 256):
             t = torch.from_numpy(tokens[lo: lo + 256]).to(self.device)
             b = torch.from_numpy(bins[lo: lo + 256]).to(self.device)
-            out.append(self.model(t, b)[1].float().cpu().numpy())
+            out.append(net(t, b)[1].float().cpu().numpy())
+        net.train()
+        return np.concatenate(out) if out else np.zeros((0, net.head.in_features), np.float32)
+
+    def untrained_network(self) -> AtlasTransformer:
+        """The network as initialised by this config's seed (the baseline every probe is compared with)."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.config.training.seed)
+            return _build_network(self.config, self.tokenizer, self.n_genes).to(self.device)
+
+    @torch.no_grad()
+    def _expression_mse(self, cells: CellBatch) -> float | None:
+        if self.model.decoder is None or not len(cells):
+            return None
+        self.model.eval()
+        err, n = 0.0, 0
+        for lo in range(0, len(cells), 256):
+            part = cells.take(slice(lo, lo + 256))
+            _, cls = self.model(torch.from_numpy(part.tokens).to(self.device), torch.from_numpy(part.bins).to(self.device))
+            measured = torch.from_numpy(part.measured_mask()).to(self.device)
+            target = torch.from_numpy(part.expr.toarray()).to(self.device)
+            err += float((((self.model.decoder(cls.float()) - target) ** 2) * measured).sum())
+            n += int(measured.sum())
         self.model.train()
-        return np.concatenate(out) if out else np.zeros((0, self.model.head.in_features), np.float32)
+        return err / max(n, 1)
 
-    def evaluate(self, data: BatchData, *, sample_cells: int = 1000) -> dict[str, Any]:
-        """Held-out metrics for this batch, forgetting on earlier batches' samples, and a linear probe.
+    def evaluate(self, data: BatchData) -> dict[str, Any]:
+        """Held-out metrics for this batch, forgetting on earlier batches' samples, and the probes.
 
-        Every figure comes with its baseline from the same run and cells: masked-bin accuracy vs always
-        predicting the most frequent bin; the cell-type probe on cls embeddings vs the same probe on
-        PCA(50) of log-normalised counts.
+        Every figure stands beside its baselines from the same run and cells: masked-bin accuracy
+        vs the most frequent bin and vs each gene's most frequent training bin; the cell-type probe
+        on the cls embedding vs PCA(50) of log-normalised counts and vs the untrained network.
+        Only a seeded sample of ``training.eval_cells`` held-out cells is read (bounded memory).
         """
-        out: dict[str, Any] = {"val_loss": None, "val_masked_acc": None, "val_baseline_acc": None, "val_cells": 0}
-        if data.val:
-            t_parts, b_parts = [], []
-            for _, t, b, _ in data.batches(epoch=0, batch_cells=1024, split="val", shuffle=False):
-                t_parts.append(t)
-                b_parts.append(b)
-            tokens, bins = np.concatenate(t_parts), np.concatenate(b_parts)
-            m = self._masked_metrics(tokens, bins)
+        t = self.config.training
+        out: dict[str, Any] = {"val_loss": None, "val_masked_acc": None, "val_baseline_acc": None,
+                               "val_per_gene_acc": None, "val_expression_mse": None, "val_cells": 0,
+                               "val_cells_total": 0, "probe": None}
+        sample = data.sample("val", t.eval_cells, seed=t.seed) if data.val else None
+        batch = data.batch_dir.name
+        if sample is not None and len(sample.cells):
+            cells = sample.cells
+            m = self._masked_metrics(cells.tokens, cells.bins)
             out.update({"val_loss": m["loss"], "val_masked_acc": m["masked_acc"], "val_baseline_acc": m["baseline_acc"],
-                        "val_cells": int(tokens.shape[0])})
-            pick = np.sort(np.random.default_rng(self.config.training.seed).permutation(tokens.shape[0])[:sample_cells])
-            self.val_sets[data.batch_dir.name] = (tokens[pick].astype(np.int32), bins[pick].astype(np.int16))
-            # the unshuffled validation stream is the files in order, every cell once
-            ids = np.repeat(np.array([f.dataset_id for f in data.val]), [f.n_cells for f in data.val])
-            if ids.shape[0] == tokens.shape[0]:
-                self.val_datasets[data.batch_dir.name] = ids[pick]
-            out["probe"] = self._probe(data, tokens, bins)
-        out["forgetting"] = {
-            batch: round(self._masked_metrics(t.astype(np.int64), b.astype(np.int64))["masked_acc"], 4)
-            for batch, (t, b) in sorted(self.val_sets.items())
-        }
+                        "val_per_gene_acc": m["per_gene_acc"], "val_expression_mse": self._expression_mse(cells),
+                        "val_cells": len(cells), "val_cells_total": sample.total_cells})
+            keep = np.sort(np.random.default_rng(t.seed).permutation(len(cells))[:VAL_SET_CELLS])
+            self.val_sets[batch] = (cells.tokens[keep].astype(np.int32), cells.bins[keep].astype(np.int16))
+            self.val_datasets[batch] = sample.dataset_ids[keep]
+            out["probe"] = self._probe(sample)
+        out["forgetting"] = self._forgetting(batch)
         return out
 
-    def _probe(self, data: BatchData, tokens: np.ndarray, bins: np.ndarray) -> dict[str, Any] | None:
-        """5-fold linear probe of cell type on cls embeddings vs on PCA(50) of log-normalised counts."""
-        labels, counts = data.val_labels_and_counts("cell_type")
-        if labels is None:
+    def _forgetting(self, current: str) -> dict[str, dict[str, float | None]]:
+        """Every stored held-out sample's masked-bin accuracy now, beside the figure when its batch was trained."""
+        at_training = {b["batch_id"]: b.get("forgetting", {}).get(b["batch_id"], {}).get("now")
+                       for b in self.progress.batches if isinstance(b.get("forgetting"), dict)}
+        out = {}
+        for batch, (tok, bins) in sorted(self.val_sets.items()):
+            now = round(self._masked_metrics(tok.astype(np.int64), bins.astype(np.int64))["masked_acc"], 4)
+            then = now if batch == current else at_training.get(batch)
+            out[batch] = {"at_training": then, "now": now,
+                          "change": None if then is None else round(now - then, 4)}
+        return out
+
+    def _probe(self, sample: HeldOutSample) -> dict[str, Any] | None:
+        """5-fold probe of cell type: trained cls vs untrained cls vs PCA(50), labelled cells only."""
+        if sample.cell_type is None:
             return None
-        classes, sizes = np.unique(labels, return_counts=True)
-        common = np.isin(labels, classes[sizes >= 5])  # 5-fold CV needs 5 cells of a class
+        labels = sample.cell_type
+        labelled = labels != ""
+        classes, sizes = np.unique(labels[labelled], return_counts=True)
+        common = labelled & np.isin(labels, classes[sizes >= 5])  # 5-fold CV needs 5 cells of a class
         if len(classes[sizes >= 5]) < 2:
             return None
-        labels, counts, tokens, bins = labels[common], counts[common], tokens[common], bins[common]
-        ours = linear_probe_accuracy(self.embed_tokens(tokens, bins), labels)
-        base = linear_probe_accuracy(log_normalised_pca(counts), labels)
-        return {"cells": int(len(labels)), "classes": int(len(set(labels))), "cls_probe_acc": round(ours, 4),
-                "pca50_probe_acc": round(base, 4)}
+        idx = np.flatnonzero(common)
+        cells, labels = sample.cells.take(idx), labels[idx]
+        ours = linear_probe_accuracy(self.embed_tokens(cells.tokens, cells.bins), labels)
+        untrained = linear_probe_accuracy(self.embed_tokens(cells.tokens, cells.bins, model=self.untrained_network()),
+                                          labels)
+        pca = linear_probe_accuracy(log_normalised_pca(cells.expr, normalised=True), labels)
+        majority = float(sizes[sizes >= 5].max() / sizes[sizes >= 5].sum())
+        return {"cells": int(len(labels)), "unlabelled_left_out": int((~labelled).sum()),
+                "classes": int(len(set(labels))), "cls_probe_acc": round(ours, 4),
+                "untrained_probe_acc": round(untrained, 4), "pca50_probe_acc": round(pca, 4),
+                "majority_acc": round(majority, 4)}
 
 
-def log_normalised_pca(counts: Any, *, n_comps: int = 50, target_sum: float = 1e4) -> np.ndarray:
-    """PCA of log1p(counts per ``target_sum``): the unintegrated baseline representation of cells."""
+def per_gene_baseline_accuracy(table: np.ndarray, genes: np.ndarray, labels: np.ndarray) -> float:
+    """Accuracy of predicting each masked position's bin as ``table[gene]`` (ignores the rest of the cell)."""
+    return float((table[genes] == labels).mean()) if labels.size else float("nan")
+
+
+def log_normalised_pca(counts: Any, *, n_comps: int = 50, target_sum: float = 1e4, normalised: bool = False) -> np.ndarray:
+    """PCA of log1p(counts per ``target_sum``): the unintegrated baseline representation of cells.
+
+    ``normalised=True`` takes values that are log-normalised already. Sparse in, so memory is the
+    sample's non-zeros plus the components, not a dense copy of the matrix.
+    """
     import scipy.sparse as sp
     from sklearn.decomposition import PCA
 
-    counts = sp.csr_matrix(counts)
-    norm = counts.multiply(target_sum / np.maximum(np.asarray(counts.sum(axis=1)), 1)).tocsr()
-    norm.data = np.log1p(norm.data)
+    norm = sp.csr_matrix(counts, dtype=np.float32)
+    if not normalised:
+        norm = norm.multiply(target_sum / np.maximum(np.asarray(norm.sum(axis=1)), 1)).tocsr()
+        norm.data = np.log1p(norm.data)
     n = min(n_comps, norm.shape[1] - 1, norm.shape[0] - 1)
-    return PCA(n_components=n, random_state=0).fit_transform(norm.toarray())
+    return PCA(n_components=n, svd_solver="arpack", random_state=0).fit_transform(norm)
 
 
-def linear_probe_accuracy(features: np.ndarray, labels: np.ndarray, *, folds: int = 5) -> float:
-    """Mean accuracy of a logistic-regression probe in stratified ``folds``-fold cross-validation."""
+def linear_probe_accuracy(features: np.ndarray, labels: np.ndarray, *, folds: int = 5, seed: int = 0) -> float:
+    """Mean accuracy of a logistic-regression probe (standardised features, ``C`` fixed at ``PROBE_C``)
+    in shuffled stratified ``folds``-fold cross-validation."""
     from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import cross_val_score
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
 
-    return float(cross_val_score(LogisticRegression(max_iter=2000), features, labels, cv=folds).mean())
+    probe = make_pipeline(StandardScaler(), LogisticRegression(C=PROBE_C, max_iter=3000))
+    cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    return float(cross_val_score(probe, features, labels, cv=cv).mean())
 
 
 def train_batch(config: AtlasConfig, vocab: Vocabulary, batch_dir: Path, out: Path, *,
@@ -351,10 +549,14 @@ def train_batch(config: AtlasConfig, vocab: Vocabulary, batch_dir: Path, out: Pa
     result = {
         "batch_id": batch_dir.name, "checkpoint_dir": str(out), "parent_checkpoint": str(resume_from) if resume_from else None,
         "parent_hash": p.parent, "vocab_version": vocab.version, "cells_seen": p.cells_seen,
-        "datasets_seen": p.datasets_seen, "global_step": p.global_step, "train_loss": metrics["train_loss"],
-        "val_loss": metrics["val_loss"], "val_masked_acc": metrics["val_masked_acc"],
-        "val_baseline_acc": metrics["val_baseline_acc"], "device": str(trainer.device),
-        "n_parameters": trainer.model.n_parameters(), "seconds": round(time.monotonic() - t0, 3),
+        "datasets_seen": p.datasets_seen, "global_step": p.global_step,
+        **{k: metrics[k] for k in ("steps", "train_loss", "val_loss", "val_masked_acc", "val_baseline_acc",
+                                   "val_per_gene_acc", "val_expression_mse", "val_cells", "val_cells_total", "probe",
+                                   "forgetting", "replay_cells_per_step", "replay_reservoir_cells")},
+        "gene_ranking": config.model.gene_ranking, "cell_objective": config.model.cell_objective,
+        "gene_medians_version": trainer.medians.version() if config.model.gene_ranking == "median" else None,
+        "device": str(trainer.device), "n_parameters": trainer.model.n_parameters(),
+        "seconds": round(time.monotonic() - t0, 3),
     }
     write_json_atomic(out / "result.json", result)
     return result
@@ -365,7 +567,8 @@ def embed_file(checkpoint: Path, input_path: Path, out_path: Path, *, config: At
     """Write ``input_path`` with ``obsm["X_atlas"]`` (cls embeddings) and ``varm["X_atlas_gene"]``.
 
     The input is any readable count file (see :mod:`atlasflow.formats`); cells are tokenised as in
-    training and embedded without masking. Genes outside the vocabulary get a zero gene embedding.
+    training (with the checkpoint's gene medians under ``median`` ranking) and embedded without
+    masking. Genes outside the vocabulary get a zero gene embedding.
     """
     import anndata as ad
 
@@ -375,10 +578,13 @@ def embed_file(checkpoint: Path, input_path: Path, out_path: Path, *, config: At
     if vocab is None:
         raise ValueError("embed_file needs the vocabulary the checkpoint was trained on")
     trainer = Trainer.load(checkpoint, config, vocab)
+    scale = trainer.gene_scale()
     src = open_counts(input_path)
     try:
         columns = np.asarray(map_genes(src.genes, vocab, gene_ids=src.gene_ids).positions, dtype=np.int64)
-        parts = [trainer.embed_tokens(*trainer.tokenizer.encode(block, columns)) for _, block in src.chunks(chunk_cells)]
+        parts = [trainer.embed_tokens(*trainer.tokenizer.encode(block, columns, gene_scale=scale,
+                                                                 tie_seed=config.training.seed))
+                 for _, block in src.chunks(chunk_cells)]
     finally:
         src.close()
     adata = ad.read_h5ad(input_path) if input_path.suffix == ".h5ad" else read_counts(input_path)
@@ -386,7 +592,7 @@ def embed_file(checkpoint: Path, input_path: Path, out_path: Path, *, config: At
     weights = trainer.model.gene.weight.detach().float().cpu().numpy()
     gene_emb = np.zeros((len(columns), weights.shape[1]), dtype=np.float32)
     known = columns >= 0
-    gene_emb[known] = weights[3 + columns[known]]
+    gene_emb[known] = weights[N_SPECIAL + columns[known]]
     adata.varm["X_atlas_gene"] = gene_emb
     adata.uns["atlasflow_embedding"] = {"checkpoint": str(checkpoint), "vocab_version": vocab.version,
                                         "genes_in_vocab": int(known.sum())}

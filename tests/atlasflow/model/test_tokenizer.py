@@ -20,8 +20,8 @@ def test_top_genes_bins_and_ties():
     # highest values first: genes 5, 4, 3, 2 (the unmapped column's 9 is ignored)
     assert list(tokens[0, 1:] - N_SPECIAL) == [5, 4, 3, 2]
     assert list(bins[0, 1:]) == sorted(bins[0, 1:], reverse=True) and bins[0, 1] == 4 and bins[0, 4] >= 1
-    # ties: genes 0 and 1 both 2 -> same bin, lower gene first; gene 5 (7) first
-    assert list(tokens[1, 1:4] - N_SPECIAL) == [5, 0, 1] and bins[1, 2] == bins[1, 3]
+    # ties: genes 0 and 1 both 2 -> same bin, in hashed order; gene 5 (7) first
+    assert tokens[1, 1] - N_SPECIAL == 5 and set(tokens[1, 2:4] - N_SPECIAL) == {0, 1} and bins[1, 2] == bins[1, 3]
     assert tokens[1, 4] == 0 and bins[1, 4] == 0  # padding
     assert (tokens[2, 1:] == 0).all()
 
@@ -40,3 +40,25 @@ def test_deterministic_and_matches_a_per_cell_reference():
         chosen = [t - N_SPECIAL for t in tokens[i, 1:] if t]
         cutoff = sorted(vals.values(), reverse=True)[len(chosen) - 1]
         assert all(vals[g] >= cutoff for g in chosen) and len(chosen) == min(32, len(vals))
+
+
+def test_ties_at_the_cut_are_broken_by_a_seeded_hash_not_by_vocabulary_order():
+    # 200 cells, each with 20 genes all equal: the 5 kept must not always be the first 5 of the vocabulary
+    X = sp.csr_matrix(np.ones((200, 20), dtype=np.float32))
+    tok = Tokenizer(n_genes=20, max_genes=5, n_bins=5)
+    tokens, _ = tok.encode(X, np.arange(20), tie_seed=3)
+    kept = np.bincount((tokens[:, 1:] - N_SPECIAL).ravel(), minlength=20)
+    assert kept.min() > 0.5 * kept.mean() and kept.max() < 1.5 * kept.mean()  # about uniform
+    assert np.array_equal(tokens, tok.encode(X, np.arange(20), tie_seed=3)[0])  # deterministic
+    assert not np.array_equal(tokens, tok.encode(X, np.arange(20), tie_seed=4)[0])  # seeded
+
+
+def test_median_ranking_lets_cell_specific_genes_past_housekeeping_ones():
+    # gene 0 is high everywhere (median 100), gene 1 is modest but 10x its own median (1 -> 10)
+    X = sp.csr_matrix(np.array([[100.0, 10.0, 50.0]], dtype=np.float32))
+    tok = Tokenizer(n_genes=3, max_genes=1, n_bins=5)
+    assert tok.encode(X, np.arange(3))[0][0, 1] - N_SPECIAL == 0  # by count: the housekeeping gene
+    scale = np.array([100.0, 1.0, 50.0])
+    tokens, bins = tok.encode(X, np.arange(3), gene_scale=scale)
+    assert tokens[0, 1] - N_SPECIAL == 1
+    assert bins[0, 1] == 1  # bins stay the cell's own quantiles of the values: 10 is its lowest

@@ -123,8 +123,10 @@ def test_cli_writes_checkpoints_with_lineage(batches, tmp_path):
     assert r0["parent_checkpoint"] is None and r1["parent_checkpoint"] == str(out0) and len(r1["parent_hash"]) == 16
     assert r1["global_step"] > r0["global_step"] and r1["cells_seen"] > r0["cells_seen"]
     assert r1["datasets_seen"] == ["d0", "d1", "d2", "d3"] and r1["vocab_version"] == Vocabulary.builtin("pbmc68k").version
-    assert sorted(p.name for p in out1.iterdir()) == ["model.pt", "progress.json", "result.json", "state.pt",
-                                                      "val_sets.npz"]
+    assert sorted(p.name for p in out1.iterdir()) == ["model.pt", "progress.json", "replay.npz", "result.json",
+                                                      "state.pt", "stats.npz", "val_sets.npz"]
+    # the reservoir after two batches is a sample of both batches' training cells
+    assert r1["replay_reservoir_cells"] > 0 and r1["replay_cells_per_step"] > 0 == r0["replay_cells_per_step"]
     assert not (tmp_path / "models" / "batch_0001.partial").exists()
     # re-running a finished batch does no work and returns the same result
     again = subprocess.run(_cli(cfg, batches / "batch_0001", out1, out0), capture_output=True, text=True, check=True)
