@@ -81,8 +81,10 @@ class StorageConfig:
         10.0, "Download size assumed for a dataset with no expected_bytes and no Content-Length, GB.", min=0
     )
     checkpoint_gb: float = _opt(
-        1.0, "Disk reserved per batch for its model artifacts at their peak: the checkpoint twice (the "
-        "intra-batch copy and the final one coexist while it is saved) plus the integration model, GB.", min=0)
+        1.0, "Disk reserved per batch for its model artifacts at their peak: the checkpoint (weights, optimizer, "
+        "gene statistics and the replay reservoir) twice (the intra-batch copy and the final one coexist while it "
+        "is saved) plus the integration model, GB. validate_system estimates it from the model and "
+        "training.replay_cells and warns when it does not fit.", min=0)
     default_expansion: float = _opt(
         2.0, "Processed bytes per downloaded byte assumed for a format until one has been measured.", min=0
     )

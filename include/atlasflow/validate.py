@@ -222,6 +222,30 @@ def _vocabulary(config: AtlasConfig) -> list[Check]:
     return checks
 
 
+def _model_artifacts(config: AtlasConfig) -> Check:
+    """The checkpoint (weights, optimizer, stats, replay reservoir) fits what ``storage.checkpoint_gb`` reserves.
+
+    The ledger reserves ``checkpoint_gb`` per batch for its model artefacts; a checkpoint is
+    written beside the previous copy, so two must fit. The estimate errs high (see
+    :mod:`atlasflow.model.sizing`), so exceeding it is a warning, not a refusal.
+    """
+    from atlasflow.genes import Vocabulary
+    from atlasflow.model.sizing import checkpoint_size
+
+    n_genes = len(Vocabulary.load(config.genes.vocab_path))
+    size = checkpoint_size(config, n_genes)
+    need, have = 2 * size.total(), int(config.storage.checkpoint_gb * GB)
+    mb = 1e6
+    detail = (f"~{size.total() / mb:,.1f} MB per checkpoint ({size.parameters:,} parameters: weights "
+              f"{size.weights / mb:,.1f} MB, optimizer {size.optimizer / mb:,.1f} MB; replay reservoir of "
+              f"{config.training.replay_cells:,} cells {size.replay / mb:,.1f} MB; gene statistics "
+              f"{size.stats / mb:,.1f} MB); two copies coexist while one is saved")
+    if need > have:
+        return Check("model_artifacts", "warn", f"{detail}: {need / mb:,.1f} MB > storage.checkpoint_gb "
+                     f"({have / mb:,.1f} MB). Raise storage.checkpoint_gb or lower training.replay_cells")
+    return Check("model_artifacts", "ok", f"{detail}; storage.checkpoint_gb reserves {have / mb:,.1f} MB")
+
+
 @dataclass(frozen=True)
 class MemoryStrategy:
     """One row of the design documents' strategy matrix, in terms of this pipeline's QC knobs."""
@@ -307,6 +331,7 @@ def run_checks(config: AtlasConfig, *, requirements: Path | None = None, gpu: bo
         _memory,
         lambda: _manifest(config),
         lambda: _vocabulary(config),
+        lambda: _model_artifacts(config),
         *extra,
     ]
     if gpu:

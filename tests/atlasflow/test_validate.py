@@ -180,3 +180,16 @@ def test_a_vocabulary_other_than_the_pinned_one_fails_validation(tmp_path):
     assert fixed["vocabulary"].status == "ok" and f"pinned in {pin}" in fixed["vocabulary"].detail
     fresh = by_name(run_checks(load_config(overrides={"storage.base_dir": str(tmp_path / "new")}), gpu=False))
     assert fresh["vocabulary"].status == "ok" and "the first run pins it" in fresh["vocabulary"].detail
+
+
+def test_model_artifacts_check_sizes_the_checkpoint_against_its_reservation():
+    from atlasflow.config import load_config
+    from atlasflow.validate import _model_artifacts
+
+    small = load_config(overrides={"genes.vocab_path": "builtin:pbmc68k", "training.replay_cells": 100})
+    ok = _model_artifacts(small)
+    assert ok.status == "ok" and "replay reservoir of 100 cells" in ok.detail
+    # the human vocabulary with a 200k-cell reservoir needs GBs: a 0.01 GB reservation cannot hold it
+    big = load_config(overrides={"storage.checkpoint_gb": 0.01, "training.replay_cells": 200_000})
+    warn = _model_artifacts(big)
+    assert warn.status == "warn" and "storage.checkpoint_gb" in warn.detail and "training.replay_cells" in warn.detail

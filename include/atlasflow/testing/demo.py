@@ -99,6 +99,7 @@ training:
   epochs: 2
   checkpoint_every_steps: 5
   val_fraction: 0.34
+  replay_cells: 200  # the demo's batches hold a few hundred cells; keeps the checkpoint inside its 7 MB
 """)
     return {"root": str(root), "datasets": len(rows), "www": str(www)}
 
