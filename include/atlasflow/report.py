@@ -14,12 +14,15 @@ from __future__ import annotations
 import argparse
 import base64
 import dataclasses
+import functools
 import html
 import io
 import json
 import logging
+import math
 import re
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
@@ -28,8 +31,8 @@ from atlasflow.config import GB, AtlasConfig, load_config
 from atlasflow.fsutil import write_json_atomic, write_text_atomic
 from atlasflow.runlog import read_jobs, read_stages
 
-__all__ = ["STAGES", "collect_run", "integration_scores", "register", "render_html", "run_metrics",
-           "write_run_report"]
+__all__ = ["STAGES", "Comparison", "Forgetting", "ModelBatch", "ProbeScores", "collect_run", "integration_scores",
+           "model_learning", "register", "render_html", "run_metrics", "write_run_report"]
 
 log = logging.getLogger(__name__)
 
@@ -227,12 +230,19 @@ def run_metrics(data: dict[str, Any], run_id: str) -> dict[str, Any]:
     """``run_metrics.json``: one record per dataset per stage, plus the run's totals.
 
     Batch stages (admit, integrate, train, cleanup) repeat the batch's record for each of its
-    datasets with ``"scope": "batch"``: sum durations over records of one scope only.
+    datasets with ``"scope": "batch"``: sum durations over records of one scope only. Train
+    records and ``batches`` carry the model's figures beside their baselines
+    (:meth:`ModelBatch.to_dict`: ``forgetting`` always as ``{batch: {"at_training", "now",
+    "change"}}``, ``beats_baselines`` per baseline and the ``verdict`` line).
     """
     by_key = {(r["stage"], r["batch_id"], r.get("dataset_id")): r for r in data["stages"]}
     records = [_record(run_id, ds, stage, by_key.get((stage, ds["batch_id"],
                                                       ds["dataset_id"] if stage in DATASET_STAGES else None)))
                for ds in data["datasets"] for stage in STAGES]
+    learning = {m.batch_id: m.to_dict() for m in model_learning(data["trained"])}
+    for rec in records:
+        if rec["stage"] == "train" and rec["batch_id"] in learning:
+            rec.update(learning[rec["batch_id"]])
     return {
         "run_id": run_id, "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "base_dir": data["base_dir"], "budget_bytes": data["budget_bytes"], "peak_used_bytes": data["peak_used_bytes"],
@@ -242,11 +252,212 @@ def run_metrics(data: dict[str, Any], run_id: str) -> dict[str, Any]:
                                                                                 "pending")},
         "jobs": data["jobs"],
         "integration": data.get("integration", []),
-        "batches": [{k: t.get(k) for k in ("batch_id", "checkpoint_dir", "train_loss", "val_loss", "val_masked_acc",
-                                           "val_baseline_acc", "cells_seen", "global_step", "seconds")}
+        "batches": [{**{k: t.get(k) for k in ("batch_id", "checkpoint_dir", "train_loss", "val_loss", "cells_seen",
+                                              "global_step", "seconds", "gene_ranking", "cell_objective")},
+                     **learning.get(str(t.get("batch_id")), {})}
                     for t in data["trained"]],
         "records": records,
     }
+
+
+# ---- the model: does it learn cell state? ---------------------------------------------------------
+
+def _finite(value: Any) -> float | None:
+    """A number from a result file, or None (absent, not numeric, or NaN as JSON allows)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def _count(value: Any) -> int | None:
+    return int(value) if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) \
+        else None
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One figure of the model beside one baseline computed in the same run on the same cells."""
+
+    metric: str  # "masked-bin accuracy" or "cell-type probe"
+    key: str  # the baseline's key in run_metrics.json
+    baseline: str  # the baseline, in words
+    value: float
+    baseline_value: float
+
+    @property
+    def beats(self) -> bool:
+        """Strictly above: a model that only ties a baseline has not shown it learned anything more."""
+        return self.value > self.baseline_value
+
+    def phrase(self) -> str:
+        if self.beats:
+            return f"beats {self.baseline} ({self.baseline_value:.4f})"
+        if self.value == self.baseline_value:
+            return f"only ties {self.baseline} ({self.baseline_value:.4f})"
+        return f"below {self.baseline} ({self.baseline_value:.4f})"
+
+
+@dataclass(frozen=True)
+class ProbeScores:
+    """The 5-fold cell-type probe of one batch's labelled held-out cells (``result["probe"]``)."""
+
+    cells: int | None
+    classes: int | None
+    unlabelled_left_out: int | None
+    trained: float | None  # the exported cls embedding
+    untrained: float | None  # the same network at its random initialisation
+    pca50: float | None  # PCA(50) of log-normalised counts
+    majority: float | None  # always the most frequent class
+
+    @classmethod
+    def from_result(cls, probe: Any) -> ProbeScores | None:
+        if not isinstance(probe, dict):
+            return None
+        return cls(cells=_count(probe.get("cells")), classes=_count(probe.get("classes")),
+                   unlabelled_left_out=_count(probe.get("unlabelled_left_out")),
+                   trained=_finite(probe.get("cls_probe_acc")), untrained=_finite(probe.get("untrained_probe_acc")),
+                   pca50=_finite(probe.get("pca50_probe_acc")), majority=_finite(probe.get("majority_acc")))
+
+
+@dataclass(frozen=True)
+class Forgetting:
+    """A batch's held-out masked-bin accuracy when it was trained and after a later batch."""
+
+    batch_id: str
+    at_training: float | None  # None in result files written before it was stored
+    now: float | None
+    change: float | None
+
+    def phrase(self) -> str:
+        if self.change is not None and self.at_training is not None and self.now is not None:
+            return f"{self.batch_id} {self.change:+.4f} ({self.at_training:.4f} → {self.now:.4f})"
+        return f"{self.batch_id} now {'n/a' if self.now is None else f'{self.now:.4f}'} (at training: not stored)"
+
+
+@dataclass(frozen=True)
+class ModelBatch:
+    """What one trained batch's result says about learning, read from ``result.json`` of any version.
+
+    Result files of earlier runs may lack the baselines, the probe's untrained and majority
+    figures, or hold ``forgetting`` as ``{batch: accuracy now}``: what is missing is None, never
+    an error, and comparisons are made only where both figures exist.
+    """
+
+    batch_id: str
+    steps: int | None
+    train_cells: int | None
+    masked_acc: float | None
+    most_frequent_acc: float | None
+    per_gene_acc: float | None
+    expression_mse: float | None
+    val_cells: int | None
+    val_cells_total: int | None
+    probe: ProbeScores | None
+    forgetting: tuple[Forgetting, ...]  # every stored held-out sample, this batch's own included
+    replay_cells_per_step: int | None
+    replay_reservoir_cells: int | None
+
+    @classmethod
+    def from_result(cls, result: dict[str, Any]) -> ModelBatch:
+        batch_id = str(result.get("batch_id") or "")
+        rows = []
+        raw = result.get("forgetting")
+        for bid, entry in sorted(raw.items()) if isinstance(raw, dict) else []:
+            if isinstance(entry, dict):
+                rows.append(Forgetting(str(bid), _finite(entry.get("at_training")), _finite(entry.get("now")),
+                                       _finite(entry.get("change"))))
+            else:  # the older {batch: accuracy now}: what it was at training was not kept
+                now = _finite(entry)
+                rows.append(Forgetting(str(bid), now if bid == batch_id else None, now,
+                                       0.0 if bid == batch_id and now is not None else None))
+        return cls(batch_id=batch_id, steps=_count(result.get("steps")), train_cells=_count(result.get("train_cells")),
+                   masked_acc=_finite(result.get("val_masked_acc")),
+                   most_frequent_acc=_finite(result.get("val_baseline_acc")),
+                   per_gene_acc=_finite(result.get("val_per_gene_acc")),
+                   expression_mse=_finite(result.get("val_expression_mse")),
+                   val_cells=_count(result.get("val_cells")), val_cells_total=_count(result.get("val_cells_total")),
+                   probe=ProbeScores.from_result(result.get("probe")), forgetting=tuple(rows),
+                   replay_cells_per_step=_count(result.get("replay_cells_per_step")),
+                   replay_reservoir_cells=_count(result.get("replay_reservoir_cells")))
+
+    @property
+    def earlier(self) -> tuple[Forgetting, ...]:
+        """Forgetting on the batches trained before this one (this batch's own change is 0 by definition)."""
+        return tuple(f for f in self.forgetting if f.batch_id != self.batch_id)
+
+    def comparisons(self) -> list[Comparison]:
+        """Each figure beside each of its baselines, where both were measured."""
+        pairs = [("masked-bin accuracy", self.masked_acc, "most_frequent_bin", "the most-frequent bin",
+                  self.most_frequent_acc),
+                 ("masked-bin accuracy", self.masked_acc, "per_gene", "the per-gene baseline", self.per_gene_acc)]
+        if self.probe is not None:
+            p = self.probe
+            pairs += [("cell-type probe", p.trained, "pca50", "PCA(50)", p.pca50),
+                      ("cell-type probe", p.trained, "untrained_network", "the untrained network", p.untrained),
+                      ("cell-type probe", p.trained, "majority_class", "the majority class", p.majority)]
+        return [Comparison(metric, key, name, value, base) for metric, value, key, name, base in pairs
+                if value is not None and base is not None]
+
+    def beats_baselines(self) -> bool | None:
+        """True when every measured baseline is beaten, False when one is not, None when nothing was compared."""
+        found = self.comparisons()
+        return all(c.beats for c in found) if found else None
+
+    def verdict(self) -> str:
+        """One plain line: the model's figures, and whether each beats each of its baselines."""
+        found = self.comparisons()
+        parts = []
+        for metric in ("masked-bin accuracy", "cell-type probe"):
+            mine = [c for c in found if c.metric == metric]
+            if mine:
+                parts.append(f"{metric} {mine[0].value:.4f} " + ", ".join(c.phrase() for c in mine))
+        if self.masked_acc is None:
+            parts.append("no held-out cells: masked-bin accuracy not measured")
+        elif not any(c.metric == "masked-bin accuracy" for c in found):
+            parts.append(f"masked-bin accuracy {self.masked_acc:.4f} (no baseline stored)")
+        if self.probe is None or self.probe.trained is None:
+            parts.append("no labelled held-out cells for the cell-type probe")
+        elif not any(c.metric == "cell-type probe" for c in found):
+            parts.append(f"cell-type probe {self.probe.trained:.4f} (no baseline stored)")
+        beats = self.beats_baselines()
+        overall = ("beats every baseline" if beats else "does NOT beat every baseline" if beats is False
+                   else "nothing to compare")
+        return f"{self.batch_id}: {overall}: " + "; ".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The figures for ``run_metrics.json`` (names as in ``result.json``, ``forgetting`` in its current form)."""
+        probe = self.probe
+        return {
+            "steps": self.steps, "val_masked_acc": self.masked_acc, "val_baseline_acc": self.most_frequent_acc,
+            "val_per_gene_acc": self.per_gene_acc, "val_expression_mse": self.expression_mse,
+            "val_cells": self.val_cells, "val_cells_total": self.val_cells_total,
+            "probe": None if probe is None else {
+                "cells": probe.cells, "unlabelled_left_out": probe.unlabelled_left_out, "classes": probe.classes,
+                "cls_probe_acc": probe.trained, "untrained_probe_acc": probe.untrained,
+                "pca50_probe_acc": probe.pca50, "majority_acc": probe.majority},
+            "forgetting": {f.batch_id: {"at_training": f.at_training, "now": f.now, "change": f.change}
+                           for f in self.forgetting},
+            "replay_cells_per_step": self.replay_cells_per_step, "replay_reservoir_cells": self.replay_reservoir_cells,
+            "beats_baselines": {c.key: c.beats for c in self.comparisons()}, "verdict": self.verdict(),
+        }
+
+
+def model_learning(trained: list[dict[str, Any]]) -> list[ModelBatch]:
+    """Each trained batch's learning figures beside their baselines, in batch order.
+
+    Parameters
+    ----------
+    trained
+        Training results (``state/trained/<batch>.json``, ``result.json`` or the train task's XCom),
+        of any version.
+
+    Returns
+    -------
+    list of ModelBatch
+        One per result that names its batch, sorted by batch id.
+    """
+    rows = [ModelBatch.from_result(t) for t in trained if isinstance(t, dict) and t.get("batch_id")]
+    return sorted(rows, key=lambda m: m.batch_id)
 
 
 # ---- plots (matplotlib, Agg, PNG as base64 data URIs) ---------------------------------------------
@@ -358,6 +569,56 @@ def _plot_integration(data: dict[str, Any]) -> str | None:
     return _png(fig)
 
 
+def _plot_model(models: list[ModelBatch]) -> str | None:
+    """Grouped bars per batch: masked-bin accuracy vs both baselines, the probe vs its three; forgetting lines."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    masked = [("model", "masked_acc"), ("per-gene baseline", "per_gene_acc"),
+              ("most-frequent bin", "most_frequent_acc")]
+    probe = [("trained cls", "trained"), ("untrained network", "untrained"), ("PCA(50)", "pca50"),
+             ("majority class", "majority")]
+    panels = []
+    if any(m.masked_acc is not None for m in models):
+        panels.append(("held-out masked-bin accuracy", [(label, [getattr(m, key) for m in models])
+                                                         for label, key in masked]))
+    if any(m.probe is not None for m in models):
+        panels.append(("cell-type probe (5-fold)", [(label, [getattr(m.probe, key) if m.probe else None
+                                                             for m in models]) for label, key in probe]))
+    # forgetting: each stored batch's masked-bin accuracy as later batches were trained
+    curves: dict[str, list[tuple[int, float]]] = {}
+    for i, m in enumerate(models):
+        for f in m.forgetting:
+            if f.now is not None:
+                curves.setdefault(f.batch_id, []).append((i, f.now))
+    show_forgetting = any(len(points) > 1 for points in curves.values())
+    if not panels:
+        return None
+    n = len(panels) + show_forgetting
+    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.3), squeeze=False)
+    x = np.arange(len(models))
+    names = [m.batch_id for m in models]
+    for ax, (title, series) in zip(axes[0], panels, strict=False):
+        width = 0.8 / len(series)
+        for j, (label, ys) in enumerate(series):
+            heights = [np.nan if y is None else y for y in ys]  # a gap, not a zero, where not measured
+            ax.bar(x + (j - (len(series) - 1) / 2) * width, heights, width, label=label,
+                   hatch=None if j == 0 else "//", alpha=1.0 if j == 0 else 0.6)
+        ax.set_xticks(x, names, rotation=30, fontsize=7)
+        ax.set_ylim(0, 1)
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=6)
+    axes[0][0].set_ylabel("accuracy (higher is better)")
+    if show_forgetting:
+        ax = axes[0][-1]
+        for bid, points in sorted(curves.items()):
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=bid)
+        ax.set_xticks(x, [f"after {b}" for b in names], rotation=30, fontsize=7)
+        ax.set_title("forgetting: held-out masked-bin accuracy", fontsize=9)
+        ax.legend(fontsize=6)
+    return _png(fig)
+
+
 def _plot_stages(data: dict[str, Any]) -> str | None:
     import matplotlib.pyplot as plt
 
@@ -422,7 +683,66 @@ def _img(uri: str | None, alt: str) -> str:
 CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
 table{border-collapse:collapse;font-size:12px;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 6px;text-align:left;
 vertical-align:top}th{background:#f3f3f3}.quarantined{background:#fff0e0}.failed{background:#fde0e0}
-.pending{color:#888}img{max-width:100%}.none{color:#888}.key{font-weight:600}"""
+.pending{color:#888}img{max-width:100%}.none{color:#888}.key{font-weight:600}td.below,li.below{background:#fde0e0}"""
+
+
+MODEL_TEMPLATE = """\
+<section id=model><h2>Model: does it learn cell state?</h2>
+{% if not models %}<p class=none>No batch trained yet.</p>{% else %}
+{% if plot %}<img alt="model vs baselines per batch" src="{{ plot }}">{% endif %}
+<ul class=verdicts>{% for m in models %}
+<li class="{{ 'beats' if m.beats_baselines() else 'below' if m.beats_baselines() is false else 'none' }}">\
+{{ m.verdict() }}</li>{% endfor %}</ul>
+<table><thead><tr><th>batch</th><th>steps</th><th>held-out cells evaluated (of)</th><th>masked-bin acc</th>
+<th>most-frequent bin</th><th>per-gene baseline</th><th>probe cells (classes; unlabelled left out)</th>
+<th>probe: trained cls</th><th>probe: untrained</th><th>probe: PCA(50)</th><th>probe: majority</th>
+<th>forgetting: earlier batches' change</th><th>replay cells per step (reservoir)</th></tr></thead><tbody>
+{% for m in models %}{% set p = m.probe %}<tr id="model-{{ m.batch_id }}"><td>{{ m.batch_id }}</td>\
+<td>{{ m.steps | opt }}</td><td>{{ m.val_cells | opt }}{% if m.val_cells_total is not none %} \
+({{ m.val_cells_total }}){% endif %}</td><td>{{ m.masked_acc | num }}</td>\
+<td{{ below(m.masked_acc, m.most_frequent_acc) }}>{{ m.most_frequent_acc | num }}</td>\
+<td{{ below(m.masked_acc, m.per_gene_acc) }}>{{ m.per_gene_acc | num }}</td>\
+{% if p %}<td>{{ p.cells | opt }} ({{ p.classes | opt("n/a") }}; {{ p.unlabelled_left_out | opt("n/a") }})</td>\
+<td>{{ p.trained | num }}</td><td{{ below(p.trained, p.untrained) }}>{{ p.untrained | num }}</td>\
+<td{{ below(p.trained, p.pca50) }}>{{ p.pca50 | num }}</td><td{{ below(p.trained, p.majority) }}>\
+{{ p.majority | num }}</td>{% else %}<td colspan=5 class=none>no labelled held-out cells</td>{% endif %}\
+<td>{% for f in m.earlier %}{{ f.phrase() }}{% if not loop.last %}<br>{% endif %}{% else %}\
+<span class=none>none earlier</span>{% endfor %}</td>\
+<td>{{ m.replay_cells_per_step | opt }}{% if m.replay_reservoir_cells is not none %} \
+({{ m.replay_reservoir_cells }}){% endif %}</td></tr>
+{% endfor %}</tbody></table>
+<p>Every figure stands beside baselines computed in the same run on the same held-out cells. Masked-bin
+accuracy: the most-frequent bin ignores the gene and the cell; the per-gene baseline predicts each gene's most
+frequent training bin, so it ignores the cell's context — beating it shows the model uses the rest of the cell.
+The cell-type probe (standardised features, fixed regularisation, stratified 5-fold, labelled cells only) is run
+on the exported cls embedding, on the same network untrained, and on PCA(50) of log-normalised counts; majority is
+always guessing the most frequent class. Forgetting: each earlier batch's held-out masked-bin accuracy now minus
+when it was trained. Shaded cells: a baseline the model does not beat.</p>{% endif %}
+</section>"""
+
+
+@functools.cache
+def _model_template() -> Any:
+    # imported here, not at module level: the CLI imports this module for every command, also
+    # `atlasflow train` on cluster nodes whose environment may lack jinja2
+    import jinja2
+
+    env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
+    env.filters.update(num=_num, opt=lambda v, missing="": missing if v is None else v)
+    return env.from_string(MODEL_TEMPLATE)
+
+
+def _below(value: float | None, baseline: float | None) -> Any:
+    """Mark a baseline cell the model does not beat (strictly above, as in :attr:`Comparison.beats`)."""
+    from markupsafe import Markup
+
+    lost = value is not None and baseline is not None and value <= baseline
+    return Markup(" class=below" if lost else "")
+
+
+def _model_section(trained: list[dict[str, Any]]) -> str:
+    models = model_learning(trained)
+    return _model_template().render(models=models, plot=_plot_model(models) if models else None, below=_below)
 
 
 def render_html(data: dict[str, Any], metrics: dict[str, Any]) -> str:
@@ -483,6 +803,7 @@ def render_html(data: dict[str, Any], metrics: dict[str, Any]) -> str:
                  + _img(_plot_loss(data), "loss per batch")
                  + _table(["batch", "train loss", "val loss", "val masked acc", "baseline acc", "cells seen",
                            "global step", "seconds"], loss_rows) + "</section>")
+    parts.append(_model_section(data["trained"]))
 
     metric_names = ("asw_label", "nmi", "ari", "isolated_label_asw", "clisi", "asw_batch", "graph_connectivity",
                     "ilisi", "bio_conservation", "batch_correction", "total")

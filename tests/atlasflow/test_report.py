@@ -80,13 +80,13 @@ def test_report_shows_what_the_state_files_hold(run):
     assert latest["run_id"] == RUN_ID and Path(latest["html"]) == folder / "report.html"
     page = Path(latest["html"]).read_text()
 
-    for section in ("summary", "storage", "datasets", "qc", "training", "stages", "jobs", "lineage"):
+    for section in ("summary", "storage", "datasets", "qc", "training", "model", "stages", "jobs", "lineage"):
         assert f"<section id={section}>" in page, section
     # self-contained: nothing is fetched from elsewhere
     assert not re.search(r"""(src|href)=["']?(https?:|//|file:)""", page)
     assert "<script" not in page and "<link" not in page
     images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
-    assert len(images) == 4  # storage, QC, loss, stage timeline
+    assert len(images) == 5  # storage, QC, loss, model vs baselines, stage timeline
     assert all(base64.b64decode(i, validate=True).startswith(PNG_MAGIC) for i in images)
 
     tombstones, quarantine = _state(config, "tombstones"), _state(config, "quarantine")
@@ -306,3 +306,116 @@ def test_retraining_decisions_are_reported_with_their_reasons(tmp_path):
     assert [c[3] for c in cells] == ["kept", "promoted"]
     assert "regressed beyond the tolerance 0.01 on validation" in cells[0][4]
     assert cells[0][5] == "canary +0.0100, validation -0.1000"
+
+
+def _result(batch_id: str, **over) -> dict:
+    """A hand-made training result in the current form (``train_batch``'s ``result.json``)."""
+    result = {"batch_id": batch_id, "checkpoint_dir": f"/ck/{batch_id}", "steps": 40, "train_loss": 2.1,
+              "val_loss": 2.3, "val_masked_acc": 0.2512, "val_baseline_acc": 0.1391, "val_per_gene_acc": 0.2051,
+              "val_expression_mse": 0.31, "val_cells": 500, "val_cells_total": 900,
+              "probe": {"cells": 300, "unlabelled_left_out": 12, "classes": 5, "cls_probe_acc": 0.7012,
+                        "untrained_probe_acc": 0.5343, "pca50_probe_acc": 0.8093, "majority_acc": 0.3431},
+              "forgetting": {"batch_0000": {"at_training": 0.2211, "now": 0.2093, "change": -0.0118},
+                             batch_id: {"at_training": 0.2512, "now": 0.2512, "change": 0.0}},
+              "replay_cells_per_step": 16, "replay_reservoir_cells": 2000, "gene_ranking": "median",
+              "cell_objective": "expression", "cells_seen": 5000, "global_step": 80, "seconds": 12.0}
+    result.update(over)
+    return result
+
+
+def _train(config, result: dict) -> None:
+    from atlasflow.runlog import record_stage
+
+    with record_stage(config.state_dir, "train", result["batch_id"]) as out:
+        out.update({"status": "ok", **result})
+    P.record_trained(config, result["batch_id"], result)
+
+
+def _model_section(page: str) -> str:
+    return page[page.index("<section id=model>"):].split("</section>")[0]
+
+
+def test_the_model_section_shows_each_figure_beside_its_baselines(tmp_path):
+    config = load_config(None, overrides={"storage.base_dir": str(tmp_path / "base")})
+    first = {"batch_id": "batch_0000", "steps": 20, "val_masked_acc": 0.2211, "val_baseline_acc": 0.1402,
+             "val_per_gene_acc": 0.2051, "val_cells": 400, "val_cells_total": 400, "probe": None,
+             "forgetting": {"batch_0000": {"at_training": 0.2211, "now": 0.2211, "change": 0.0}},
+             "replay_cells_per_step": 0, "replay_reservoir_cells": 1000}
+    _train(config, first)
+    _train(config, _result("batch_0001"))
+    written = write_run_report(config, "model")
+    section = _model_section(Path(written["html"]).read_text())
+    assert "<h2>Model: does it learn cell state?</h2>" in section
+    images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', section)
+    assert len(images) == 1 and base64.b64decode(images[0], validate=True).startswith(PNG_MAGIC)
+
+    row = re.search(r'<tr id="model-batch_0001">(.*?)</tr>', section, re.S).group(1)
+    cells = [html.unescape(c) for c in re.findall(r"<td[^>]*>(.*?)</td>", row, re.S)]
+    assert cells == ["batch_0001", "40", "500 (900)", "0.2512", "0.1391", "0.2051", "300 (5; 12)", "0.7012", "0.5343",
+                     "0.8093", "0.3431", "batch_0000 -0.0118 (0.2211 → 0.2093)", "16 (2000)"]
+    assert "<td class=below>0.8093</td>" in row  # the one baseline the model does not beat is marked
+    first_row = re.search(r'<tr id="model-batch_0000">(.*?)</tr>', section, re.S).group(1)
+    assert "no labelled held-out cells" in first_row and "none earlier" in first_row
+
+    verdicts = [html.unescape(v) for v in re.findall(r"<li[^>]*>(.*?)</li>", section, re.S)]
+    assert verdicts[0] == ("batch_0000: beats every baseline: masked-bin accuracy 0.2211 beats the most-frequent bin "
+                           "(0.1402), beats the per-gene baseline (0.2051); no labelled held-out cells for the "
+                           "cell-type probe")
+    assert verdicts[1].startswith("batch_0001: does NOT beat every baseline: masked-bin accuracy 0.2512 beats the "
+                                  "most-frequent bin (0.1391), beats the per-gene baseline (0.2051)")
+    assert "cell-type probe 0.7012 below PCA(50) (0.8093), beats the untrained network (0.5343), beats the " \
+           "majority class (0.3431)" in verdicts[1]
+
+    metrics = json.loads(Path(written["metrics"]).read_text())
+    batches = {b["batch_id"]: b for b in metrics["batches"]}
+    second = batches["batch_0001"]
+    assert (second["val_masked_acc"], second["val_baseline_acc"], second["val_per_gene_acc"]) == (0.2512, 0.1391,
+                                                                                                  0.2051)
+    assert second["probe"]["pca50_probe_acc"] == 0.8093 and second["probe"]["untrained_probe_acc"] == 0.5343
+    assert second["forgetting"]["batch_0000"] == {"at_training": 0.2211, "now": 0.2093, "change": -0.0118}
+    assert second["replay_cells_per_step"] == 16 and second["replay_reservoir_cells"] == 2000
+    assert second["beats_baselines"] == {"most_frequent_bin": True, "per_gene": True, "pca50": False,
+                                         "untrained_network": True, "majority_class": True}
+    assert second["verdict"] == verdicts[1] and second["cell_objective"] == "expression"
+    assert batches["batch_0000"]["beats_baselines"] == {"most_frequent_bin": True, "per_gene": True}
+
+
+def test_train_records_in_run_metrics_carry_the_model_figures(run):
+    metrics = json.loads(Path(write_run_report(run, RUN_ID)["metrics"]).read_text())
+    trained = _state(run, "trained")
+    for rec in (r for r in metrics["records"] if r["stage"] == "train"):
+        result = trained[rec["batch_id"]]
+        assert rec["val_masked_acc"] == result["val_masked_acc"] and rec["val_per_gene_acc"] == result["val_per_gene_acc"]
+        assert rec["forgetting"] == result["forgetting"] and isinstance(rec["verdict"], str)
+        assert rec["verdict"].startswith(rec["batch_id"] + ": ")
+    page = Path(write_run_report(run, RUN_ID)["html"]).read_text()
+    assert [m for m in re.findall(r'<tr id="model-(batch_\d+)">', page)] == sorted(trained)
+
+
+def test_old_style_results_do_not_break_the_model_section(tmp_path):
+    config = load_config(None, overrides={"storage.base_dir": str(tmp_path / "base")})
+    # written before the per-gene baseline, the untrained probe and stored forgetting existed
+    _train(config, {"batch_id": "batch_0000", "steps": 10, "train_loss": 4.0, "val_loss": 4.2, "val_masked_acc": 0.017,
+                    "val_baseline_acc": 0.141, "val_cells": 70, "cells_seen": 100, "global_step": 10,
+                    "probe": {"cells": 60, "classes": 3, "cls_probe_acc": 0.389, "pca50_probe_acc": 0.809},
+                    "forgetting": {"batch_0000": 0.017}})
+    _train(config, {"batch_id": "batch_0001", "train_loss": 3.9, "val_loss": None, "val_masked_acc": None,
+                    "val_baseline_acc": None, "forgetting": {"batch_0000": 0.016, "batch_0001": None}})
+    _train(config, {"batch_id": "batch_0002", "val_masked_acc": float("nan"), "probe": "not a dict",
+                    "forgetting": [0.1]})
+    written = write_run_report(config, "old")
+    section = _model_section(Path(written["html"]).read_text())
+    verdicts = [html.unescape(v) for v in re.findall(r"<li[^>]*>(.*?)</li>", section, re.S)]
+    assert verdicts == [
+        "batch_0000: does NOT beat every baseline: masked-bin accuracy 0.0170 below the most-frequent bin (0.1410); "
+        "cell-type probe 0.3890 below PCA(50) (0.8090)",
+        "batch_0001: nothing to compare: no held-out cells: masked-bin accuracy not measured; no labelled held-out "
+        "cells for the cell-type probe",
+        "batch_0002: nothing to compare: no held-out cells: masked-bin accuracy not measured; no labelled held-out "
+        "cells for the cell-type probe"]
+    row = re.search(r'<tr id="model-batch_0001">(.*?)</tr>', section, re.S).group(1)
+    assert "batch_0000 now 0.0160 (at training: not stored)" in html.unescape(row)
+    assert "60 (3; n/a)" in section
+    metrics = json.loads(Path(written["metrics"]).read_text())
+    assert metrics["batches"][1]["forgetting"]["batch_0000"] == {"at_training": None, "now": 0.016, "change": None}
+    assert metrics["batches"][0]["beats_baselines"] == {"most_frequent_bin": False, "pca50": False}
