@@ -7,9 +7,11 @@ Runs whenever atlas_ingest's ``publish`` updates the model Asset, and on ``retra
 - ``gate_ingest`` → ``trigger_ingest``: atlas_ingest is triggered (its conf says why) only when
   there are untrained rows, else skipped with the reason;
 - ``build_retrain_set``: predictions with confidence above ``retrain.confidence_threshold``
-  become pseudo-labels in ``outputs/retrain/retrain.csv``, with their provenance;
+  become pseudo-labels in ``outputs/retrain/retrain.csv``, with their provenance (the next training
+  reads it when ``retrain.train_on_pseudo_labels`` is on);
 - ``evaluate``: the newest checkpoint and production, on the same held-out validation and canary
-  cells (split by dataset id);
+  cells (split by dataset id): masked-bin accuracy, and the cell-type head's accuracy on the
+  cells with a curated label;
 - ``promote``: the ``models/production.json`` pointer moves to the candidate unless it regresses
   by more than ``retrain.tolerance``; the decision and its numbers are in the log, the XCom and
   ``outputs/retrain/decision.json``, and go to the ``notify`` channel.

@@ -6,6 +6,7 @@
     airflow_local.py trigger DAG_ID [--conf JSON] [--wait] [--timeout 1800]
     airflow_local.py clear DAG_ID RUN_ID --group batch_0001 [--downstream] [--wait]
     airflow_local.py wait DAG_ID RUN_ID [--timeout 1800]
+    airflow_local.py wait-next DAG_ID --since EPOCH_S [--run-type asset_triggered] [--timeout 600]
     airflow_local.py tasks DAG_ID
     airflow_local.py stop
 
@@ -34,7 +35,9 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -317,6 +320,27 @@ def wait(args: argparse.Namespace) -> int:
     return wait_run(read_state(), args.dag_id, args.run_id, args.timeout)
 
 
+def wait_next(args: argparse.Namespace) -> int:
+    """Wait for the first run of DAG_ID (of ``--run-type``) due at or after ``--since``, then for it to finish.
+
+    For a run the scheduler creates by itself, e.g. atlas_retrain's run on the model Asset that an
+    atlas_ingest run's ``publish`` updated: the caller passes when it triggered that ingest run.
+    """
+    state = read_state()
+    since = datetime.fromtimestamp(args.since, UTC)
+    deadline = time.time() + args.timeout
+    query = urllib.parse.urlencode({"run_type": args.run_type, "run_after_gte": since.isoformat(),
+                                    "order_by": "run_after", "limit": 1})
+    while time.time() < deadline:
+        due = request(state, "GET", f"/api/v2/dags/{args.dag_id}/dagRuns?{query}", token=token(state))["dag_runs"]
+        if due:
+            print(f"{args.dag_id} run {due[0]['dag_run_id']} ({args.run_type}) started by itself; waiting for it")
+            return wait_run(state, args.dag_id, due[0]["dag_run_id"], max(deadline - time.time(), 1))
+        time.sleep(3)
+    print(f"no {args.run_type} run of {args.dag_id} due since {since.isoformat()} within {args.timeout} s")
+    return 1
+
+
 def tasks(args: argparse.Namespace) -> int:
     """Print the task ids of the DAG as the api-server serves it now (after the last parse)."""
     state = read_state()
@@ -368,6 +392,12 @@ def main() -> int:
     p.add_argument("run_id")
     p.add_argument("--timeout", type=float, default=1800)
     p.set_defaults(func=wait)
+    p = sub.add_parser("wait-next", help="wait for a run the scheduler starts by itself (e.g. on an Asset)")
+    p.add_argument("dag_id")
+    p.add_argument("--since", type=float, required=True, help="epoch seconds: only runs due from then on")
+    p.add_argument("--run-type", default="asset_triggered")
+    p.add_argument("--timeout", type=float, default=600)
+    p.set_defaults(func=wait_next)
     p = sub.add_parser("tasks")
     p.add_argument("dag_id")
     p.set_defaults(func=tasks)

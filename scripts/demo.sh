@@ -59,16 +59,25 @@ echo "(exit code $bad_rc)"
 say "3. Airflow on 127.0.0.1 (api-server, scheduler, dag-processor, triggerer), settings from airflow_settings.yaml"
 python scripts/airflow_local.py start
 python -m atlasflow_airflow.settings apply airflow_settings.yaml
+# unpaused before the ingest run, so the model Asset its publish updates starts a retraining run
+python scripts/airflow_local.py unpause atlas_retrain
 
 say "4. Run atlas_ingest: budget $(python -c 'from atlasflow.config import load_config; print(load_config().storage.max_storage_gb * 1000)') MB, so batches must wait for each other"
 t0=$(date +%s)
 python scripts/airflow_local.py trigger atlas_ingest --wait --timeout "${DEMO_TIMEOUT:-1800}"
 echo "run finished in $(( $(date +%s) - t0 )) s"
 
+say "5. atlas_retrain, started by the model Asset that publish updated: evaluate the new checkpoint, promote or keep"
+retrain_rc=0
+python scripts/airflow_local.py wait-next atlas_retrain --since "$t0" --timeout "${DEMO_RETRAIN_TIMEOUT:-600}" \
+  || retrain_rc=$?
+
 say "What the run did"
 python scripts/demo_summary.py
+[ "$retrain_rc" -eq 0 ] || echo "demo: the atlas_retrain run did not succeed (see its log in the UI)" >&2
 if [ "${KEEP_UI:-0}" = 1 ]; then
   echo
   echo "KEEP_UI=1: Airflow and the data server keep running. Stop them with:"
   echo "  AIRFLOW_HOME=$AIRFLOW_HOME python scripts/airflow_local.py stop; kill \$(cat $DEMO/geo_server.pid)"
 fi
+exit "$retrain_rc"

@@ -392,6 +392,10 @@ class RetrainConfig:
         0.3, "Share of held-out datasets (by a hash of their id) that form the canary split; the rest form the "
         "validation split.", min=0, max=1)
     split_seed: int = _opt(0, "Salt of the dataset-id hash that assigns held-out datasets to splits.", min=0)
+    train_on_pseudo_labels: bool = _opt(
+        False, "Opt-in: the next `atlasflow train` reads <base_dir>/outputs/retrain/retrain.csv and trains the "
+        "cell-type head on those pseudo-labels (cells matched by dataset id and obs name; a curated obs cell_type "
+        "always wins; held-out datasets never get one). Needs model.cell_types to list the labels.")
 
 
 @dataclass(frozen=True)
@@ -431,6 +435,14 @@ class AtlasConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def _check(self) -> list[str]:
+        # The head's classes are part of the network (and of every checkpoint's model section), so they
+        # are never derived from retrain.csv, whose labels change with each feedback file.
+        if self.retrain.train_on_pseudo_labels and not self.model.cell_type_labels():
+            return ["retrain.train_on_pseudo_labels is on but model.cell_types is empty: pseudo-labels train the "
+                    "cell-type head, so list its labels in model.cell_types (comma-separated), or turn the setting off"]
+        return []
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> AtlasConfig:
         """Return a copy with ``overrides`` (dotted keys or nested mappings) applied and validated."""

@@ -27,7 +27,7 @@ from atlasflow.genes import (
 from atlasflow.manifest import Dataset
 from atlasflow.plan import batch_id as make_batch_id
 from atlasflow.plan import freeze_plan, load_plan
-from atlasflow.retrain import resume_checkpoint
+from atlasflow.retrain import resume_checkpoint, retrain_set_path
 from atlasflow.runlog import record_job, record_stage
 from atlasflow.storage import BudgetExceededError, Cleaner, Ledger, StorageLayout, batch_footprint
 
@@ -375,6 +375,8 @@ def training_job(config: AtlasConfig, batch_id: str, *, previous_checkpoint: str
     The config the job receives is this run's effective config, written next to the
     checkpoints. ``python`` is the interpreter on the machine that runs the job (a cluster
     node's env); by default this one's, which suits a shared filesystem and the local backend.
+    With ``retrain.train_on_pseudo_labels`` on, the command names the retraining set
+    (``<base_dir>/outputs/retrain/retrain.csv``) as ``--pseudo-labels``.
     Returns ``{"command": [...], "checkpoint_dir": ..., "log_dir": ...}``.
     """
     layout = _layout(config)
@@ -392,6 +394,9 @@ def training_job(config: AtlasConfig, batch_id: str, *, previous_checkpoint: str
            "--vocab", str(config.state_dir / "vocab.json")]
     if previous is not None:
         cmd += ["--resume-from", str(previous)]
+    if config.retrain.train_on_pseudo_labels:
+        # derived from base_dir, never from a run's conf: the job reads what atlas_retrain last built
+        cmd += ["--pseudo-labels", str(retrain_set_path(config))]
     return {"command": cmd, "checkpoint_dir": str(out), "log_dir": str(config.state_dir / "jobs" / batch_id)}
 
 

@@ -15,7 +15,10 @@ evaluation imports the model (torch). The files it keeps (all small, all written
 ``state/retrain/triggered.json``
     The datasets atlas_ingest was last triggered for, so the same rows never trigger twice.
 ``outputs/retrain/retrain.csv`` and ``retrain.json``
-    The retraining set and its summary (see :func:`build_retrain_set`).
+    The retraining set and its summary (see :func:`build_retrain_set`). With
+    ``retrain.train_on_pseudo_labels`` on, the next ``atlasflow train`` trains the cell-type head on
+    it (:mod:`atlasflow.model.pseudo`), and the decision shows the head's accuracy on the held-out
+    cells' curated labels, candidate beside production.
 
 Feedback tables
 ---------------
@@ -42,7 +45,12 @@ Validation and canary cells are the cells training *held out*: whole datasets (p
 ``val_sets.npz``. Each held-out dataset goes to ``canary`` or ``validation`` by a salted SHA-256
 of its id (:func:`split_of`): stable (adding datasets never moves one), deterministic, and a
 dataset is in exactly one split. Both checkpoints are scored on the same cells with the same
-masks (``Trainer.masked_metrics``, the model's own validation metric).
+masks (``Trainer.masked_metrics``, the model's own validation metric), and, when the model has a
+cell-type head, by the head's accuracy on the cells whose curated obs ``cell_type`` is one of
+``model.cell_types`` (``cell_type_acc``, ``cell_type_cells``). Promotion is decided on masked-bin
+accuracy alone; the head's figures are in the record and the reason, to read, not to gate: a
+feedback loop that only rewards agreeing with its own pseudo-labels is what a canary should
+expose, not what it should optimise.
 """
 
 from __future__ import annotations
@@ -55,15 +63,20 @@ import logging
 import os
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from atlasflow.config import AtlasConfig
 from atlasflow.fsutil import write_json_atomic, write_text_atomic
 from atlasflow.notify import Message, SmtpSender, send
 from atlasflow.storage.layout import StorageLayout
+
+if TYPE_CHECKING:  # numpy and the model (torch) are imported where they are used: the DAGs import this module
+    import numpy as np
+
+    from atlasflow.model.train import Trainer
 
 __all__ = [
     "FeedbackRow",
@@ -71,15 +84,18 @@ __all__ = [
     "assign_splits",
     "build_retrain_set",
     "candidate_checkpoint",
+    "cell_type_head",
     "decide",
     "detect_changes",
     "evaluate_candidate",
+    "head_accuracy",
     "held_out_datasets",
     "ingest_trigger",
     "production",
     "promote_or_keep",
     "read_feedback",
     "resume_checkpoint",
+    "retrain_set_path",
     "select_pseudo_labels",
     "split_of",
 ]
@@ -110,6 +126,11 @@ def _retrain_state(config: AtlasConfig) -> Path:
 
 def _outputs(config: AtlasConfig) -> Path:
     return StorageLayout.of(config.storage.base_dir).outputs / "retrain"
+
+
+def retrain_set_path(config: AtlasConfig) -> Path:
+    """``<base_dir>/outputs/retrain/retrain.csv``: what :func:`build_retrain_set` writes and training reads."""
+    return _outputs(config) / "retrain.csv"
 
 
 def _read_json(path: Path, default: Any) -> Any:
@@ -415,7 +436,7 @@ def build_retrain_set(config: AtlasConfig) -> dict[str, Any]:
         writer.writerow([r.cell_id, r.dataset_id, r.predicted_label, f"{r.confidence:.6g}", r.source, r.predicted_by,
                          r.feedback_file, r.feedback_sha256, r.feedback_row, f"{threshold:g}"])
     out = _outputs(config)
-    csv_path = write_text_atomic(out / "retrain.csv", buf.getvalue())
+    csv_path = write_text_atomic(retrain_set_path(config), buf.getvalue())
     summary = {"path": str(csv_path), "threshold": threshold, "files": len(files), "rows_read": len(rows),
                "refused": dict(refused), "dropped": dict(dropped), "pseudo_labels": len(kept),
                "labels": dict(sorted(Counter(r.predicted_label for r in kept).items())),
@@ -433,7 +454,8 @@ def _eval_cells(config: AtlasConfig, checkpoint: Path) -> dict[str, Any]:
     """The held-out cells in ``checkpoint``'s ``val_sets.npz``, grouped by split.
 
     Cells of checkpoints written before dataset ids were kept are keyed by their batch instead
-    (a batch's held-out datasets then stay together in one split: still no leakage).
+    (a batch's held-out datasets then stay together in one split: still no leakage); cells of
+    checkpoints written before their curated labels were kept count as unlabelled.
     """
     import numpy as np
 
@@ -441,13 +463,15 @@ def _eval_cells(config: AtlasConfig, checkpoint: Path) -> dict[str, Any]:
     if not path.exists():
         return {}
     r = config.retrain
-    parts: dict[str, dict[str, list[Any]]] = {s: {"tokens": [], "bins": [], "keys": []} for s in SPLITS}
+    parts: dict[str, dict[str, list[Any]]] = {s: {"tokens": [], "bins": [], "keys": [], "labels": []} for s in SPLITS}
     with np.load(path) as z:
         batches = sorted({k.rsplit("__", 1)[0] for k in z.files})
         for batch in batches:
             tokens, bins = z[f"{batch}__tokens"], z[f"{batch}__bins"]
             keys = z[f"{batch}__datasets"].astype(str) if f"{batch}__datasets" in z.files else \
                 np.full(tokens.shape[0], f"batch:{batch}")
+            labels = z[f"{batch}__labels"].astype(str) if f"{batch}__labels" in z.files else \
+                np.full(tokens.shape[0], "")
             splits = np.array([split_of(k, canary_fraction=r.canary_fraction, seed=r.split_seed) for k in keys])
             for s in SPLITS:
                 sel = splits == s
@@ -455,17 +479,40 @@ def _eval_cells(config: AtlasConfig, checkpoint: Path) -> dict[str, Any]:
                     parts[s]["tokens"].append(tokens[sel])
                     parts[s]["bins"].append(bins[sel])
                     parts[s]["keys"].append(keys[sel])
+                    parts[s]["labels"].append(labels[sel])
     return {s: {"tokens": np.concatenate(p["tokens"]), "bins": np.concatenate(p["bins"]),
-                "keys": sorted(set(np.concatenate(p["keys"]).tolist()))}
+                "labels": np.concatenate(p["labels"]), "keys": sorted(set(np.concatenate(p["keys"]).tolist()))}
             for s, p in parts.items() if p["tokens"]}
 
 
-def _score(config: AtlasConfig, checkpoint: Path, cells: Mapping[str, Any]) -> dict[str, dict[str, float]]:
+def head_accuracy(trainer: Trainer, tokens: np.ndarray, bins: np.ndarray, labels: np.ndarray,
+                  cell_types: list[str]) -> dict[str, Any]:
+    """The cell-type head's accuracy on the cells whose curated label is one of ``cell_types``.
+
+    Returns ``{"cell_type_acc": float | None, "cell_type_cells": int}``: None when the model has no
+    head or no cell has such a label (unlabelled cells, and labels the head cannot predict, are
+    left out rather than counted wrong).
+    """
+    import numpy as np
+
+    known = np.isin(labels, cell_types) if cell_types else np.zeros(len(labels), dtype=bool)
+    n = int(known.sum())
+    predicted = trainer.predict_cell_types(tokens[known], bins[known]) if n else None
+    if predicted is None:
+        return {"cell_type_acc": None, "cell_type_cells": n}
+    index = {c: i for i, c in enumerate(cell_types)}
+    target = np.array([index[label] for label in labels[known]])
+    return {"cell_type_acc": round(float((predicted == target).mean()), 6), "cell_type_cells": n}
+
+
+def _score(config: AtlasConfig, checkpoint: Path, cells: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     from atlasflow.model.cli import resolve_vocab
     from atlasflow.model.train import Trainer
 
     trainer = Trainer.load(checkpoint, config, resolve_vocab(config, None))
-    return {s: {k: round(float(v), 6) for k, v in trainer.masked_metrics(c["tokens"], c["bins"]).items()}
+    types = config.model.cell_type_labels()
+    return {s: {**{k: round(float(v), 6) for k, v in trainer.masked_metrics(c["tokens"], c["bins"]).items()},
+                "cell_type_acc": head_accuracy(trainer, c["tokens"], c["bins"], c["labels"], types)["cell_type_acc"]}
             for s, c in cells.items()}
 
 
@@ -475,8 +522,12 @@ def evaluate_candidate(config: AtlasConfig, candidate: Path | None = None) -> di
     Returns
     -------
     ``{"status": "evaluated" | "unchanged" | "no_candidate", "reason", "candidate", "production",
-    "splits": {split: {"cells", "datasets", "candidate": metrics, "production": metrics | None}}}``;
-    metrics are ``loss``, ``masked_acc`` and ``baseline_acc``.
+    "candidate_pseudo_labels", "splits": {split: {"cells", "cell_type_cells", "datasets", "candidate":
+    metrics, "production": metrics | None}}}``; metrics are ``loss``, ``masked_acc``,
+    ``baseline_acc``, ``per_gene_acc`` and ``cell_type_acc`` (the cell-type head's accuracy on the
+    ``cell_type_cells`` cells whose curated label is one of ``model.cell_types``; None without a
+    head or such cells). ``candidate_pseudo_labels`` is what the candidate's batch took from the
+    retraining set (its ``result.json``; None when it was trained without one).
 
     Raises
     ------
@@ -491,6 +542,7 @@ def evaluate_candidate(config: AtlasConfig, candidate: Path | None = None) -> di
         return {**base, "status": "no_candidate", "reason": "no trained checkpoint yet"}
     sha = _sha256(candidate / "model.pt")
     base["candidate_sha256"] = sha
+    base["candidate_pseudo_labels"] = _read_json(candidate / "result.json", {}).get("pseudo_labels")
     if pointer is not None and pointer.get("model_sha256") == sha:
         return {**base, "status": "unchanged", "reason": f"{candidate.name} is already production"}
     if (record := _is_rejected(config, candidate)) is not None:
@@ -508,22 +560,58 @@ def evaluate_candidate(config: AtlasConfig, candidate: Path | None = None) -> di
         raise ValueError(f"evaluation datasets were trained on (leakage): {', '.join(leaked)}")
     ours = _score(config, candidate, cells)
     theirs = _score(config, prod, cells) if prod else {}
+    import numpy as np
+
+    types = config.model.cell_type_labels()
     for s, c in cells.items():
         base["splits"][s] = {"cells": int(c["tokens"].shape[0]), "datasets": c["keys"], "candidate": ours[s],
-                             "production": theirs.get(s)}
+                             "production": theirs.get(s),
+                             "cell_type_cells": int(np.isin(c["labels"], types).sum()) if types else 0}
     return {**base, "status": "evaluated", "reason": f"{candidate.name} scored on {', '.join(cells) or 'no'} split(s)"}
 
 
 @dataclass(frozen=True)
 class Decision:
-    """Promote or keep, and why; per split: production's and the candidate's accuracy and the change."""
+    """Promote or keep, and why; per split: production's and the candidate's accuracy and the change.
+
+    ``cell_type_head``: per split, the cell-type head's accuracy on labelled held-out cells for the
+    candidate and production, the change and the cells (see :func:`cell_type_head`); shown, not gated on.
+    """
 
     promote: bool
     reason: str
     deltas: dict[str, float | None]
+    cell_type_head: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def cell_type_head(splits: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per split: ``{"candidate", "production", "change", "cells"}``, the head's accuracy on labelled cells.
+
+    Splits where neither checkpoint has a head figure (no head, or no labelled cell) are left out.
+    """
+    out = {}
+    for s, m in sorted(splits.items()):
+        new = (m.get("candidate") or {}).get("cell_type_acc")
+        old = (m.get("production") or {}).get("cell_type_acc")
+        if new is None and old is None:
+            continue
+        out[s] = {"candidate": new, "production": old,
+                  "change": None if new is None or old is None else round(new - old, 6),
+                  "cells": m.get("cell_type_cells")}
+    return out
+
+
+def _head_lines(head: Mapping[str, Mapping[str, Any]]) -> str:
+    lines = []
+    for s, h in head.items():
+        old, new, change = h["production"], h["candidate"], h["change"]
+        figures = f"{'n/a' if old is None else f'{old:.4f}'} -> {'n/a' if new is None else f'{new:.4f}'}"
+        delta = "" if change is None else f"{change:+.4f}, "
+        lines.append(f"{s}: cell-type head accuracy {figures} ({delta}{h['cells']} labelled cells)")
+    return "; ".join(lines)
 
 
 def decide(evaluation: Mapping[str, Any], *, tolerance: float) -> Decision:
@@ -531,11 +619,15 @@ def decide(evaluation: Mapping[str, Any], *, tolerance: float) -> Decision:
 
     With no production checkpoint yet the candidate is promoted (there is nothing to regress
     from); with production but no held-out cells it is kept (a regression could not be ruled out).
+    The cell-type head's accuracy per split (candidate and production) is in the reason and in
+    ``cell_type_head``, but does not decide.
     """
     splits = evaluation.get("splits") or {}
+    head = cell_type_head(splits)
+    shown = f" (shown, not decided on: {_head_lines(head)})" if head else ""
     if evaluation.get("production") is None:
-        return Decision(True, "no production checkpoint yet: the first evaluated candidate is promoted",
-                        {s: None for s in splits})
+        return Decision(True, "no production checkpoint yet: the first evaluated candidate is promoted" + shown,
+                        {s: None for s in splits}, head)
     if not splits:
         return Decision(False, "no held-out validation or canary cells to compare on: production is kept", {})
     deltas: dict[str, float | None] = {}
@@ -548,8 +640,9 @@ def decide(evaluation: Mapping[str, Any], *, tolerance: float) -> Decision:
             worse.append(s)
     if worse:
         return Decision(False, f"regressed beyond the tolerance {tolerance:g} on {', '.join(worse)}: "
-                        + "; ".join(lines), deltas)
-    return Decision(True, f"no regression beyond the tolerance {tolerance:g}: " + "; ".join(lines), deltas)
+                        + "; ".join(lines) + shown, deltas, head)
+    return Decision(True, f"no regression beyond the tolerance {tolerance:g}: " + "; ".join(lines) + shown, deltas,
+                    head)
 
 
 def promote_or_keep(config: AtlasConfig, evaluation: Mapping[str, Any], *, run_id: str,
@@ -562,7 +655,8 @@ def promote_or_keep(config: AtlasConfig, evaluation: Mapping[str, Any], *, run_i
     """
     record: dict[str, Any] = {"run_id": run_id, "decided_at": _now(), "candidate": evaluation.get("candidate"),
                               "production_before": evaluation.get("production"), "splits": evaluation.get("splits"),
-                              "tolerance": config.retrain.tolerance}
+                              "tolerance": config.retrain.tolerance,
+                              "candidate_pseudo_labels": evaluation.get("candidate_pseudo_labels")}
     if evaluation.get("status") != "evaluated":
         record.update({"action": "none", "reason": evaluation.get("reason")})
         log.info("no decision: %s", record["reason"])
@@ -570,7 +664,7 @@ def promote_or_keep(config: AtlasConfig, evaluation: Mapping[str, Any], *, run_i
     decision = decide(evaluation, tolerance=config.retrain.tolerance)
     candidate = Path(str(evaluation["candidate"]))
     record.update({"action": "promoted" if decision.promote else "kept", "reason": decision.reason,
-                   "deltas": decision.deltas})
+                   "deltas": decision.deltas, "cell_type_head": decision.cell_type_head})
     layout = StorageLayout.of(config.storage.base_dir)
     if decision.promote:
         seen = {str(p): _sha256(p) for p in _feedback_files(config)}

@@ -34,7 +34,13 @@ def _train(args: argparse.Namespace, out: TextIO) -> int:
     resume = Path(args.resume_from) if args.resume_from else None
     if resume is not None and not (resume / "model.pt").exists():
         raise ValueError(f"--resume-from {resume} is not a checkpoint folder (no model.pt)")
-    result = train_batch(config, resolve_vocab(config, args.vocab), batch_dir, Path(args.out), resume_from=resume)
+    pseudo = Path(args.pseudo_labels) if args.pseudo_labels else None
+    if pseudo is None and config.retrain.train_on_pseudo_labels:
+        from atlasflow.retrain import retrain_set_path
+
+        pseudo = retrain_set_path(config)  # the same file the pipeline names on its command line
+    result = train_batch(config, resolve_vocab(config, args.vocab), batch_dir, Path(args.out), resume_from=resume,
+                         pseudo_labels=pseudo)
     result_path = os.environ.get("ATLASFLOW_RESULT_PATH")
     if result_path:  # set by the SLURM job script: the operator reads the result from there
         from atlasflow.fsutil import write_json_atomic
@@ -65,6 +71,8 @@ def register(sub: Any) -> None:
     p.add_argument("--resume-from", help="the previous batch's checkpoint folder")
     p.add_argument("--out", required=True, help="checkpoint folder to write (models/checkpoints/<batch_id>)")
     p.add_argument("--vocab", help="vocabulary file (default: state/vocab.json, else genes.vocab_path)")
+    p.add_argument("--pseudo-labels", help="retraining set whose labels train the cell-type head (default: "
+                   "<base_dir>/outputs/retrain/retrain.csv when retrain.train_on_pseudo_labels is on, else none)")
     p.set_defaults(func=_train)
     e = sub.add_parser("embed", help="add cell (obsm X_atlas) and gene (varm X_atlas_gene) embeddings to a file")
     e.add_argument("--config", help="config file (default $ATLASFLOW_CONFIG); its model section must match")

@@ -39,6 +39,7 @@ from atlasflow.genes import Vocabulary
 from atlasflow.model.data import BatchData, CellBatch, HeldOutSample
 from atlasflow.model.genestats import GeneMedians
 from atlasflow.model.network import AtlasTransformer, no_decay
+from atlasflow.model.pseudo import PseudoLabels, apply_pseudo_labels
 from atlasflow.model.tokenizer import N_SPECIAL, Tokenizer
 
 __all__ = ["Trainer", "embed_file", "linear_probe_accuracy", "log_normalised_pca", "per_gene_baseline_accuracy",
@@ -68,6 +69,7 @@ class Progress:
     medians_batches: list[str] = field(default_factory=list)  # batches whose cells are in the gene medians
     replay_cells_represented: int = 0  # training cells the reservoir is a uniform sample of
     replay_version: str | None = None  # the batch that last updated the reservoir
+    pseudo_labels_sha256: str | None = None  # the retraining set the current batch started with
 
 
 def _device(config: AtlasConfig) -> torch.device:
@@ -137,6 +139,8 @@ class Trainer:
         self.val_sets: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         # the dataset id of every sampled validation cell, so atlas_retrain can split them by dataset
         self.val_datasets: dict[str, np.ndarray] = {}
+        # their curated obs cell_type ("" unlabelled), so atlas_retrain can score the cell-type head
+        self.val_labels: dict[str, np.ndarray] = {}
 
     # ---- persistence -----------------------------------------------------------------------------
 
@@ -160,6 +164,7 @@ class Trainer:
             arrays = {f"{k}__{part}": arr for k, (t, b) in self.val_sets.items()
                       for part, arr in (("tokens", t), ("bins", b))}
             arrays.update({f"{k}__datasets": ids for k, ids in self.val_datasets.items() if k in self.val_sets})
+            arrays.update({f"{k}__labels": v for k, v in self.val_labels.items() if k in self.val_sets})
             np.savez_compressed(tmp / "val_sets.npz", **arrays)
         write_json_atomic(tmp / "progress.json", {"version": CHECKPOINT_VERSION, "vocab_version": self.vocab.version,
                                                   "config": self.config.to_dict(), **asdict(self.progress)})
@@ -194,7 +199,8 @@ class Trainer:
         torch.set_rng_state(state["torch"])
         np.random.set_state(state["numpy"])
         random.setstate(state["python"])
-        fields = {k: meta[k] for k in Progress.__dataclass_fields__}
+        # a field added since the checkpoint was written keeps its default
+        fields = {k: meta[k] for k in Progress.__dataclass_fields__ if k in meta}
         trainer.progress = Progress(**fields)
         with np.load(path / "stats.npz") as z:
             trainer.gene_bins = z["gene_bins"].astype(np.int64)
@@ -208,6 +214,7 @@ class Trainer:
                 names = sorted({k.rsplit("__", 1)[0] for k in z.files})
                 trainer.val_sets = {n: (z[f"{n}__tokens"], z[f"{n}__bins"]) for n in names}
                 trainer.val_datasets = {n: z[f"{n}__datasets"] for n in names if f"{n}__datasets" in z.files}
+                trainer.val_labels = {n: z[f"{n}__labels"] for n in names if f"{n}__labels" in z.files}
         return trainer
 
     # ---- the objective -----------------------------------------------------------------------------
@@ -288,15 +295,34 @@ class Trainer:
         p.replay_cells_represented = seen + n_new
         p.replay_version = data.batch_dir.name
 
-    def run_batch(self, batch_dir: Path, *, checkpoint: Path | None = None) -> dict[str, Any]:
-        """Train on one batch folder, continuing wherever the progress says; returns its metrics."""
+    def run_batch(self, batch_dir: Path, *, checkpoint: Path | None = None,
+                  pseudo_labels: PseudoLabels | None = None) -> dict[str, Any]:
+        """Train on one batch folder, continuing wherever the progress says; returns its metrics.
+
+        ``pseudo_labels`` (the retraining set) label the cell-type head's unlabelled training cells
+        (see :mod:`atlasflow.model.pseudo`); the metrics' ``pseudo_labels`` say what was used.
+        """
         t = self.config.training
         data = BatchData(batch_dir, self.vocab, self.tokenizer, seed=t.seed, block_cells=t.block_cells,
                          val_fraction=t.val_fraction, cell_types=self.config.model.cell_type_labels())
         p = self.progress
+        sha = pseudo_labels.sha256 if pseudo_labels is not None else None
         if p.batch_id != batch_dir.name or p.batch_done:
             p.batch_id, p.epoch, p.step_in_epoch, p.batch_done = batch_dir.name, 0, 0, False
             p.batch_start_step = p.global_step
+            p.pseudo_labels_sha256 = sha
+        elif p.pseudo_labels_sha256 != sha:
+            # atlas_retrain may rebuild the table while a killed job waits for its retry; refusing would
+            # fail every retry the same way, so the rest of the batch trains on the new labels, recorded
+            log.warning("%s resumes with another retraining set (sha256 %s; the batch started with %s): its "
+                        "remaining steps train on the new pseudo-labels", batch_dir.name, sha, p.pseudo_labels_sha256)
+        pseudo_use = None
+        if pseudo_labels is not None:
+            # held out here or by any earlier batch: what atlas_retrain measures on never gets a training label
+            held_out = {f.dataset_id for f in data.val} | {d for b in p.batches for d in b.get("val_datasets") or []}
+            data.train, use = apply_pseudo_labels(data.train, pseudo_labels, self.config.model.cell_type_labels(),
+                                                  held_out=held_out)
+            pseudo_use = {**use.to_dict(), "sha256_at_batch_start": p.pseudo_labels_sha256}
         self._start_batch(data)
         n_replay = round(t.replay_share * t.batch_cells) if self.replay is not None and len(self.replay) else 0
         n_new = max(t.batch_cells - n_replay, 1)
@@ -330,7 +356,7 @@ class Trainer:
         metrics.update({"batch_id": batch_dir.name, "steps": steps, "seconds": round(time.monotonic() - t0, 3),
                         "train_cells": data.n_train_cells, "replay_cells_per_step": n_replay,
                         "train_loss": float(np.mean(p.losses[-steps:])) if steps and p.losses else None,
-                        "train_datasets": [f.dataset_id for f in data.train],
+                        "train_datasets": [f.dataset_id for f in data.train], "pseudo_labels": pseudo_use,
                         "val_datasets": [f.dataset_id for f in data.val]})
         self._update_replay(data)
         metrics["replay_reservoir_cells"] = len(self.replay) if self.replay is not None else 0
@@ -403,6 +429,15 @@ class Trainer:
         net.train()
         return np.concatenate(out) if out else np.zeros((0, net.head.in_features), np.float32)
 
+    @torch.no_grad()
+    def predict_cell_types(self, tokens: np.ndarray, bins: np.ndarray) -> np.ndarray | None:
+        """The cell-type head's class (index into ``model.cell_types``) per cell, unmasked; None without a head."""
+        head = self.model.cell_head
+        if head is None:
+            return None
+        cls = self.embed_tokens(tokens.astype(np.int64), bins.astype(np.int64))
+        return head(torch.from_numpy(cls).to(self.device)).argmax(-1).cpu().numpy()
+
     def untrained_network(self) -> AtlasTransformer:
         """The network as initialised by this config's seed (the baseline every probe is compared with)."""
         with torch.random.fork_rng(devices=[]):
@@ -448,6 +483,8 @@ class Trainer:
             keep = np.sort(np.random.default_rng(t.seed).permutation(len(cells))[:VAL_SET_CELLS])
             self.val_sets[batch] = (cells.tokens[keep].astype(np.int32), cells.bins[keep].astype(np.int16))
             self.val_datasets[batch] = sample.dataset_ids[keep]
+            if sample.cell_type is not None:
+                self.val_labels[batch] = sample.cell_type[keep].astype(str)
             out["probe"] = self._probe(sample)
         out["forgetting"] = self._forgetting(batch)
         return out
@@ -523,9 +560,18 @@ def linear_probe_accuracy(features: np.ndarray, labels: np.ndarray, *, folds: in
 
 
 def train_batch(config: AtlasConfig, vocab: Vocabulary, batch_dir: Path, out: Path, *,
-                resume_from: Path | None = None) -> dict[str, Any]:
-    """What ``atlasflow train`` does: resume, train one batch, evaluate, write ``out`` and ``out/result.json``."""
+                resume_from: Path | None = None, pseudo_labels: Path | None = None) -> dict[str, Any]:
+    """What ``atlasflow train`` does: resume, train one batch, evaluate, write ``out`` and ``out/result.json``.
+
+    ``pseudo_labels``: the retraining set (``outputs/retrain/retrain.csv``) whose labels train the
+    cell-type head; not there yet (no atlas_retrain run so far) means none, recorded as such.
+    ``result.json``'s ``pseudo_labels`` gives the table's sha256, the cells it labelled and why its
+    other rows were not used (None when no table was asked for).
+    """
     t0 = time.monotonic()
+    if pseudo_labels is not None and not config.model.cell_type_labels():
+        raise ValueError("pseudo-labels train the cell-type head, and model.cell_types is empty: list the labels there "
+                         "(or turn retrain.train_on_pseudo_labels off)")
     partial = out.with_name(out.name + ".partial")
     if (out / "result.json").exists():
         log.info("%s already trained: %s", batch_dir.name, out)
@@ -542,10 +588,19 @@ def train_batch(config: AtlasConfig, vocab: Vocabulary, batch_dir: Path, out: Pa
         log.info("continuing from %s (step %d)", resume_from, trainer.progress.global_step)
     else:
         trainer = Trainer(config, vocab)
-    metrics = trainer.run_batch(batch_dir, checkpoint=partial)
+    table = None
+    if pseudo_labels is not None and pseudo_labels.exists():
+        table = PseudoLabels.read(pseudo_labels)
+    elif pseudo_labels is not None:
+        log.info("no retraining set at %s yet: %s trains without pseudo-labels", pseudo_labels, batch_dir.name)
+    metrics = trainer.run_batch(batch_dir, checkpoint=partial, pseudo_labels=table)
     trainer.save(out)
     shutil.rmtree(partial, ignore_errors=True)
     p = trainer.progress
+    used = metrics["pseudo_labels"]
+    if pseudo_labels is not None and table is None:  # asked for, not built yet: say so rather than nothing
+        used = {"path": str(pseudo_labels), "sha256": None, "rows": 0, "cells": 0, "labels": {}, "datasets": {},
+                "skipped": {}, "sha256_at_batch_start": None}
     result = {
         "batch_id": batch_dir.name, "checkpoint_dir": str(out), "parent_checkpoint": str(resume_from) if resume_from else None,
         "parent_hash": p.parent, "vocab_version": vocab.version, "cells_seen": p.cells_seen,
@@ -553,6 +608,7 @@ def train_batch(config: AtlasConfig, vocab: Vocabulary, batch_dir: Path, out: Pa
         **{k: metrics[k] for k in ("steps", "train_loss", "val_loss", "val_masked_acc", "val_baseline_acc",
                                    "val_per_gene_acc", "val_expression_mse", "val_cells", "val_cells_total", "probe",
                                    "forgetting", "replay_cells_per_step", "replay_reservoir_cells")},
+        "pseudo_labels": used,
         "gene_ranking": config.model.gene_ranking, "cell_objective": config.model.cell_objective,
         "gene_medians_version": trainer.medians.version() if config.model.gene_ranking == "median" else None,
         "device": str(trainer.device), "n_parameters": trainer.model.n_parameters(),

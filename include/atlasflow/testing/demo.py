@@ -100,6 +100,8 @@ training:
   checkpoint_every_steps: 5
   val_fraction: 0.34
   replay_cells: 200  # the demo's batches hold a few hundred cells; keeps the checkpoint inside its 7 MB
+retrain:
+  schedule: null  # atlas_retrain runs on the model Asset the ingest run publishes, not weekly
 """)
     return {"root": str(root), "datasets": len(rows), "www": str(www)}
 
