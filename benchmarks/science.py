@@ -245,6 +245,7 @@ def main() -> int:
                         help="extra config override (JSON value), e.g. --set training.lr=0.003")
     parser.add_argument("--memory-sizes", default="10000,100000,1000000")
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--replay-only", action="store_true", help="skip the comparison run without replay")
     parser.add_argument("--out", type=Path, default=RESULTS / "science.json")
     args = parser.parse_args()
     overrides: dict = {"model.preset": args.preset, "genes.vocab_path": "builtin:pbmc68k",
@@ -259,7 +260,8 @@ def main() -> int:
                                 datasets_per_batch=args.datasets_per_batch,
                                 val_fraction=overrides["training.val_fraction"], seed=0)
         runs = {}
-        for name, extra in (("replay", {}), ("no_replay", {"training.replay_cells": 0})):
+        variants = (("replay", {}), ("no_replay", {"training.replay_cells": 0}))
+        for name, extra in variants[:1] if args.replay_only else variants:
             sys.stdout.write(f"== {name}\n")
             runs[name] = run(batches, root / name, {**overrides, **extra})
         memory = [] if args.skip_memory else eval_memory(root / "memory", overrides,
@@ -272,7 +274,7 @@ def main() -> int:
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "overrides": overrides,
         "runs": runs,
-        "goals": goals(runs["replay"], runs["no_replay"]),
+        "goals": goals(runs["replay"], runs.get("no_replay", runs["replay"])),
         "eval_memory": memory,
         "seconds": round(time.perf_counter() - t0, 1),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),

@@ -257,11 +257,14 @@ class BatchData:
         for part in self.stream(epoch=epoch, start_cell=start_step * batch_cells, split=split, shuffle=shuffle):
             buf.append(part)
             have += len(part)
-            while have >= batch_cells:
-                joined = CellBatch.concat(buf)
-                yield step, joined.take(slice(0, batch_cells))
+            if have < batch_cells:
+                continue
+            joined, pos = CellBatch.concat(buf), 0  # once per block, not once per step
+            while have - pos >= batch_cells:
+                yield step, joined.take(slice(pos, pos + batch_cells))
                 step += 1
-                buf, have = [joined.take(slice(batch_cells, None))], have - batch_cells
+                pos += batch_cells
+            buf, have = [joined.take(slice(pos, None))], have - pos
         if have:
             yield step, CellBatch.concat(buf)
 
