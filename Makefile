@@ -28,8 +28,9 @@ demo: $(STAMP)  ## run the pipeline end to end on the embedded defaults (SQLite,
 bench: $(STAMP)  ## run benchmarks/, writing JSON to benchmarks/results/
 	$(PY) benchmarks/run_all.py
 
-lint: $(STAMP)  ## ruff (incl. AIR rules and TID253 heavy-import ban for dags/ and plugins/)
+lint: $(STAMP)  ## ruff (incl. AIR rules, TID253 heavy-import ban for dags/ and plugins/), import layers and cycles
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports --no-cache
 	PYTHONPATH=plugins $(PY) -m atlasflow_airflow.settings check airflow_settings.yaml
 
 format: $(STAMP)  ## apply ruff's fixes and formatting

@@ -1,7 +1,7 @@
 """Download throughput: atlasflow's downloader vs curl on the same file from a local server.
 
 Serves a random file (default 512 MB) from the GEO stand-in server on 127.0.0.1 and downloads it
-alternately with ``curl -o`` and ``atlasflow.fetch.http.download`` (checksum verification
+alternately with ``curl -o`` and ``atlasflow.acquire.http.download`` (checksum verification
 included, as in production), 3 rounds each. Goal: ours ≥ 0.9× curl.
 
 Fairness: the server runs in its own process, as a real host would (in a thread of this process
@@ -27,7 +27,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from atlasflow.fetch.http import download
+    from atlasflow.acquire.http import download
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mb", type=int, default=512)

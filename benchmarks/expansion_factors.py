@@ -16,11 +16,11 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def main() -> dict:
-    from atlasflow.config import load_config
-    from atlasflow.genes import Vocabulary
-    from atlasflow.manifest import Dataset
-    from atlasflow.process import process_dataset
-    from atlasflow.storage.layout import tree_bytes
+    from atlasflow.core.config import load_config
+    from atlasflow.core.layout import tree_bytes
+    from atlasflow.intake.manifest import Dataset
+    from atlasflow.prep.genes import Vocabulary
+    from atlasflow.prep.process import process_dataset
     from atlasflow.testing.realdata import WRITABLE_FORMATS, pbmc_counts, write_format
 
     config = load_config(overrides={"qc.min_genes": 10, "genes.vocab_path": "builtin:pbmc68k"})

@@ -31,7 +31,7 @@ DESIGN_DOC_SPEEDUP = 2.5
 
 
 def _sample(config: Any, batch: str, ds: str, t0: float, row: dict[str, Any]) -> None:
-    from atlasflow import pipeline as P
+    from atlasflow.steps import ingest as P
 
     row["download_start"] = time.monotonic() - t0
     fetched = P.download_dataset(config, batch, ds, final_try=True)
@@ -41,7 +41,7 @@ def _sample(config: Any, batch: str, ds: str, t0: float, row: dict[str, Any]) ->
 
 
 def _quant(config: Any, batch: str, ds: str, t0: float, row: dict[str, Any]) -> None:
-    from atlasflow import pipeline as P
+    from atlasflow.steps import ingest as P
 
     row["quant_start"] = time.monotonic() - t0
     outcome = P.run_quant(config, batch, ds)
@@ -54,8 +54,8 @@ def _quant(config: Any, batch: str, ds: str, t0: float, row: dict[str, Any]) -> 
 
 
 def run_mode(config: Any, ids: list[str], *, parallel: bool, downloads: int, quants: int) -> dict[str, Any]:
-    from atlasflow import pipeline as P
-    from atlasflow.plan import write_batch_spec
+    from atlasflow.intake.plan import write_batch_spec
+    from atlasflow.steps import ingest as P
     from atlasflow.testing.disk import PeakDiskSampler
 
     P.prepare_run(config)
@@ -99,8 +99,8 @@ def _calibrate(root: Path, paths: dict[str, str], onlist: str) -> float:
     """Seconds one kb count of a simulated sample takes here (kb-python's own overhead dominates)."""
     import shutil
 
-    from atlasflow.config import QuantConfig
-    from atlasflow.quant import quantify
+    from atlasflow.acquire.quant import quantify
+    from atlasflow.core.config import QuantConfig
 
     raw = root / "calibration"
     shutil.copytree(root / "sim" / "SRR9000000", raw)
@@ -114,7 +114,7 @@ def _calibrate(root: Path, paths: dict[str, str], onlist: str) -> float:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     import numpy as np
 
-    from atlasflow.config import load_config
+    from atlasflow.core.config import load_config
     from atlasflow.testing.reads import build_fastq_demo, indexed_reference
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

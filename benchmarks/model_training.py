@@ -27,10 +27,10 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def _make_batch(n_cells: int, folder: Path) -> Path:
-    from atlasflow.config import load_config
-    from atlasflow.genes import Vocabulary
-    from atlasflow.manifest import Dataset
-    from atlasflow.process import process_dataset
+    from atlasflow.core.config import load_config
+    from atlasflow.intake.manifest import Dataset
+    from atlasflow.prep.genes import Vocabulary
+    from atlasflow.prep.process import process_dataset
     from atlasflow.testing.realdata import pbmc_counts, resample
 
     raw = folder / "raw"
@@ -51,10 +51,10 @@ def _loader(batch: Path) -> dict:
     import torch
     from anndata.experimental import AnnLoader
 
-    from atlasflow.config import load_config
-    from atlasflow.genes import Vocabulary
+    from atlasflow.core.config import load_config
     from atlasflow.model.data import BatchData
     from atlasflow.model.tokenizer import Tokenizer
+    from atlasflow.prep.genes import Vocabulary
 
     config = load_config(overrides={"genes.vocab_path": "builtin:pbmc68k"})
     tok = Tokenizer(765, config.model.sizes()["max_genes"], config.model.n_bins)
@@ -82,9 +82,9 @@ def _loader(batch: Path) -> dict:
 def _train(batch: Path, out: Path) -> dict:
     import torch
 
-    from atlasflow.config import load_config
-    from atlasflow.genes import Vocabulary
+    from atlasflow.core.config import load_config
     from atlasflow.model.train import train_batch
+    from atlasflow.prep.genes import Vocabulary
 
     torch.set_num_threads(os.cpu_count() or 1)
     config = load_config(overrides={"training.val_fraction": 0.0, "training.checkpoint_every_steps": 10_000,

@@ -42,7 +42,7 @@ STAGES = ("admit", "download", "process", "integrate", "train", "cleanup")
 
 
 def run_mode(pipelining: bool, work: Path, *, batch_size: int, rate: float) -> dict:
-    from atlasflow.config import load_config
+    from atlasflow.core.config import load_config
     from atlasflow.testing.demo import build_demo
     from atlasflow.testing.disk import PeakDiskSampler
     from atlasflow.testing.geo_server import GeoServer

@@ -28,10 +28,10 @@ def _generate(n_cells: int, path: Path) -> None:
 
 
 def _process(path: Path, out: Path, strategy: str) -> dict:
-    from atlasflow.config import load_config
-    from atlasflow.genes import Vocabulary
-    from atlasflow.manifest import Dataset
-    from atlasflow.process import process_dataset
+    from atlasflow.core.config import load_config
+    from atlasflow.intake.manifest import Dataset
+    from atlasflow.prep.genes import Vocabulary
+    from atlasflow.prep.process import process_dataset
 
     config = load_config(overrides={"qc.min_genes": 10, "qc.strategy": strategy, "qc.chunk_cells": 10_000,
                                     "genes.vocab_path": "builtin:pbmc68k"})

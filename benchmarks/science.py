@@ -89,9 +89,9 @@ def build_batches(root: Path, *, n_batches: int, cells_per_batch: int, datasets_
 
 
 def run(batches: list[Path], models: Path, overrides: dict) -> list[dict]:
-    from atlasflow.config import load_config
-    from atlasflow.genes import Vocabulary
+    from atlasflow.core.config import load_config
     from atlasflow.model.train import train_batch
+    from atlasflow.prep.genes import Vocabulary
 
     config = load_config(overrides={**overrides, "storage.base_dir": str(models)})
     vocab = Vocabulary.builtin("pbmc68k")
@@ -131,8 +131,8 @@ def cells_in(batch: Path) -> int:
 _EVAL_CHILD = r"""
 import json, resource, sys
 from pathlib import Path
-from atlasflow.config import load_config
-from atlasflow.genes import Vocabulary
+from atlasflow.core.config import load_config
+from atlasflow.prep.genes import Vocabulary
 from atlasflow.model.data import BatchData
 from atlasflow.model.train import Trainer
 folder, overrides = Path(sys.argv[1]), json.loads(sys.argv[2])

@@ -1,6 +1,6 @@
 """atlas_ingest: manifest → stable batches → admit → download → quant → process → integrate → train → cleanup.
 
-Wiring only: every task calls one library function (``atlasflow.pipeline``), heavy imports
+Wiring only: every task calls one library function (``atlasflow.steps.ingest``), heavy imports
 happen inside tasks, and the batches are laid out at parse time from the configured manifest
 and the saved plan (a local file read; no Variables, Connections or network). Batch *i+1* is
 admitted after batch *i* and trains after it, so it downloads and processes while *i* trains,
@@ -14,7 +14,7 @@ from datetime import timedelta
 from airflow.sdk import Asset, Param, TaskGroup, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowSkipException
 
-from atlasflow.assets import MODEL_CHECKPOINT_URI
+from atlasflow.core.assets import MODEL_CHECKPOINT_URI
 from atlasflow_airflow.notify import notify_failure
 from atlasflow_airflow.operators.quant import QuantOperator
 from atlasflow_airflow.operators.train import TrainBatchOperator
@@ -50,7 +50,7 @@ def _config():
 @task
 def prepare() -> dict:
     """Validate the whole manifest (every problem listed), seal the plan, pin the vocabulary."""
-    from atlasflow.pipeline import prepare_run
+    from atlasflow.steps.ingest import prepare_run
 
     return prepare_run(_config())
 
@@ -59,7 +59,7 @@ def prepare() -> dict:
       execution_timeout=timedelta(seconds=CONFIG.download.timeout_s) if CONFIG else None)
 def download(batch_id: str, dataset_id: str) -> dict:
     """Fetch one dataset; after the last retry a dataset that still fails is quarantined."""
-    from atlasflow.pipeline import download_dataset
+    from atlasflow.steps.ingest import download_dataset
 
     context = get_current_context()
     context["dataset_id"] = dataset_id
@@ -70,7 +70,7 @@ def download(batch_id: str, dataset_id: str) -> dict:
 @task(map_index_template="{{ dataset_id }}")
 def process(batch_id: str, fetched: dict) -> dict:
     """Read → QC → gene harmonisation → processed h5ad; a bad dataset is quarantined, not fatal."""
-    from atlasflow.pipeline import process_dataset_step
+    from atlasflow.steps.ingest import process_dataset_step
 
     get_current_context()["dataset_id"] = fetched["dataset_id"]
     return process_dataset_step(_config(), batch_id, fetched)
@@ -79,7 +79,7 @@ def process(batch_id: str, fetched: dict) -> dict:
 @task
 def integrate(batch_id: str, processed: list[dict]) -> dict:
     """scVI on the batch (scArches surgery onto the previous batch's model); skips an empty batch."""
-    from atlasflow.pipeline import integrate_batch_step
+    from atlasflow.steps.ingest import integrate_batch_step
 
     result = integrate_batch_step(_config(), batch_id, list(processed))
     if result["status"] == "skipped":
@@ -90,7 +90,7 @@ def integrate(batch_id: str, processed: list[dict]) -> dict:
 @task
 def cleanup(batch_id: str) -> dict:
     """Free what the policy says (raw, processed, old checkpoints, cache); release the reservation."""
-    from atlasflow.pipeline import cleanup_batch
+    from atlasflow.steps.ingest import cleanup_batch
 
     return cleanup_batch(_config(), batch_id)
 
@@ -109,7 +109,7 @@ def report() -> dict:
     (``all_done``), and, unlike a plain ``all_done`` leaf, its success does not mark a run with
     failed batches successful.
     """
-    from atlasflow.report import write_run_report
+    from atlasflow.ops.report import write_run_report
 
     context = get_current_context()
     return write_run_report(_config(), context["run_id"])

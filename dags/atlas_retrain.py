@@ -1,7 +1,7 @@
 """atlas_retrain: new rows → ingest; feedback → pseudo-labels; candidate checkpoint → promote or keep.
 
 Runs whenever atlas_ingest's ``publish`` updates the model Asset, and on ``retrain.schedule``
-(weekly by default). Wiring only: every task calls one function of ``atlasflow.retrain``.
+(weekly by default). Wiring only: every task calls one function of ``atlasflow.steps.retrain``.
 
 - ``detect``: manifest rows no run has trained yet, feedback files new since the last promotion;
 - ``gate_ingest`` → ``trigger_ingest``: atlas_ingest is triggered (its conf says why) only when
@@ -27,8 +27,8 @@ from airflow.sdk.exceptions import AirflowSkipException
 from airflow.timetables.assets import AssetOrTimeSchedule
 from airflow.timetables.trigger import CronTriggerTimetable
 
-from atlasflow.assets import MODEL_CHECKPOINT_URI
-from atlasflow.config import ConfigError
+from atlasflow.core.assets import MODEL_CHECKPOINT_URI
+from atlasflow.core.config import ConfigError
 from atlasflow_airflow.notify import notify_failure
 from atlasflow_airflow.runtime import parse_time_config
 
@@ -62,7 +62,7 @@ def _config():
 @task
 def detect() -> dict:
     """Untrained manifest rows and feedback files new since the last promoted checkpoint."""
-    from atlasflow.retrain import detect_changes
+    from atlasflow.steps.retrain import detect_changes
 
     return detect_changes(_config())
 
@@ -70,7 +70,7 @@ def detect() -> dict:
 @task
 def gate_ingest(detected: dict) -> dict:
     """The conf for atlas_ingest when there are untrained rows; skipped (with the reason) otherwise."""
-    from atlasflow.retrain import ingest_trigger
+    from atlasflow.steps.retrain import ingest_trigger
 
     decision = ingest_trigger(_config(), detected, run_id=get_current_context()["run_id"])
     if not decision["trigger"]:
@@ -81,7 +81,7 @@ def gate_ingest(detected: dict) -> dict:
 @task
 def build_retrain_set(detected: dict) -> dict:
     """Feedback predictions above the confidence threshold → outputs/retrain/retrain.csv (with provenance)."""
-    from atlasflow.retrain import build_retrain_set as build
+    from atlasflow.steps.retrain import build_retrain_set as build
 
     return build(_config())
 
@@ -89,7 +89,7 @@ def build_retrain_set(detected: dict) -> dict:
 @task
 def evaluate(retrain_set: dict) -> dict:
     """Score the newest checkpoint and production on the same validation and canary cells."""
-    from atlasflow.retrain import evaluate_candidate
+    from atlasflow.steps.retrain import evaluate_candidate
 
     return evaluate_candidate(_config())
 
@@ -97,7 +97,7 @@ def evaluate(retrain_set: dict) -> dict:
 @task
 def promote(evaluation: dict) -> dict:
     """Move the production pointer to the candidate unless it regresses beyond retrain.tolerance."""
-    from atlasflow.retrain import promote_or_keep
+    from atlasflow.steps.retrain import promote_or_keep
     from atlasflow_airflow.notify import smtp_sender
 
     return promote_or_keep(_config(), evaluation, run_id=get_current_context()["run_id"], smtp=smtp_sender)
@@ -109,7 +109,7 @@ def report() -> dict:
 
     A teardown, like atlas_ingest's: it runs whatever promote's state, without hiding a failure.
     """
-    from atlasflow.report import write_run_report
+    from atlasflow.ops.report import write_run_report
 
     return write_run_report(_config(), get_current_context()["run_id"])
 

@@ -18,7 +18,7 @@ import re
 import sys
 from pathlib import Path
 
-from atlasflow.genes import BUILTIN_VOCABULARIES, Vocabulary
+from atlasflow.prep.genes import BUILTIN_VOCABULARIES, Vocabulary
 
 PRIMARY = {str(i) for i in range(1, 23)} | {"X", "Y", "MT"}
 CLONE_RE = re.compile(r"^[A-Z]{1,2}\d{5,6}\.\d+$")

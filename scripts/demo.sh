@@ -62,7 +62,7 @@ python -m atlasflow_airflow.settings apply airflow_settings.yaml
 # unpaused before the ingest run, so the model Asset its publish updates starts a retraining run
 python scripts/airflow_local.py unpause atlas_retrain
 
-say "4. Run atlas_ingest: budget $(python -c 'from atlasflow.config import load_config; print(load_config().storage.max_storage_gb * 1000)') MB, so batches must wait for each other"
+say "4. Run atlas_ingest: budget $(python -c 'from atlasflow.core.config import load_config; print(load_config().storage.max_storage_gb * 1000)') MB, so batches must wait for each other"
 t0=$(date +%s)
 python scripts/airflow_local.py trigger atlas_ingest --wait --timeout "${DEMO_TIMEOUT:-1800}"
 echo "run finished in $(( $(date +%s) - t0 )) s"

@@ -7,9 +7,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from atlasflow.config import load_config
-from atlasflow.report import Comparison, integration_scores, model_learning
-from atlasflow.runlog import read_stages
+from atlasflow.core.config import load_config
+from atlasflow.core.runlog import read_stages
+from atlasflow.ops.report import Comparison, integration_scores, model_learning
 from atlasflow.storage import Ledger
 
 BENCH_POINTER = ("the measured figures are in `make bench BENCH=science` (benchmarks/results/) and the README's "

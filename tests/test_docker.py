@@ -106,7 +106,7 @@ def test_slurm_config_matches_the_compose_hosts():
     assert re.search(r"^SlurmctldHost=(\S+)$", conf, re.M)[1] in hosts
     assert re.search(r"^NodeName=(\S+) NodeAddr=(\S+)", conf, re.M)[2] in hosts
     # atlasflow submits without --partition unless slurm.partition is set: a default partition must exist
-    from atlasflow.config import SlurmConfig
+    from atlasflow.core.config import SlurmConfig
 
     assert SlurmConfig().partition is None and re.search(r"^PartitionName=\S+ .*Default=YES", conf, re.M)
     sshd = (REPO / "docker" / "slurm" / "sshd_config").read_text()

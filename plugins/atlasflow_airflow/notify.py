@@ -1,4 +1,4 @@
-"""Airflow side of :mod:`atlasflow.notify`: the failure callback and the SMTP sender.
+"""Airflow side of :mod:`atlasflow.ops.notify`: the failure callback and the SMTP sender.
 
 The message and the channel logic live in the library; this module only reads the task context
 and resolves the Airflow SMTP connection (credentials stay in the connection, never in code).
@@ -28,7 +28,7 @@ def notify_failure(context: Any) -> None:
     Never raises: a callback error would hide the original failure in the log.
     """
     try:
-        from atlasflow.notify import failure_message, send
+        from atlasflow.ops.notify import failure_message, send
         from atlasflow_airflow.runtime import parse_time_config, task_config
 
         ti = context["ti"]

@@ -14,10 +14,10 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from atlasflow.config import ENV_CONFIG_PATH, AtlasConfig, load_config
+from atlasflow.core.config import ENV_CONFIG_PATH, AtlasConfig, load_config
 
 if TYPE_CHECKING:
-    from atlasflow.plan import BatchPlan
+    from atlasflow.intake.plan import BatchPlan
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ PARSE_TIME_KEYS = ("manifest", "plan", "storage.base_dir", "retrain.schedule")
 
 def check_runtime_overrides(overrides: dict[str, Any], source: str) -> None:
     """Refuse run-time overrides of keys that the DAG's shape depends on."""
-    from atlasflow.config import ConfigError
+    from atlasflow.core.config import ConfigError
 
     flat: list[str] = []
     for key, value in overrides.items():
@@ -65,9 +65,9 @@ def parse_time_plan() -> tuple[AtlasConfig | None, BatchPlan | None, str | None]
     Never raises: a broken manifest must not become a DAG import error that hides the DAG;
     the run's first task reports every problem instead.
     """
-    from atlasflow.config import ConfigError
-    from atlasflow.manifest import ManifestError
-    from atlasflow.plan import current_plan
+    from atlasflow.core.config import ConfigError
+    from atlasflow.intake.manifest import ManifestError
+    from atlasflow.intake.plan import current_plan
 
     try:
         config = parse_time_config()

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from atlasflow.config import load_config
-from atlasflow.fsutil import write_json_atomic
+from atlasflow.core.config import load_config
+from atlasflow.core.fsutil import write_json_atomic
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -99,7 +99,7 @@ def test_old_style_results_and_an_empty_run(summary, tmp_path):
 
 
 def test_the_retraining_decision_is_printed_when_there_is_one(summary, tmp_path):
-    from atlasflow.retrain import promote_or_keep
+    from atlasflow.steps.retrain import promote_or_keep
 
     config = load_config(None, overrides={"storage.base_dir": str(tmp_path / "base")})
     base = Path(config.storage.base_dir)

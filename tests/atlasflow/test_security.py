@@ -25,10 +25,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from atlasflow.config import DownloadConfig
-from atlasflow.fetch import fetch_dataset
-from atlasflow.formats import FormatError, safe_extract
-from atlasflow.manifest import Dataset, ManifestError, read_manifest
+from atlasflow.acquire.fetch import fetch_dataset
+from atlasflow.core.config import DownloadConfig
+from atlasflow.intake.manifest import Dataset, ManifestError, read_manifest
+from atlasflow.readers.formats import FormatError, safe_extract
 from atlasflow.slurm.spec import JobSpec, render_sbatch
 
 from .conftest import write_csv
@@ -56,7 +56,7 @@ def test_no_secret_in_tracked_files():
     for conn in settings["connections"]:
         assert not conn.get("conn_password"), conn["conn_id"]
         assert not {"private_key", "password", "private_key_passphrase"} & set(conn.get("conn_extra") or {})
-    from atlasflow.config import config_reference
+    from atlasflow.core.config import config_reference
 
     keys = [row["key"] for row in config_reference()]
     assert not [k for k in keys if re.search(r"password|secret|token|passphrase|private_key", str(k), re.I)]

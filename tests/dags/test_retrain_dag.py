@@ -11,7 +11,7 @@ from pathlib import Path
 
 from airflow.timetables.assets import AssetOrTimeSchedule
 
-from atlasflow.assets import MODEL_CHECKPOINT_URI
+from atlasflow.core.assets import MODEL_CHECKPOINT_URI
 from tests.atlasflow.conftest import direct_rows, write_csv
 from tests.dags.test_dag_integrity import DAGS, HEAVY, dagbag, write_config
 

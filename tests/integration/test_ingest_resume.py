@@ -63,7 +63,7 @@ def overlaps(a: tuple[float, float], b: tuple[float, float]) -> bool:
 
 
 def test_pipelined_pooled_budgeted_run(tmp_path, airflow_factory):
-    from atlasflow.config import load_config
+    from atlasflow.core.config import load_config
 
     root = tmp_path / "demo"
     (root / "www").mkdir(parents=True)
@@ -165,7 +165,7 @@ def _wait_for(predicate, timeout: float, what: str, interval: float = 1.0):
 def test_kill_clear_append_backfill(tmp_path, airflow_factory):
     import openpyxl
 
-    from atlasflow.config import load_config
+    from atlasflow.core.config import load_config
 
     root = tmp_path / "demo"
     (root / "www").mkdir(parents=True)

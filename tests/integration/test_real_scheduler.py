@@ -95,7 +95,7 @@ def test_ingest_run_under_real_scheduler(local_airflow):
     """The whole pipeline on real cells: gated admission, quarantine, checkpoint chain, disk under budget."""
     from sqlalchemy import create_engine, text
 
-    from atlasflow.config import load_config
+    from atlasflow.core.config import load_config
 
     cli, home, base, db, env = local_airflow
     started = cli("start", "--api-port", str(free_port()))

@@ -311,9 +311,9 @@ def test_local_and_slurm_backends_give_identical_checkpoints(slurm_airflow, tmp_
 
     import torch
 
-    from atlasflow import pipeline as P
-    from atlasflow.config import load_config
-    from atlasflow.plan import write_batch_spec
+    from atlasflow.core.config import load_config
+    from atlasflow.intake.plan import write_batch_spec
+    from atlasflow.steps import ingest as P
     from atlasflow.testing.demo import build_demo
     from atlasflow.testing.geo_server import GeoServer
 
@@ -353,9 +353,9 @@ def test_quantification_runs_as_a_cpu_slurm_job(slurm_airflow, tmp_path):
     """quant.backend slurm: `atlasflow quant run` as a real job (no GPU asked for), its result read by
     the operator; the FASTQ files are deleted on the Airflow side afterwards."""
 
-    from atlasflow import pipeline as P
-    from atlasflow.config import load_config
-    from atlasflow.plan import write_batch_spec
+    from atlasflow.core.config import load_config
+    from atlasflow.intake.plan import write_batch_spec
+    from atlasflow.steps import ingest as P
     from atlasflow.testing.geo_server import GeoServer
     from atlasflow.testing.reads import build_fastq_demo, indexed_reference
 

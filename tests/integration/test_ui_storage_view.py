@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from atlasflow import pipeline as P
-from atlasflow.config import load_config
-from atlasflow.plan import write_batch_spec
-from atlasflow.report import write_run_report
+from atlasflow.core.config import load_config
+from atlasflow.intake.plan import write_batch_spec
+from atlasflow.ops.report import write_run_report
+from atlasflow.steps import ingest as P
 from atlasflow.storage import Ledger
 from atlasflow.testing.chromium import Chromium, ensure_chromium
 from atlasflow.testing.demo import build_demo

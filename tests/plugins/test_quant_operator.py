@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from atlasflow import pipeline as P
-from atlasflow.config import load_config
-from atlasflow.plan import write_batch_spec
+from atlasflow.core.config import load_config
+from atlasflow.intake.plan import write_batch_spec
+from atlasflow.steps import ingest as P
 from atlasflow.testing.geo_server import GeoServer
 from atlasflow.testing.reads import build_fastq_demo, indexed_reference
 

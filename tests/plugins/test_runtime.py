@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from atlasflow.config import ConfigError
+from atlasflow.core.config import ConfigError
 from atlasflow_airflow.runtime import check_runtime_overrides, parse_time_plan
 
 

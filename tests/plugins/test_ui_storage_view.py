@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from atlasflow.config import load_config
+from atlasflow.core.config import load_config
+from atlasflow.ops.storage_view import latest_report, render_page, storage_view
 from atlasflow.storage import Ledger
-from atlasflow.storage.view import latest_report, render_page, storage_view
 
 
 @pytest.fixture

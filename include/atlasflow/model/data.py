@@ -24,8 +24,8 @@ from typing import Literal
 import numpy as np
 import scipy.sparse as sp
 
-from atlasflow.genes import Vocabulary
 from atlasflow.model.tokenizer import Tokenizer
+from atlasflow.prep.genes import Vocabulary
 
 __all__ = ["BatchData", "CellBatch", "DatasetFile", "HeldOutSample", "log_normalise", "split_datasets"]
 

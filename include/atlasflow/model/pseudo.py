@@ -1,6 +1,6 @@
 """Pseudo-labels from the retraining set as training labels of the cell-type head.
 
-``outputs/retrain/retrain.csv`` (written by :func:`atlasflow.retrain.build_retrain_set`) holds one
+``outputs/retrain/retrain.csv`` (written by :func:`atlasflow.steps.retrain.build_retrain_set`) holds one
 confident prediction per cell: ``cell_id, dataset_id, pseudo_label, confidence, ...``. With
 ``retrain.train_on_pseudo_labels`` on, ``atlasflow train`` gives those labels to the matching cells
 of the batch it trains:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from atlasflow.config import AtlasConfig
+from atlasflow.core.config import AtlasConfig
 
 __all__ = ["CheckpointSize", "checkpoint_size", "n_parameters"]
 

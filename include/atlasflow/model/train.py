@@ -33,14 +33,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from atlasflow.config import AtlasConfig
-from atlasflow.fsutil import write_json_atomic
-from atlasflow.genes import Vocabulary
+from atlasflow.core.config import AtlasConfig
+from atlasflow.core.fsutil import write_json_atomic
 from atlasflow.model.data import BatchData, CellBatch, HeldOutSample
 from atlasflow.model.genestats import GeneMedians
 from atlasflow.model.network import AtlasTransformer, no_decay
 from atlasflow.model.pseudo import PseudoLabels, apply_pseudo_labels
 from atlasflow.model.tokenizer import N_SPECIAL, Tokenizer
+from atlasflow.prep.genes import Vocabulary
 
 __all__ = ["Trainer", "embed_file", "linear_probe_accuracy", "log_normalised_pca", "per_gene_baseline_accuracy",
            "train_batch"]
@@ -622,14 +622,14 @@ def embed_file(checkpoint: Path, input_path: Path, out_path: Path, *, config: At
                vocab: Vocabulary | None = None, chunk_cells: int = 4096) -> dict[str, Any]:
     """Write ``input_path`` with ``obsm["X_atlas"]`` (cls embeddings) and ``varm["X_atlas_gene"]``.
 
-    The input is any readable count file (see :mod:`atlasflow.formats`); cells are tokenised as in
+    The input is any readable count file (see :mod:`atlasflow.readers.formats`); cells are tokenised as in
     training (with the checkpoint's gene medians under ``median`` ranking) and embedded without
     masking. Genes outside the vocabulary get a zero gene embedding.
     """
     import anndata as ad
 
-    from atlasflow.formats import open_counts, read_counts
-    from atlasflow.genes import map_genes
+    from atlasflow.prep.genes import map_genes
+    from atlasflow.readers.formats import open_counts, read_counts
 
     if vocab is None:
         raise ValueError("embed_file needs the vocabulary the checkpoint was trained on")

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from atlasflow.core.layout import AREAS, StorageLayout, tree_bytes
 from atlasflow.storage.cleanup import Cleaner
 from atlasflow.storage.estimate import batch_footprint
-from atlasflow.storage.layout import AREAS, StorageLayout, tree_bytes
 from atlasflow.storage.ledger import Admission, BudgetExceededError, Ledger, Reservation
 
 __all__ = [

@@ -21,8 +21,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from atlasflow.fsutil import write_json_atomic
-from atlasflow.storage.layout import StorageLayout, tree_bytes
+from atlasflow.core.fsutil import write_json_atomic
+from atlasflow.core.layout import StorageLayout, tree_bytes
 from atlasflow.storage.ledger import Ledger
 
 __all__ = ["Cleaner", "file_sha256"]

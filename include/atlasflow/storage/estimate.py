@@ -6,8 +6,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from atlasflow.config import GB, QuantConfig
-from atlasflow.manifest import Dataset
+from atlasflow.core.config import GB, QuantConfig
+from atlasflow.intake.manifest import Dataset
 from atlasflow.storage.ledger import Ledger
 
 __all__ = ["batch_footprint"]

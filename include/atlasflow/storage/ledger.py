@@ -23,8 +23,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from atlasflow.config import GB, StorageConfig
-from atlasflow.storage.layout import StorageLayout, tree_bytes
+from atlasflow.core.config import GB, StorageConfig
+from atlasflow.core.layout import StorageLayout, tree_bytes
 
 __all__ = ["Admission", "BudgetExceededError", "Ledger", "Reservation"]
 

@@ -6,7 +6,7 @@ import threading
 from collections.abc import Iterable
 from pathlib import Path
 
-from atlasflow.storage.layout import tree_bytes
+from atlasflow.core.layout import tree_bytes
 
 __all__ = ["PeakDiskSampler"]
 

@@ -49,7 +49,7 @@ __all__ = ["GeoServer", "geo_series_dir", "max_concurrent"]
 
 def geo_series_dir(root: Path, accession: str) -> Path:
     """Where a series' supplementary files go under ``root`` (GEO's ``series/GSEnnn/GSE…/suppl``)."""
-    from atlasflow.fetch import geo_suppl_path
+    from atlasflow.acquire.fetch import geo_suppl_path
 
     return root / geo_suppl_path(accession)
 

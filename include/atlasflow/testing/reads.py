@@ -218,7 +218,7 @@ def indexed_reference(folder: Path, *, n_genes: int = 12, n_barcodes: int = 500,
     correction fast: kb's own 10x v3 list is 6.8 M barcodes and takes ~10 s per sample to load.
     Returns ``{"ref", "index", "t2g", "onlist", "barcodes"}``.
     """
-    from atlasflow.quant import build_reference
+    from atlasflow.acquire.quant import build_reference
 
     ref = make_reference(folder, n_genes=n_genes, gene_names=gene_names)
     paths = build_reference(ref.genome, ref.gtf, folder / "index")

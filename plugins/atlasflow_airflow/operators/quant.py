@@ -26,7 +26,7 @@ class QuantOperator(SlurmJobOperator):
         self.fetched = fetched
 
     def execute(self, context: Any) -> Any:
-        from atlasflow.pipeline import quant_dataset_step, quant_job, reads_to_quantify
+        from atlasflow.steps.ingest import quant_dataset_step, quant_job, reads_to_quantify
         from atlasflow_airflow.runtime import task_config
 
         fetched = dict(self.fetched)
@@ -40,7 +40,7 @@ class QuantOperator(SlurmJobOperator):
         return super().execute(context)
 
     def execute_complete(self, context: Any, event: dict[str, Any]) -> Any:
-        from atlasflow.pipeline import finish_quant
+        from atlasflow.steps.ingest import finish_quant
         from atlasflow_airflow.runtime import task_config
 
         outcome = super().execute_complete(context, event)

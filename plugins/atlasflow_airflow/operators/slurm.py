@@ -9,7 +9,7 @@ from typing import Any
 
 from airflow.sdk import BaseOperator
 
-from atlasflow.config import SlurmConfig
+from atlasflow.core.config import SlurmConfig
 from atlasflow.slurm import JobInfo, JobSpec, JobState, job_tag, scale_resources
 from atlasflow.slurm import commands as C
 

@@ -28,7 +28,7 @@ class TrainBatchOperator(SlurmJobOperator):
         self.previous_train_task_id = previous_train_task_id
 
     def execute(self, context: Any) -> Any:
-        from atlasflow.pipeline import (
+        from atlasflow.steps.ingest import (
             batch_trained,
             record_trained,
             slurm_training_submitted,
@@ -57,7 +57,7 @@ class TrainBatchOperator(SlurmJobOperator):
         return super().execute(context)
 
     def execute_complete(self, context: Any, event: dict[str, Any]) -> Any:
-        from atlasflow.pipeline import record_trained, slurm_training_finished
+        from atlasflow.steps.ingest import record_trained, slurm_training_finished
         from atlasflow_airflow.runtime import task_config
 
         config = task_config(context)

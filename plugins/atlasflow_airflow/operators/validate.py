@@ -10,7 +10,7 @@ from airflow.sdk import BaseOperator
 
 def slurm_reachability(conn_id: str) -> Any:
     """A check that the SSH connection opens (host key verified) and slurmctld answers ``scontrol ping``."""
-    from atlasflow.validate import Check
+    from atlasflow.ops.validate import Check
     from atlasflow_airflow.hooks.slurm import SlurmHook
 
     try:
@@ -23,7 +23,7 @@ def slurm_reachability(conn_id: str) -> Any:
 
 
 class SystemValidationOperator(BaseOperator):
-    """Runs :func:`atlasflow.validate.validate_for_run` (plus SLURM reachability when
+    """Runs :func:`atlasflow.ops.validate.validate_for_run` (plus SLURM reachability when
     ``training.backend`` is ``slurm``) and records the memory strategy for the run's QC steps."""
 
     ui_color = "#e8f0e8"
@@ -31,7 +31,7 @@ class SystemValidationOperator(BaseOperator):
     def execute(self, context: Any) -> dict[str, Any]:
         from airflow.sdk.exceptions import AirflowFailException
 
-        from atlasflow.validate import SystemValidationError, validate_for_run
+        from atlasflow.ops.validate import SystemValidationError, validate_for_run
         from atlasflow_airflow.runtime import task_config
 
         config = task_config(context)

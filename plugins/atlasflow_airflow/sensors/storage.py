@@ -31,7 +31,7 @@ class StorageAdmissionSensor(BaseSensorOperator):
         self.batch_id = batch_id
 
     def poke(self, context: Any) -> PokeReturnValue:
-        from atlasflow.pipeline import BudgetExceededError, admit_batch
+        from atlasflow.steps.ingest import BudgetExceededError, admit_batch
         from atlasflow_airflow.runtime import task_config
 
         ti = context["ti"]

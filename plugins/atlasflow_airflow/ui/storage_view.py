@@ -1,6 +1,6 @@
 """FastAPI app behind the "atlasflow storage" entry of the Airflow UI.
 
-Thin glue: the data and the page come from :mod:`atlasflow.storage.view`. The config is the
+Thin glue: the data and the page come from :mod:`atlasflow.ops.storage_view`. The config is the
 project's config file (as at DAG parse time), read per request so a changed budget shows at once.
 Plugin apps are not protected by Airflow by default, so every route requires a logged-in Airflow
 user (the UI's ``_token`` cookie or a bearer token), like the REST API.
@@ -18,7 +18,7 @@ def create_app(*, require_login: bool = True) -> Any:
     from fastapi import Depends, FastAPI, HTTPException
     from fastapi.responses import FileResponse, HTMLResponse
 
-    from atlasflow.storage.view import latest_report, render_page, storage_view
+    from atlasflow.ops.storage_view import latest_report, render_page, storage_view
     from atlasflow_airflow.runtime import parse_time_config
 
     dependencies = []

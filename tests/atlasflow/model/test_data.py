@@ -8,9 +8,9 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from atlasflow.genes import Vocabulary
 from atlasflow.model.data import BatchData, CellBatch, log_normalise
 from atlasflow.model.tokenizer import Tokenizer
+from atlasflow.prep.genes import Vocabulary
 
 
 @pytest.fixture

@@ -7,9 +7,9 @@ import json
 import anndata as ad
 import pytest
 
-from atlasflow import integration_metrics as M
-from atlasflow.config import IntegrationConfig
-from atlasflow.integrate import integrate_batch, scoring_pool
+from atlasflow.core.config import IntegrationConfig
+from atlasflow.model import integration_metrics as M
+from atlasflow.model.integrate import integrate_batch, scoring_pool
 
 from .test_train import batches  # noqa: F401  (module-scoped fixture of two processed batches)
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from atlasflow.config import load_config
-from atlasflow.genes import Vocabulary
-from atlasflow.manifest import Dataset
+from atlasflow.core.config import load_config
+from atlasflow.intake.manifest import Dataset
 from atlasflow.model.network import AtlasTransformer, no_decay
 from atlasflow.model.train import Trainer, linear_probe_accuracy, lr_factor, per_gene_baseline_accuracy
-from atlasflow.process import process_dataset
+from atlasflow.prep.genes import Vocabulary
+from atlasflow.prep.process import process_dataset
 from atlasflow.testing.realdata import pbmc_counts, resample, write_format
 
 SMALL = {"model.preset": "custom", "model.d_model": 64, "model.n_layers": 1, "model.n_heads": 4, "model.d_ff": 128,

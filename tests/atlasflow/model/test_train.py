@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from atlasflow.config import load_config
-from atlasflow.genes import Vocabulary
-from atlasflow.manifest import Dataset
+from atlasflow.core.config import load_config
+from atlasflow.intake.manifest import Dataset
 from atlasflow.model.data import split_datasets
 from atlasflow.model.train import Trainer, linear_probe_accuracy, log_normalised_pca, train_batch
-from atlasflow.process import process_dataset
+from atlasflow.prep.genes import Vocabulary
+from atlasflow.prep.process import process_dataset
 from atlasflow.testing.realdata import pbmc_counts, write_format
 
 TINY = {"model.preset": "custom", "model.d_model": 32, "model.n_layers": 1, "model.n_heads": 2, "model.d_ff": 64,

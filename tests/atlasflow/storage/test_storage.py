@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from atlasflow.config import StorageConfig
-from atlasflow.manifest import Dataset
+from atlasflow.core.config import StorageConfig
+from atlasflow.intake.manifest import Dataset
 from atlasflow.storage import BudgetExceededError, Cleaner, Ledger, batch_footprint
 
 KB = 1000

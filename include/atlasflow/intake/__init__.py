@@ -1,0 +1,1 @@
+"""The manifest and the plan of stable batches."""

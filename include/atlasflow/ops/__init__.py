@@ -1,0 +1,1 @@
+"""Operating the pipeline: run report, system checks, notifications, storage views."""

@@ -1,0 +1,1 @@
+"""Preparing cells for the model: QC, gene mapping onto the vocabulary, processed files."""

@@ -1,0 +1,1 @@
+"""Reading count matrices in every supported format."""

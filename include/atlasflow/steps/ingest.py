@@ -1,0 +1,470 @@
+"""The ingest pipeline's steps, one function per DAG task, each idempotent and safe to re-run.
+
+Each function takes the run's config and small values (ids, paths, small dicts) and returns a
+small dict for XCom; files go to the deterministic paths of docs/contracts.md. A bad dataset is
+*quarantined* (``status: "quarantined"`` plus a JSON file saying why) so its batch goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from atlasflow.core.config import GB, AtlasConfig
+from atlasflow.core.fsutil import write_json_atomic
+from atlasflow.core.records import batch_trained, record_quarantine, record_trained
+from atlasflow.core.runlog import record_job, record_stage
+from atlasflow.intake.manifest import Dataset
+from atlasflow.intake.plan import batch_id as make_batch_id
+from atlasflow.intake.plan import freeze_plan, load_plan
+from atlasflow.prep.genes import (
+    Vocabulary,
+    VocabularyMismatchError,
+    dataset_species,
+    run_vocabulary,
+    species_mapping_for,
+    vocabulary_mismatch,
+)
+from atlasflow.steps.retrain import resume_checkpoint, retrain_set_path
+from atlasflow.storage import BudgetExceededError, Cleaner, Ledger, StorageLayout, batch_footprint
+
+__all__ = [
+    "BudgetExceededError",
+    "admit_batch",
+    "batch_trained",
+    "cleanup_batch",
+    "download_dataset",
+    "integrate_batch_step",
+    "load_batch_ids",
+    "prepare_run",
+    "finish_quant",
+    "process_dataset_step",
+    "quant_dataset_step",
+    "quant_job",
+    "reads_to_quantify",
+    "record_trained",
+    "run_quant",
+    "slurm_training_finished",
+    "slurm_training_submitted",
+    "train_batch_step",
+    "training_job",
+]
+
+log = logging.getLogger(__name__)
+
+
+def _layout(config: AtlasConfig) -> StorageLayout:
+    return StorageLayout.of(config.storage.base_dir).ensure()
+
+
+def _spec(config: AtlasConfig, batch_id: str) -> dict[str, Any]:
+    path = config.state_dir / "batches" / f"{batch_id}.json"
+    if not path.exists():
+        from atlasflow.intake.plan import write_batch_spec
+
+        write_batch_spec(config, batch_id)
+    return json.loads(path.read_text())
+
+
+def _dataset(config: AtlasConfig, batch_id: str, dataset_id: str) -> Dataset | None:
+    """The dataset's manifest row as frozen in the batch spec; None when it left the manifest."""
+    for row in _spec(config, batch_id)["datasets"]:
+        if row["dataset_id"] == dataset_id:
+            return Dataset.from_dict(row)
+    return None
+
+
+def _quarantine(config: AtlasConfig, batch_id: str, dataset_id: str, stage: str, reason: str) -> dict[str, Any]:
+    info = record_quarantine(config, batch_id, dataset_id, stage, reason)
+    log.warning("quarantined %s at %s: %s", dataset_id, stage, reason)
+    return info
+
+
+def prepare_run(config: AtlasConfig) -> dict[str, Any]:
+    """Validate the manifest, seal the plan, pin the vocabulary for every later batch.
+
+    Raises
+    ------
+    VocabularyMismatchError
+        ``genes.vocab_path`` is not the vocabulary pinned by this base_dir's first run; checked
+        before the plan is extended, so a wrong config changes nothing.
+    """
+    pinned = config.state_dir / "vocab.json"
+    if (problem := vocabulary_mismatch(pinned, config.genes.vocab_path)) is not None:
+        raise VocabularyMismatchError(problem)
+    summary = freeze_plan(config)
+    if not pinned.exists():
+        Vocabulary.load(config.genes.vocab_path).save(pinned)
+    summary["vocab_version"] = Vocabulary.load(pinned).version
+    return summary
+
+
+def admit_batch(config: AtlasConfig, batch_id: str, *, owner: str) -> dict[str, Any]:
+    """Try to reserve the batch's footprint; batches are admitted in plan order.
+
+    Every attempt updates the batch's ``admit`` stage record, which spans the whole wait.
+    Raises :class:`~atlasflow.storage.BudgetExceededError` when the batch can never fit.
+    """
+    with record_stage(config.state_dir, "admit", batch_id) as out:
+        out.update(_admit_batch(config, batch_id, owner=owner))
+    return out
+
+
+def _admit_batch(config: AtlasConfig, batch_id: str, *, owner: str) -> dict[str, Any]:
+    spec = _spec(config, batch_id)
+    if (done := batch_trained(config, batch_id)) is not None:
+        return {"admitted": True, "batch_id": batch_id, "bytes": 0, "already_trained": True,
+                "reason": f"{batch_id} was trained before ({done.get('checkpoint_dir')}): nothing to reserve"}
+    ledger = Ledger(config.storage)
+    datasets = [Dataset.from_dict(d) for d in spec["datasets"]]
+    footprint = batch_footprint(datasets, ledger, quant=config.quant)
+    index = spec["index"]
+    paths = [f"data/raw/{d.dataset_id}" for d in datasets] + [f"data/processed/{batch_id}",
+                                                              f"models/checkpoints/{batch_id}",
+                                                              f"models/integration/{batch_id}"]
+    admission = ledger.try_admit(batch_id, footprint["bytes"], paths=paths, owner=owner,
+                                 after=make_batch_id(index - 1) if index > 0 else None)
+    return {**admission.to_dict(), "footprint": footprint}
+
+
+def download_dataset(config: AtlasConfig, batch_id: str, dataset_id: str, *, final_try: bool) -> dict[str, Any]:
+    """Fetch one dataset into ``data/raw/<id>``; permanent failures (and the last try's) quarantine it."""
+    with record_stage(config.state_dir, "download", batch_id, dataset_id) as out:
+        out.update(_download_dataset(config, batch_id, dataset_id, final_try=final_try))
+    if out["status"] == "ok" and not out.get("skipped"):
+        Ledger(config.storage).sample(f"downloaded {dataset_id}")
+    return out
+
+
+def _download_dataset(config: AtlasConfig, batch_id: str, dataset_id: str, *, final_try: bool) -> dict[str, Any]:
+    from atlasflow.acquire.fetch import FetchError, TransientFetchError, fetch_dataset
+
+    dataset = _dataset(config, batch_id, dataset_id)
+    if dataset is None:
+        return _quarantine(config, batch_id, dataset_id, "download", "no longer in the manifest")
+    layout = _layout(config)
+    if batch_trained(config, batch_id) is not None:
+        return {"dataset_id": dataset_id, "status": "ok", "skipped": f"{batch_id} already trained"}
+    species, evidence = dataset_species(dataset.species, [])
+    if species != "human":
+        table, why_not = species_mapping_for(species, config.genes.species_mapping)
+        if table is None:  # refused before a byte is fetched; process would refuse it anyway
+            return _quarantine(config, batch_id, dataset_id, "download",
+                               f"{dataset_id}: not human: {evidence} (manifest {config.manifest.path}); {why_not}")
+    if (layout.tombstones / f"{dataset_id}.json").exists() and (layout.processed_dir(batch_id) / f"{dataset_id}.h5ad").exists():
+        return {"dataset_id": dataset_id, "status": "ok", "skipped": "already processed"}
+    if dataset.is_reads:
+        from atlasflow.acquire.quant import quantified
+
+        if quantified(layout.raw_dir(dataset_id)) is not None:  # its FASTQ files are gone by design
+            return {"dataset_id": dataset_id, "status": "ok", "skipped": "already quantified"}
+    cap = int((dataset.expected_bytes or config.storage.unknown_size_gb * GB) * 1.25) + 1_000_000
+    Ledger(config.storage).heartbeat(batch_id)
+    try:
+        result = fetch_dataset(dataset, layout.raw_dir(dataset_id), config=config.download, max_bytes=cap)
+    except TransientFetchError as exc:
+        if not final_try:
+            raise  # Airflow retries the task with exponential backoff
+        return _quarantine(config, batch_id, dataset_id, "download", f"gave up after the last retry: {exc}")
+    except FetchError as exc:
+        return _quarantine(config, batch_id, dataset_id, "download", str(exc))
+    return {"dataset_id": dataset_id, "status": "ok", "bytes": result.bytes, "files": len(result.files),
+            "seconds": round(result.seconds, 2)}
+
+
+def run_quant(config: AtlasConfig, batch_id: str, dataset_id: str) -> dict[str, Any]:
+    """``kb count`` on one downloaded reads dataset (the part a SLURM job runs).
+
+    Never raises for bad input: returns ``{"status": "ok", ...summary}`` or
+    ``{"status": "failed", "reason": ...}`` for :func:`finish_quant`, which runs on the Airflow side
+    (ledger, deletions, quarantine).
+    """
+    from atlasflow.acquire.quant import QuantError, quantify
+
+    dataset = _dataset(config, batch_id, dataset_id)
+    base = {"dataset_id": dataset_id, "batch_id": batch_id}
+    if dataset is None:
+        return {**base, "status": "failed", "reason": "no longer in the manifest"}
+    layout = _layout(config)
+    try:
+        summary = quantify(layout.raw_dir(dataset_id), technology=dataset.technology or "",
+                           config=config.quant, work_dir=layout.cache / "quant" / dataset_id)
+    except QuantError as exc:
+        return {**base, "status": "failed", "reason": str(exc)}
+    return {**base, "status": "ok", **summary}
+
+
+def finish_quant(config: AtlasConfig, batch_id: str, dataset_id: str, outcome: dict[str, Any]) -> dict[str, Any]:
+    """After :func:`run_quant`: delete the FASTQ files (the ledger records the bytes freed), or quarantine."""
+    from atlasflow.acquire.quant import fastq_files
+
+    layout = _layout(config)
+    cleaner = Cleaner(Ledger(config.storage))
+    if outcome.get("status") != "ok":
+        cleaner.delete_raw(dataset_id, batch_id=batch_id)
+        shutil.rmtree(layout.cache / "quant" / dataset_id, ignore_errors=True)
+        return _quarantine(config, batch_id, dataset_id, "quant", str(outcome.get("reason")))
+    freed = 0
+    if config.quant.delete_fastq:
+        for path in fastq_files(layout.raw_dir(dataset_id)):
+            freed += cleaner.remove(path, "FASTQ quantified (counts kept)", batch_id=batch_id, dataset_id=dataset_id)
+    keep = ("reads_processed", "reads_pseudoaligned", "percent_pseudoaligned", "barcodes", "genes", "seconds",
+            "fastq_bytes")
+    return {"dataset_id": dataset_id, "status": "ok", "quant": {k: outcome.get(k) for k in keep}, "fastq_freed": freed}
+
+
+def reads_to_quantify(config: AtlasConfig, batch_id: str, fetched: dict[str, Any]) -> bool:
+    """Whether a download result is raw reads still to be quantified (else the quant task passes it on)."""
+    if fetched.get("status") != "ok" or "already" in str(fetched.get("skipped", "")):
+        return False
+    dataset = _dataset(config, batch_id, fetched["dataset_id"])
+    return dataset is not None and dataset.is_reads
+
+
+def quant_dataset_step(config: AtlasConfig, batch_id: str, fetched: dict[str, Any]) -> dict[str, Any]:
+    """The quant task with the local backend: reads → counts → FASTQ deleted. Other datasets pass through."""
+    if not reads_to_quantify(config, batch_id, fetched):
+        return fetched
+    Ledger(config.storage).heartbeat(batch_id)
+    dataset_id = fetched["dataset_id"]
+    return finish_quant(config, batch_id, dataset_id, run_quant(config, batch_id, dataset_id))
+
+
+def quant_job(config: AtlasConfig, batch_id: str, dataset_id: str, *, python: str | None = None) -> dict[str, Any]:
+    """The ``atlasflow quant run`` command line for one dataset, and the SLURM settings for it (CPU partition)."""
+    import dataclasses
+
+    from atlasflow.slurm import format_minutes
+
+    layout = _layout(config)
+    config_file = write_json_atomic(layout.state / "jobs" / batch_id / f"quant-{dataset_id}.config.json",
+                                    config.to_dict())
+    cmd = [python or sys.executable, "-m", "atlasflow.cli", "quant", "run", "--config", str(config_file),
+           "--batch-id", batch_id, "--dataset-id", dataset_id]
+    slurm = dataclasses.replace(config.slurm, partition=config.quant.slurm_partition or config.slurm.partition,
+                                gpus=0, cpus=config.quant.threads, mem_gb=config.quant.slurm_mem_gb,
+                                time_limit=format_minutes(int(config.quant.timeout_s // 60) + 1))
+    return {"command": cmd, "log_dir": str(config.state_dir / "jobs" / batch_id), "slurm": slurm}
+
+
+def process_dataset_step(config: AtlasConfig, batch_id: str, fetched: dict[str, Any]) -> dict[str, Any]:
+    """Read → QC → harmonise one downloaded dataset; raw files are deleted once it is processed."""
+    if fetched.get("status") != "ok":
+        return fetched  # quarantined at download: nothing to process, nothing to record
+    with record_stage(config.state_dir, "process", batch_id, fetched["dataset_id"]) as out:
+        out.update(_process_dataset_step(config, batch_id, fetched))
+    return out
+
+
+def _process_dataset_step(config: AtlasConfig, batch_id: str, fetched: dict[str, Any]) -> dict[str, Any]:
+    from atlasflow.prep.process import DatasetQuarantined, process_dataset
+    from atlasflow.storage.cleanup import file_sha256
+
+    dataset_id = fetched["dataset_id"]
+    layout = _layout(config)
+    out = layout.processed_dir(batch_id) / f"{dataset_id}.h5ad"
+    cleaner = Cleaner(Ledger(config.storage))
+    tomb = cleaner.tombstone(dataset_id)
+    if fetched.get("skipped", "").endswith("already trained"):
+        # its processed file may be gone (cleanup); the tombstone still has the counts for the summary
+        return {"dataset_id": dataset_id, "status": "ok", "path": str(out),
+                "cells_after": (tomb or {}).get("cells_after"), "skipped": fetched["skipped"]}
+    if tomb is not None and out.exists() and tomb.get("processed_sha256") == file_sha256(out):
+        return {"dataset_id": dataset_id, "status": "ok", "path": str(out), "cells_after": tomb["cells_after"],
+                "skipped": "already processed"}
+    dataset = _dataset(config, batch_id, dataset_id)
+    assert dataset is not None  # download quarantined it otherwise
+    try:
+        summary = process_dataset(layout.raw_dir(dataset_id), dataset, config=config, out_path=out,
+                                  vocab=run_vocabulary(config), cache_dir=layout.cache)
+    except DatasetQuarantined as exc:
+        cleaner.delete_raw(dataset_id, batch_id=batch_id)
+        return _quarantine(config, batch_id, dataset_id, "process", exc.reason)
+    fetch_info = layout.raw_dir(dataset_id) / "fetch.json"
+    checksums = json.loads(fetch_info.read_text())["files"] if fetch_info.exists() else []
+    ledger = Ledger(config.storage)
+    ledger.record_expansion(dataset_id, summary["format"], summary["raw_bytes"], summary["processed_bytes"])
+    from atlasflow.acquire.quant import quantified
+
+    if dataset.is_reads and (quant := quantified(layout.raw_dir(dataset_id))):
+        # what admission needs for the next reads sample: processed bytes per FASTQ byte
+        ledger.record_expansion(dataset_id, "fastq", quant.get("fastq_bytes", 0), summary["processed_bytes"])
+    cleaner.write_tombstone(dataset_id, {
+        "batch_id": batch_id, "downloads": [{"name": f["name"], "sha256": f["sha256"], "bytes": f["bytes"]} for f in checksums],
+        "processed_sha256": file_sha256(out), "cells_before": summary["cells_before"], "cells_after": summary["cells_after"],
+        "genes_after": summary["genes_after"], "coverage": summary["coverage"], "format": summary["format"],
+        "removed": summary["removed"], "raw_bytes": summary["raw_bytes"], "processed_bytes": summary["processed_bytes"],
+        "qc_histograms": summary["histograms"],  # for the run report, after the processed file is gone
+    })
+    # raw and processed files are both on disk now: this dataset's peak
+    Ledger(config.storage).sample(f"processed {dataset_id}")
+    cleaner.delete_raw(dataset_id, batch_id=batch_id)
+    keep = ("dataset_id", "status", "path", "format", "raw_bytes", "processed_bytes", "cells_before", "cells_after",
+            "genes_after", "removed", "coverage", "strategy", "non_integer", "seconds")
+    return {k: summary[k] for k in keep}
+
+
+def _previous(root: Path, batch_id: str) -> Path | None:
+    """The newest finished folder under ``root`` from a batch before ``batch_id``."""
+    done = sorted(p for p in root.glob("batch_*") if p.name < batch_id and (p / "result.json").exists())
+    return done[-1] if done else None
+
+
+def integrate_batch_step(config: AtlasConfig, batch_id: str, processed: list[dict[str, Any]]) -> dict[str, Any]:
+    """Integrate the batch's usable datasets (scVI, or scArches onto the previous batch's model)."""
+    with record_stage(config.state_dir, "integrate", batch_id) as out:
+        out.update(_integrate_batch_step(config, batch_id, processed))
+    return out
+
+
+def _integrate_batch_step(config: AtlasConfig, batch_id: str, processed: list[dict[str, Any]]) -> dict[str, Any]:
+    ok = [p["dataset_id"] for p in processed if p and p.get("status") == "ok"]
+    quarantined = {p["dataset_id"]: p.get("reason") for p in processed if p and p.get("status") != "ok"}
+    base = {"batch_id": batch_id, "datasets": ok, "quarantined": quarantined}
+    if not ok:
+        return {**base, "status": "skipped",
+                "reason": f"no usable dataset in {batch_id}: " + "; ".join(f"{k}: {v}" for k, v in quarantined.items())}
+    if (done := batch_trained(config, batch_id)) is not None:
+        return {**base, "status": "ok", "integration": None, "skipped": f"{batch_id} already trained",
+                "checkpoint_dir": done.get("checkpoint_dir")}
+    if not config.integration.enabled:
+        return {**base, "status": "ok", "integration": None}
+    from atlasflow.model.integrate import integrate_batch
+
+    layout = _layout(config)
+    result = integrate_batch(layout.processed_dir(batch_id), layout.integration / batch_id, config=config.integration,
+                             previous=_previous(layout.integration, batch_id))
+    return {**base, "status": "ok", "integration": {k: result[k] for k in result if k != "datasets"}}
+
+
+def training_job(config: AtlasConfig, batch_id: str, *, previous_checkpoint: str | None,
+                 python: str | None = None) -> dict[str, Any]:
+    """The ``atlasflow train`` command line for a batch, run as-is by either backend.
+
+    The config the job receives is this run's effective config, written next to the
+    checkpoints. ``python`` is the interpreter on the machine that runs the job (a cluster
+    node's env); by default this one's, which suits a shared filesystem and the local backend.
+    With ``retrain.train_on_pseudo_labels`` on, the command names the retraining set
+    (``<base_dir>/outputs/retrain/retrain.csv``) as ``--pseudo-labels``.
+    Returns ``{"command": [...], "checkpoint_dir": ..., "log_dir": ...}``.
+    """
+    layout = _layout(config)
+    out = layout.checkpoints / batch_id
+    previous = Path(previous_checkpoint) if previous_checkpoint else _previous(layout.checkpoints, batch_id)
+    # a checkpoint atlas_retrain did not promote is not built upon: resume from production instead
+    previous = resume_checkpoint(config, previous)
+    if previous is not None and not (previous / "model.pt").exists():
+        raise FileNotFoundError(
+            f"{batch_id} should resume from {previous}, which is gone; cleanup keeps the newest "
+            f"storage.keep_checkpoints checkpoints, so restore it or clear the batch that produced it")
+    config_file = write_json_atomic(layout.checkpoints / f"{batch_id}.config.json", config.to_dict())
+    cmd = [python or sys.executable, "-m", "atlasflow.cli", "train", "--config", str(config_file),
+           "--batch-dir", str(layout.processed_dir(batch_id)), "--out", str(out),
+           "--vocab", str(config.state_dir / "vocab.json")]
+    if previous is not None:
+        cmd += ["--resume-from", str(previous)]
+    if config.retrain.train_on_pseudo_labels:
+        # derived from base_dir, never from a run's conf: the job reads what atlas_retrain last built
+        cmd += ["--pseudo-labels", str(retrain_set_path(config))]
+    return {"command": cmd, "checkpoint_dir": str(out), "log_dir": str(config.state_dir / "jobs" / batch_id)}
+
+
+def train_batch_step(config: AtlasConfig, batch_id: str, *, previous_checkpoint: str | None,
+                     tag: str = "local", attempt: int = 1) -> dict[str, Any]:
+    """Train the batch with the local backend: the SLURM job's command, run as a child process.
+
+    A batch trained before (by any run) is not trained again; its recorded result is returned.
+    """
+    with record_stage(config.state_dir, "train", batch_id) as out:
+        if (done := batch_trained(config, batch_id)) is not None:
+            log.info("%s already trained: %s", batch_id, done.get("checkpoint_dir"))
+            out["skipped"] = f"{batch_id} already trained"  # for the stage record only: XCom stays the result
+            result = record_trained(config, batch_id, done)
+        else:
+            result = _train_batch_step(config, batch_id, previous_checkpoint=previous_checkpoint, tag=tag,
+                                       attempt=attempt)
+        out.update(result)
+    return result
+
+
+def _train_batch_step(config: AtlasConfig, batch_id: str, *, previous_checkpoint: str | None, tag: str,
+                      attempt: int) -> dict[str, Any]:
+    from atlasflow.slurm import JobSpec, JobState
+    from atlasflow.slurm.backend import LocalBackend
+
+    job = training_job(config, batch_id, previous_checkpoint=previous_checkpoint)
+    spec = JobSpec(dataset_id="train", batch_id=batch_id, command=tuple(job["command"]), output_dir=job["log_dir"],
+                   tag=tag, attempt=attempt)
+    Ledger(config.storage).heartbeat(batch_id)
+    log.info("running %s", " ".join(job["command"]))
+    started = time.time()
+    ran = LocalBackend().run(spec, timeout_s=config.training.timeout_s)
+    record_job(config.state_dir, batch_id, {
+        "backend": "local", "job_id": ran.info.job_id, "state": ran.info.state.value, "attempt": attempt, "tag": tag,
+        "exit_code": ran.info.exit_code, "reason": ran.info.reason, "submitted": started, "ended": time.time(),
+        "stdout": spec.stdout_path, "stderr": spec.stderr_path})
+    stderr = Path(spec.stderr_path).read_text(errors="replace") if Path(spec.stderr_path).exists() else ""
+    if stderr:
+        log.info("training log (tail, full log %s):\n%s", spec.stderr_path, stderr[-4000:])
+    if ran.info.state is not JobState.COMPLETED or ran.result is None:
+        raise RuntimeError(f"atlasflow train for {batch_id}: {ran.info.describe()}: {stderr.strip()[-1500:]}")
+    Ledger(config.storage).sample(f"trained {batch_id}")
+    return record_trained(config, batch_id, ran.result)
+
+
+def slurm_training_submitted(config: AtlasConfig, batch_id: str) -> None:
+    """Open the batch's ``train`` stage record when its SLURM job is submitted (or adopted)."""
+    from atlasflow.core.runlog import stage_started
+
+    stage_started(config.state_dir, "train", batch_id)
+
+
+def slurm_training_finished(config: AtlasConfig, batch_id: str, event: dict[str, Any]) -> None:
+    """Record the SLURM job (id, state, exit code) and close the ``train`` stage from the trigger's final event."""
+    from atlasflow.core.runlog import stage_ended, stage_path, stage_started
+
+    record_job(config.state_dir, batch_id, {
+        "backend": "slurm", "job_id": event.get("job_id"), "state": event.get("state") or event.get("status"),
+        "exit_code": event.get("exit_code"), "reason": event.get("reason"), "message": event.get("message"),
+        "ended": time.time()})
+    path = stage_path(config.state_dir, "train", batch_id)
+    record = json.loads(path.read_text()) if path.exists() else None
+    if record is None or record.get("status") != "running":
+        record = stage_started(config.state_dir, "train", batch_id)
+    ok = event.get("status") == "success" and event.get("result") is not None
+    stage_ended(config.state_dir, record, status="ok" if ok else "failed", result=event.get("result") or {},
+                error=None if ok else str(event.get("message") or event.get("status")))
+    if ok:
+        Ledger(config.storage).sample(f"trained {batch_id}")
+
+
+def cleanup_batch(config: AtlasConfig, batch_id: str) -> dict[str, Any]:
+    """The cleanup policy for a finished (or failed) batch; releases its reservation (and samples usage)."""
+    with record_stage(config.state_dir, "cleanup", batch_id) as out:
+        out.update(_cleanup_batch(config, batch_id))
+    return out
+
+
+def _cleanup_batch(config: AtlasConfig, batch_id: str) -> dict[str, Any]:
+    spec = _spec(config, batch_id)
+    ids = [d["dataset_id"] for d in spec["datasets"]]
+    trained = batch_trained(config, batch_id)
+    cleaner = Cleaner(Ledger(config.storage))
+    if trained is None:
+        # the batch did not train: keep processed files for a retry, free only raw data and cache
+        freed = {"raw": sum(cleaner.delete_raw(d, batch_id=batch_id) for d in ids), "cache": cleaner.clear_cache()}
+        released = Ledger(config.storage).release(batch_id)
+        return {"batch_id": batch_id, "trained": False, "freed_bytes": freed, "released": released}
+    record_trained(config, batch_id, trained)  # before old checkpoints (maybe this one's) are pruned
+    return {**cleaner.finish_batch(batch_id, ids), "trained": True}
+
+
+def load_batch_ids(config: AtlasConfig) -> list[str]:
+    plan = load_plan(config.plan_path)
+    return [b.batch_id for b in plan.batches] if plan else []
+

@@ -1,0 +1,22 @@
+"""A synthetic reference indexed once per session with the real `kb ref` (a few seconds)."""
+
+from __future__ import annotations
+
+import pytest
+
+from atlasflow.testing.reads import indexed_reference
+
+N_GENES = 12
+
+
+def vocab_symbols(n: int) -> list[str]:
+    """Real gene symbols from the demo's small vocabulary (what build_fastq_demo's config sets), so
+    processed data passes gene harmonisation."""
+    from atlasflow.prep.genes import Vocabulary
+
+    return sorted(Vocabulary.builtin("pbmc68k").symbol_set())[:n]
+
+
+@pytest.fixture(scope="session")
+def kb_reference(tmp_path_factory):
+    return indexed_reference(tmp_path_factory.mktemp("kbref"), n_genes=N_GENES, gene_names=vocab_symbols(N_GENES))

@@ -1,0 +1,117 @@
+"""The ingest steps called directly, in DAG order, on real cells from the local stand-in server.
+
+These are what the DAG's tasks call; here they run without Airflow so the resume rules (what a
+cleared or re-triggered task does) are checked in seconds. tests/integration runs the same steps
+under the real scheduler.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from atlasflow.core.config import load_config
+from atlasflow.intake.plan import write_batch_spec
+from atlasflow.prep.genes import Vocabulary, VocabularyMismatchError
+from atlasflow.steps import ingest as P
+from atlasflow.testing.demo import build_demo
+from atlasflow.testing.geo_server import GeoServer
+
+
+@pytest.fixture
+def demo(tmp_path: Path):
+    (tmp_path / "www").mkdir()
+    with GeoServer(tmp_path / "www") as server:
+        build_demo(tmp_path, server.url, n_datasets=4, cells=60, batch_size=2, budget_mb=40, keep_checkpoints=1,
+                   missing_at=1)
+        config = load_config(tmp_path / "atlasflow.yaml", overrides={"integration.enabled": False,
+                                                                    "training.epochs": 1})
+        yield config, server
+
+
+def run_batch(config, batch_id: str, ids: list[str], previous: str | None) -> dict:
+    admission = P.admit_batch(config, batch_id, owner="test")
+    assert admission["admitted"], admission["reason"]
+    processed = [P.process_dataset_step(config, batch_id, P.download_dataset(config, batch_id, d, final_try=True))
+                 for d in ids]
+    integrated = P.integrate_batch_step(config, batch_id, processed)
+    trained = P.train_batch_step(config, batch_id, previous_checkpoint=previous)
+    cleaned = P.cleanup_batch(config, batch_id)
+    return {"processed": processed, "integrated": integrated, "trained": trained, "cleaned": cleaned}
+
+
+def test_batches_chain_checkpoints_and_rerun_does_no_work(demo):
+    config, server = demo
+    plan = P.prepare_run(config)
+    assert plan["batches"] == ["batch_0000", "batch_0001", "batch_0002"]
+    specs = {b: [d["dataset_id"] for d in json.loads(Path(write_batch_spec(config, b)).read_text())["datasets"]]
+             for b in plan["batches"]}
+    assert specs["batch_0000"] == ["pbmc_1", "pbmc_gone"]
+
+    first = run_batch(config, "batch_0000", specs["batch_0000"], None)
+    assert [p["status"] for p in first["processed"]] == ["ok", "quarantined"]  # the 404 does not fail the batch
+    assert first["integrated"]["quarantined"] == {"pbmc_gone": first["processed"][1]["reason"]}
+    second = run_batch(config, "batch_0001", specs["batch_0001"], first["trained"]["checkpoint_dir"])
+    assert second["trained"]["parent_checkpoint"] == first["trained"]["checkpoint_dir"]
+    # keep_checkpoints=1: batch_0000's checkpoint is gone, its record is not
+    assert not Path(first["trained"]["checkpoint_dir"]).exists()
+    assert P.batch_trained(config, "batch_0000")["checkpoint_dir"] == first["trained"]["checkpoint_dir"]
+
+    transfers = len(server.transfers())
+    again = run_batch(config, "batch_0000", specs["batch_0000"], None)
+    assert again["trained"] == first["trained"]
+    assert all(p.get("skipped") for p in again["processed"] if p["status"] == "ok")
+    assert len(server.transfers()) == transfers  # nothing downloaded again
+    admission = P.admit_batch(config, "batch_0001", owner="test")
+    assert admission["bytes"] == 0 and "trained before" in admission["reason"]
+
+    third = run_batch(config, "batch_0002", specs["batch_0002"], second["trained"]["checkpoint_dir"])
+    assert third["trained"]["parent_checkpoint"] == second["trained"]["checkpoint_dir"]
+    assert third["trained"]["global_step"] > second["trained"]["global_step"]
+
+
+def test_a_pruned_previous_checkpoint_is_a_clear_error(demo):
+    config, _ = demo
+    P.prepare_run(config)
+    write_batch_spec(config, "batch_0001")
+    with pytest.raises(FileNotFoundError, match="should resume from .*batch_0000, which is gone"):
+        P.training_job(config, "batch_0001", previous_checkpoint=str(config.state_dir / ".." / "models" /
+                                                                      "checkpoints" / "batch_0000"))
+
+
+def test_a_dataset_removed_from_the_manifest_is_quarantined_not_fatal(demo):
+    config, _ = demo
+    P.prepare_run(config)
+    assert P.download_dataset(config, "batch_0000", "not_there", final_try=True)["reason"] == "no longer in the manifest"
+
+
+def test_a_vocabulary_other_than_the_pinned_one_stops_prepare(demo):
+    config, _ = demo
+    assert P.prepare_run(config)["vocab_version"] == Vocabulary.builtin("pbmc68k").version  # pinned by run 1
+    plan = Path(config.plan_path).read_bytes()
+    human = config.with_overrides({"genes.vocab_path": None})  # the default: the human vocabulary
+    with pytest.raises(VocabularyMismatchError) as caught:
+        P.prepare_run(human)
+    message = str(caught.value)
+    assert "asks for builtin:human_grch38_ens100 (version 825072f1f5a0, 19,927 genes), the default" in message
+    assert f"pinned builtin:pbmc68k (version {Vocabulary.builtin('pbmc68k').version}, 765 genes)" in message
+    assert "set genes.vocab_path back to builtin:pbmc68k" in message and "set storage.base_dir to a new" in message
+    assert Path(config.plan_path).read_bytes() == plan  # refused before the plan is touched
+    assert P.prepare_run(config)["vocab_version"] == Vocabulary.builtin("pbmc68k").version  # the fix works
+
+
+def test_a_row_whose_species_is_not_human_is_quarantined_before_download(demo):
+    config, server = demo
+    P.prepare_run(config)
+    spec = config.state_dir / "batches" / "batch_0000.json"
+    write_batch_spec(config, "batch_0000")
+    data = json.loads(spec.read_text())
+    data["datasets"][0]["species"] = "Mus musculus"  # as if the manifest said so
+    spec.write_text(json.dumps(data))
+    got = P.download_dataset(config, "batch_0000", "pbmc_1", final_try=False)
+    assert got["status"] == "quarantined" and got["stage"] == "download"
+    assert got["reason"].startswith("pbmc_1: not human: the manifest's species is 'Mus musculus' (manifest ")
+    assert "no genes.species_mapping is configured" in got["reason"]
+    assert not server.transfers()  # nothing fetched for it
