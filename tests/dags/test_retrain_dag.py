@@ -120,7 +120,7 @@ def test_failure_callback_posts_to_the_webhook(monkeypatch, tmp_path):
     from types import SimpleNamespace
 
     from atlasflow_airflow.notify import notify_failure
-    from tests.atlasflow.test_notify import WebhookServer
+    from tests.atlasflow.ops.test_notify import WebhookServer
 
     config = write_config(tmp_path, write_csv(tmp_path / "m.csv", direct_rows(1)))
     with WebhookServer() as hook:

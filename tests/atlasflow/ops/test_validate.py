@@ -19,7 +19,7 @@ from atlasflow.ops.validate import (
 )
 
 from ..conftest import direct_rows
-from .test_cli import run
+from ..cli.test_cli import run
 
 
 def by_name(checks):

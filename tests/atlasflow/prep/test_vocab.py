@@ -6,7 +6,7 @@ import pytest
 
 from atlasflow.prep.genes import Vocabulary, build_vocabulary
 from atlasflow.testing.realdata import pbmc_counts, write_format
-from tests.atlasflow.test_cli import run
+from tests.atlasflow.cli.test_cli import run
 
 
 def test_default_vocabulary_is_the_human_one():

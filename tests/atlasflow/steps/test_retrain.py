@@ -18,8 +18,8 @@ from atlasflow.steps import retrain as R
 from atlasflow.storage import Cleaner, Ledger
 from atlasflow.testing.demo import build_demo
 from atlasflow.testing.geo_server import GeoServer
-from tests.atlasflow.test_notify import WebhookServer
-from tests.atlasflow.test_pipeline import run_batch
+from tests.atlasflow.ops.test_notify import WebhookServer
+from tests.atlasflow.steps.test_ingest import run_batch
 
 
 def test_splits_are_deterministic_stable_and_disjoint():
