@@ -8,7 +8,7 @@ STAMP      := $(VENV)/.atlasflow-installed
 PYTEST_ARGS ?=
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: help venv test demo bench lint format airflow-settings pins clean
+.PHONY: help venv test test-fast demo bench lint format airflow-settings pins clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 20
@@ -21,6 +21,9 @@ venv: $(STAMP)  ## create .venv (Python 3.11) with the exact pins
 
 test: $(STAMP)  ## run the whole test suite (what CI runs)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP)  ## unit, plugin and DAG tests without external services or slow training (a few minutes)
+	$(PY) -m pytest -m "not slow" --ignore=tests/integration $(PYTEST_ARGS)
 
 demo: $(STAMP)  ## run the pipeline end to end on the embedded defaults (SQLite, LocalExecutor, local server)
 	scripts/demo.sh

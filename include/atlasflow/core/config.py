@@ -1,8 +1,8 @@
 """Typed pipeline configuration.
 
 One frozen dataclass per concern, grouped under :class:`AtlasConfig`. A config file (YAML or
-JSON) only needs the keys it changes; everything else takes the defaults below, which follow
-the design document (550 GB budget split 200/200/100/50 GB, batches of 3 datasets).
+JSON) only needs the keys it changes; everything else takes the defaults below: a 550 GB budget
+split 200/200/100/50 GB across data, models, cache and outputs, and batches of 3 datasets.
 
 Unknown keys, wrong types and out-of-range values are errors that name the dotted key, so a
 typo never silently falls back to a default. Airflow Params override the file through
@@ -156,7 +156,7 @@ class DownloadConfig:
     retries: int = _opt(3, "Airflow retries of a failed download task.", min=0, max=20)
     retry_delay_s: float = _opt(30.0, "First retry delay; doubles each try (exponential backoff).", min=0)
     max_retry_delay_s: float = _opt(900.0, "Longest delay between download retries.", min=0)
-    timeout_s: float = _opt(1800.0, "Time limit of one download task (30 min, as in the design doc).", min=1)
+    timeout_s: float = _opt(1800.0, "Time limit of one download task (30 min).", min=1)
     geo_base_url: str = _opt("https://ftp.ncbi.nlm.nih.gov/geo", "Base URL of the GEO FTP-over-HTTPS mirror.")
     attempts: int = _opt(4, "HTTP attempts per file inside one task (resets, 5xx, timeouts), with backoff.", min=1, max=20)
     backoff_s: float = _opt(2.0, "First in-task retry delay; doubles per attempt (a Retry-After header wins).", min=0)
@@ -194,7 +194,7 @@ class QuantConfig:
         None, "Barcode on-list for 10x chemistries; empty: the list kb-python ships for the chemistry.")
     threads: int = _opt(2, "kb count -t.", min=1)
     memory_gb: float = _opt(2.0, "kb count -m (sorting memory), GB.", min=0.1)
-    timeout_s: float = _opt(600.0, "Time limit of one quantification (10 min, as in the design doc).", min=1)
+    timeout_s: float = _opt(600.0, "Time limit of one quantification (10 min).", min=1)
     delete_fastq: bool = _opt(True, "Delete a sample's FASTQ files as soon as its quantification succeeded.")
     work_factor: float = _opt(
         1.0, "Disk kb count needs while it runs (BUS files, sorted copies, matrices) per FASTQ byte; part of a "
@@ -463,7 +463,7 @@ class AtlasConfig:
         return self.state_dir / "plan.json"
 
 
-# The design document's streaming_config.json used flat keys; accept them so old configs load.
+# Early configs (streaming_config.json) used flat keys; accept them so old configs load.
 _LEGACY_KEYS = {
     "base_dir": "storage.base_dir",
     "max_storage_gb": "storage.max_storage_gb",

@@ -20,7 +20,7 @@ __all__ = ["STRATEGIES", "MemoryStrategy", "apply_memory_strategy", "choose_memo
 
 @dataclass(frozen=True)
 class MemoryStrategy:
-    """One row of the design documents' strategy matrix, in terms of this pipeline's QC knobs."""
+    """One row of the QC memory strategy matrix (vocabulary size × RAM), in terms of this pipeline's QC knobs."""
 
     name: Literal["conservative", "moderate", "split", "aggressive"]
     max_genes: int | None  # vocabulary sizes the row is meant for (None: any larger)

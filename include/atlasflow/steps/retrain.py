@@ -71,6 +71,13 @@ from typing import TYPE_CHECKING, Any, Literal
 from atlasflow.core.config import AtlasConfig
 from atlasflow.core.fsutil import write_json_atomic, write_text_atomic
 from atlasflow.core.layout import StorageLayout
+from atlasflow.core.records import (
+    batch_trained,
+    quarantine_path,
+    rejected_path,
+    retrain_decisions_path,
+    retrain_triggered_path,
+)
 from atlasflow.ops.notify import Message, SmtpSender, send
 
 if TYPE_CHECKING:  # numpy and the model (torch) are imported where they are used: the DAGs import this module
@@ -120,10 +127,6 @@ def _sha256(path: Path) -> str:
     return file_sha256(path)
 
 
-def _retrain_state(config: AtlasConfig) -> Path:
-    return config.state_dir / "retrain"
-
-
 def _outputs(config: AtlasConfig) -> Path:
     return StorageLayout.of(config.storage.base_dir).outputs / "retrain"
 
@@ -149,7 +152,7 @@ def production(config: AtlasConfig) -> dict[str, Any] | None:
 
 
 def _rejected(config: AtlasConfig) -> list[dict[str, Any]]:
-    return _read_json(_retrain_state(config) / "rejected.json", [])
+    return _read_json(rejected_path(config.state_dir), [])
 
 
 def _is_rejected(config: AtlasConfig, checkpoint: Path) -> dict[str, Any] | None:
@@ -242,14 +245,13 @@ def _feedback_files(config: AtlasConfig) -> list[Path]:
 
 def _pending_datasets(config: AtlasConfig) -> tuple[list[str], list[str]]:
     """(batches, datasets) the manifest has and no run has trained yet; quarantined datasets excluded."""
-    from atlasflow.core.records import batch_trained
     from atlasflow.intake.plan import current_plan
 
     batches, datasets = [], []
     for batch in current_plan(config).batches:
         if batch_trained(config, batch.batch_id) is not None:
             continue
-        todo = [d for d in batch.dataset_ids if not (config.state_dir / "quarantine" / f"{d}.json").exists()]
+        todo = [d for d in batch.dataset_ids if not quarantine_path(config.state_dir, d).exists()]
         if todo:
             batches.append(batch.batch_id)
             datasets.extend(todo)
@@ -296,7 +298,7 @@ def ingest_trigger(config: AtlasConfig, detected: Mapping[str, Any], *, run_id: 
     if not datasets:
         return {"trigger": False, "reason": "nothing to ingest: " + str(detected.get("reason")), "conf": None}
     key = hashlib.sha256("\n".join(datasets).encode()).hexdigest()
-    path = _retrain_state(config) / "triggered.json"
+    path = retrain_triggered_path(config.state_dir)
     last = _read_json(path, {})
     # the same run may ask again (a cleared or retried run whose trigger failed); another run may not
     if last.get("datasets_sha256") == key and last.get("run_id") != run_id:
@@ -390,7 +392,7 @@ def select_pseudo_labels(rows: Iterable[FeedbackRow], *, threshold: float,
                          exclude_datasets: Iterable[str] = ()) -> tuple[list[FeedbackRow], Counter[str]]:
     """Predictions that become pseudo-labels, and how many others were dropped for which reason.
 
-    - confidence must be *above* ``threshold`` (``> 0.9`` by default, as in the design doc);
+    - confidence must be *above* ``threshold`` (``> 0.9`` by default: only confident predictions become labels);
     - cells of held-out (validation/canary) datasets are dropped: training on them would leak;
     - a cell predicted more than once keeps its most confident prediction, unless the confident
       predictions disagree, in which case the cell is dropped (``conflicting labels``).
@@ -681,7 +683,7 @@ def promote_or_keep(config: AtlasConfig, evaluation: Mapping[str, Any], *, run_i
         rejected.append({"checkpoint_dir": str(candidate), "model_sha256": evaluation["candidate_sha256"],
                          "batch_id": candidate.name, "decided_at": record["decided_at"], "run_id": run_id,
                          "reason": decision.reason})
-        write_json_atomic(_retrain_state(config) / "rejected.json", rejected)
+        write_json_atomic(rejected_path(config.state_dir), rejected)
         log.warning("KEPT production %s; %s not promoted: %s", evaluation.get("production"), candidate,
                     decision.reason)
     if decision.promote or config.notify.on_keep:
@@ -694,7 +696,7 @@ def promote_or_keep(config: AtlasConfig, evaluation: Mapping[str, Any], *, run_i
 
 
 def _append_decision(config: AtlasConfig, record: Mapping[str, Any]) -> None:
-    path = _retrain_state(config) / "decisions.jsonl"
+    path = retrain_decisions_path(config.state_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a", encoding="utf-8") as fh:
         fh.write(json.dumps(record, sort_keys=True, default=str) + "\n")
