@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import functools
-import html
 import io
 import json
 import logging
@@ -642,10 +641,10 @@ def _plot_stages(data: dict[str, Any]) -> str | None:
     return _png(fig)
 
 
-# ---- HTML ---------------------------------------------------------------------------------------
+# ---- HTML (templates/report.html.j2) -----------------------------------------------------------
 
-def _e(value: Any) -> str:
-    return html.escape("" if value is None else str(value))
+def _opt(value: Any, missing: str = "") -> Any:
+    return missing if value is None else value
 
 
 def _bytes(n: Any) -> str:
@@ -663,210 +662,61 @@ def _num(x: Any) -> str:
     return "" if x is None else f"{x:.4f}"  # None: e.g. no held-out dataset in the batch
 
 
+def _pct(x: Any) -> str:
+    return "" if x is None else f"{x:.1%}"
+
+
 def _when(t: Any) -> str:
     return "" if t is None else datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-def _table(headers: list[str], rows: list[list[Any]], *, row_attrs: list[str] | None = None) -> str:
-    head = "".join(f"<th>{_e(h)}</th>" for h in headers)
-    attrs = row_attrs or [""] * len(rows)
-    body = "".join(f"<tr{a}>" + "".join(f"<td>{_e(c)}</td>" for c in r) + "</tr>" for a, r in zip(attrs, rows, strict=True))
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-def _img(uri: str | None, alt: str) -> str:
-    return f'<img alt="{_e(alt)}" src="{uri}">' if uri else f"<p class=none>No data for {_e(alt)} yet.</p>"
-
-
-CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
-table{border-collapse:collapse;font-size:12px;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 6px;text-align:left;
-vertical-align:top}th{background:#f3f3f3}.quarantined{background:#fff0e0}.failed{background:#fde0e0}
-.pending{color:#888}img{max-width:100%}.none{color:#888}.key{font-weight:600}td.below,li.below{background:#fde0e0}"""
-
-
-MODEL_TEMPLATE = """\
-<section id=model><h2>Model: does it learn cell state?</h2>
-{% if not models %}<p class=none>No batch trained yet.</p>{% else %}
-{% if plot %}<img alt="model vs baselines per batch" src="{{ plot }}">{% endif %}
-<ul class=verdicts>{% for m in models %}
-<li class="{{ 'beats' if m.beats_baselines() else 'below' if m.beats_baselines() is false else 'none' }}">\
-{{ m.verdict() }}</li>{% endfor %}</ul>
-<table><thead><tr><th>batch</th><th>steps</th><th>held-out cells evaluated (of)</th><th>masked-bin acc</th>
-<th>most-frequent bin</th><th>per-gene baseline</th><th>probe cells (classes; unlabelled left out)</th>
-<th>probe: trained cls</th><th>probe: untrained</th><th>probe: PCA(50)</th><th>probe: majority</th>
-<th>forgetting: earlier batches' change</th><th>replay cells per step (reservoir)</th></tr></thead><tbody>
-{% for m in models %}{% set p = m.probe %}<tr id="model-{{ m.batch_id }}"><td>{{ m.batch_id }}</td>\
-<td>{{ m.steps | opt }}</td><td>{{ m.val_cells | opt }}{% if m.val_cells_total is not none %} \
-({{ m.val_cells_total }}){% endif %}</td><td>{{ m.masked_acc | num }}</td>\
-<td{{ below(m.masked_acc, m.most_frequent_acc) }}>{{ m.most_frequent_acc | num }}</td>\
-<td{{ below(m.masked_acc, m.per_gene_acc) }}>{{ m.per_gene_acc | num }}</td>\
-{% if p %}<td>{{ p.cells | opt }} ({{ p.classes | opt("n/a") }}; {{ p.unlabelled_left_out | opt("n/a") }})</td>\
-<td>{{ p.trained | num }}</td><td{{ below(p.trained, p.untrained) }}>{{ p.untrained | num }}</td>\
-<td{{ below(p.trained, p.pca50) }}>{{ p.pca50 | num }}</td><td{{ below(p.trained, p.majority) }}>\
-{{ p.majority | num }}</td>{% else %}<td colspan=5 class=none>no labelled held-out cells</td>{% endif %}\
-<td>{% for f in m.earlier %}{{ f.phrase() }}{% if not loop.last %}<br>{% endif %}{% else %}\
-<span class=none>none earlier</span>{% endfor %}</td>\
-<td>{{ m.replay_cells_per_step | opt }}{% if m.replay_reservoir_cells is not none %} \
-({{ m.replay_reservoir_cells }}){% endif %}</td></tr>
-{% endfor %}</tbody></table>
-<p>Every figure stands beside baselines computed in the same run on the same held-out cells. Masked-bin
-accuracy: the most-frequent bin ignores the gene and the cell; the per-gene baseline predicts each gene's most
-frequent training bin, so it ignores the cell's context — beating it shows the model uses the rest of the cell.
-The cell-type probe (standardised features, fixed regularisation, stratified 5-fold, labelled cells only) is run
-on the exported cls embedding, on the same network untrained, and on PCA(50) of log-normalised counts; majority is
-always guessing the most frequent class. Forgetting: each earlier batch's held-out masked-bin accuracy now minus
-when it was trained. Shaded cells: a baseline the model does not beat.</p>{% endif %}
-</section>"""
+def _deltas(deltas: Any) -> str:
+    """A retrain decision's change per split vs production, e.g. ``canary +0.0100, validation -0.1000``."""
+    return ", ".join(f"{k} {v:+.4f}" for k, v in (deltas or {}).items() if isinstance(v, int | float))
 
 
 @functools.cache
-def _model_template() -> Any:
-    # imported here, not at module level: the CLI imports this module for every command, also
-    # `atlasflow train` on cluster nodes whose environment may lack jinja2
-    import jinja2
+def _templates() -> Any:
+    from atlasflow.ops.templates import environment
 
-    env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
-    env.filters.update(num=_num, opt=lambda v, missing="": missing if v is None else v)
-    return env.from_string(MODEL_TEMPLATE)
+    return environment(opt=_opt, bytes=_bytes, secs=_secs, num=_num, pct=_pct, when=_when, deltas=_deltas)
 
 
-def _below(value: float | None, baseline: float | None) -> Any:
-    """Mark a baseline cell the model does not beat (strictly above, as in :attr:`Comparison.beats`)."""
-    from markupsafe import Markup
-
-    lost = value is not None and baseline is not None and value <= baseline
-    return Markup(" class=below" if lost else "")
-
-
-def _model_section(trained: list[dict[str, Any]]) -> str:
-    models = model_learning(trained)
-    return _model_template().render(models=models, plot=_plot_model(models) if models else None, below=_below)
+SCIB_METRICS = ("asw_label", "nmi", "ari", "isolated_label_asw", "clisi", "asw_batch", "graph_connectivity", "ilisi",
+                "bio_conservation", "batch_correction", "total")
 
 
 def render_html(data: dict[str, Any], metrics: dict[str, Any]) -> str:
-    """The report page: no external asset (inline CSS, plots as data URIs)."""
-    run_id = metrics["run_id"]
-    counts = metrics["datasets"]
-    summary = data["stage_summary"]
+    """The report page (``templates/report.html.j2``).
+
+    Parameters
+    ----------
+    data
+        What :func:`collect_run` returns.
+    metrics
+        What :func:`run_metrics` returns (run id, time written, dataset counts).
+
+    Returns
+    -------
+    str
+        One self-contained HTML page: the shared stylesheet inlined, plots as PNG data URIs, no
+        script, every value escaped.
+    """
     scale, unit = _unit(data["budget_bytes"])
-    over = data["peak_used_bytes"] > data["budget_bytes"]
-    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>atlasflow run {_e(run_id)}</title>"
-             f"<style>{CSS}</style></head><body>",
-             f"<h1>atlasflow run report</h1><p>run <span class=key>{_e(run_id)}</span>, base dir "
-             f"<code>{_e(data['base_dir'])}</code>, written {_e(metrics['generated_at'])}</p>",
-             "<section id=summary><h2>Summary</h2><ul>",
-             f"<li>datasets: {counts['processed']} processed, {counts['quarantined']} quarantined, "
-             f"{counts['failed']} failed, {counts['pending']} pending; "
-             f"{sum(d['cells_after'] or 0 for d in data['datasets'])} cells after QC</li>",
-             f"<li id=budget-line>disk budget {data['budget_bytes'] / scale:g} {unit}; peak on disk "
-             f"{data['peak_used_bytes'] / scale:.3f} {unit}, peak with reservations "
-             f"{data['peak_used_plus_reserved_bytes'] / scale:.3f} {unit}"
-             f"{' — OVER BUDGET' if over else ' (within budget)'}; cleanup freed {_bytes(data['deleted_bytes'])}</li>",
-             f"<li>batches trained: {len(data['trained'])}; bottleneck stage: "
-             f"<span class=key>{_e(summary['bottleneck'] or 'none yet')}</span>"
-             + (" (batches waited longer for disk than the bottleneck stage ran: the budget limits throughput)"
-                if summary["admission_wait_exceeds_bottleneck"] else "") + "</li></ul></section>"]
-
-    parts.append("<section id=storage><h2>Storage over time</h2>"
-                 + _img(_plot_storage(data), "storage over time") +
-                 f"<p>{len(data['samples'])} samples from the storage ledger (taken at admissions, downloads, processed "
-                 "datasets, training and cleanups).</p></section>")
-
-    rows = []
-    for d in data["datasets"]:
-        reason = d["quarantine_reason"] or (f"failed at {', '.join(d['failed_stages'])}" if d["failed_stages"] else "")
-        rows.append([d["dataset_id"], d["batch_id"], d["status"], "yes" if d["downloaded"] else "no",
-                     _bytes(d["download_bytes"]), d["format"], d["cells_before"], d["cells_after"], d["genes_after"],
-                     "" if d["vocab_fraction"] is None else f"{d['vocab_fraction']:.1%}",
-                     "" if d["counts_fraction"] is None else f"{d['counts_fraction']:.1%}",
-                     d["quarantine_stage"] or "", reason])
-    table = _table(["dataset", "batch", "status", "downloaded", "bytes", "format", "cells before QC", "cells after QC",
-                    "genes kept", "vocab coverage", "counts mapped", "quarantined at", "why"], rows,
-                   row_attrs=[f' class="{d["status"]}" id="ds-{_e(d["dataset_id"])}"' for d in data["datasets"]])
-    parts.append(f"<section id=datasets><h2>Datasets</h2>{table}</section>")
-
     removed = [d for d in data["datasets"] if d.get("removed")]
-    rules = list(removed[0]["removed"]) if removed else []
-    parts.append("<section id=qc><h2>QC distributions</h2>" + _img(_plot_qc(data), "QC distributions")
-                 + ("<p>Cells removed per rule (a cell can fail several):</p>"
-                    + _table(["dataset", *rules], [[d["dataset_id"], *(d["removed"].get(r) for r in rules)]
-                                                   for d in removed]) if removed else "")
-                 + "</section>")
-
-    loss_rows = [[t.get("batch_id"), *(_num(t.get(k)) for k in ("train_loss", "val_loss", "val_masked_acc",
-                                                                 "val_baseline_acc")),
-                  t.get("cells_seen"), t.get("global_step"), _secs(t.get("seconds"))]
-                 for t in data["trained"]]
-    parts.append("<section id=training><h2>Training and validation loss per batch</h2>"
-                 + _img(_plot_loss(data), "loss per batch")
-                 + _table(["batch", "train loss", "val loss", "val masked acc", "baseline acc", "cells seen",
-                           "global step", "seconds"], loss_rows) + "</section>")
-    parts.append(_model_section(data["trained"]))
-
-    metric_names = ("asw_label", "nmi", "ari", "isolated_label_asw", "clisi", "asw_batch", "graph_connectivity",
-                    "ilisi", "bio_conservation", "batch_correction", "total")
-    integration_rows = [[r["batch_id"], r["mode"], label, r["scib"].get("cells"), r["scib"].get("cells_earlier_batches"),
-                         r["scib"].get("batch_unlabelled"), *(_num((r["scib"].get(emb) or {}).get(m))
-                                                               for m in metric_names)]
-                        for r in data.get("integration") or []
-                        for emb, label in (("scvi", "scVI"), ("pca", "PCA(50)"))]
-    parts.append("<section id=integration><h2>Integration (scIB metrics)</h2>"
-                 + (_img(_plot_integration(data), "scIB scores per batch")
-                    + _table(["batch", "mode", "embedding", "cells scored", "of earlier batches", "unlabelled in batch",
-                              "ASW label", "NMI", "ARI", "isolated ASW", "cLISI", "batch ASW", "graph conn.", "iLISI",
-                              "bio", "batch", "total"], integration_rows)
-                    + "<p>The scVI/scArches latent and PCA(50) of log-normalised counts, scored on the same labelled "
-                      "cells: a sample of the batch with the earlier batches' pool (a query is scored together with "
-                      "its reference). Unlabelled cells are left out. NMI/ARI: k-means at the number of cell types; "
-                      "total = 0.6 bio + 0.4 batch.</p>"
-                    if integration_rows else "<p class=none>No integration scored.</p>")
-                 + "</section>")
-
-    stage_rows = [[s, v["records"], _secs(v["task_seconds"]), _secs(v["wall_seconds"]), _secs(v["max_seconds"]),
-                   v["failed"], "bottleneck" if s == summary["bottleneck"] else ("waiting for disk" if s == "admit" else "")]
-                  for s, v in summary["stages"].items()]
-    parts.append("<section id=stages><h2>Stage durations</h2>" + _img(_plot_stages(data), "stage timeline")
-                 + _table(["stage", "tasks", "task time (sum)", "wall time (union)", "longest task", "failed", ""],
-                          stage_rows)
-                 + "<p>The bottleneck is the working stage that was active for the most wall-clock time; admission "
-                   "is waiting for the disk budget, shown beside it.</p></section>")
-
-    job_rows = [[j.get("batch_id"), j.get("backend"), j.get("job_id"), j.get("state"), j.get("attempt"),
-                 j.get("exit_code"), j.get("reason") or j.get("message"), _when(j.get("submitted")), _when(j.get("ended"))]
-                for j in data["jobs"]]
-    parts.append("<section id=jobs><h2>Training jobs (SLURM or local)</h2>"
-                 + (_table(["batch", "backend", "job id", "state", "attempt", "exit code", "reason", "submitted",
-                            "ended"], job_rows) if job_rows else "<p class=none>No training job recorded.</p>")
-                 + "</section>")
-
-    production = data.get("production")
-    decision_rows = [[d.get("decided_at"), d.get("run_id"), d.get("candidate"), d.get("action"), d.get("reason"),
-                      ", ".join(f"{k} {v:+.4f}" for k, v in (d.get("deltas") or {}).items()
-                                if isinstance(v, int | float))]
-                     for d in reversed(data.get("decisions") or [])]
-    parts.append("<section id=retrain><h2>Retraining decisions</h2>"
-                 + (f"<p>production checkpoint <code>{_e(production.get('checkpoint_dir'))}</code>, promoted "
-                    f"{_e(production.get('promoted_at'))} ({_e(production.get('reason'))})</p>" if production else
-                    "<p class=none>No checkpoint promoted yet.</p>")
-                 + (_table(["decided", "retrain run", "candidate", "action", "reason", "change vs production"],
-                           decision_rows) if decision_rows else "<p class=none>No retraining decision yet.</p>")
-                 + "</section>")
-
+    models = model_learning(data["trained"])
     lineage = data["lineage"]
-    if lineage:
-        final, progress = lineage["final"], lineage["progress"] or {}
-        chain = _table(["batch", "checkpoint", "parent checkpoint", "parent hash", "global step", "cells seen"],
-                       [[c["batch_id"], c["checkpoint_dir"], c["parent_checkpoint"], c["parent_hash"], c["global_step"],
-                         c["cells_seen"]] for c in lineage["chain"]])
-        seen = progress.get("datasets_seen") or final.get("datasets_seen") or []
-        body = (f"<p>final checkpoint <code>{_e(final.get('checkpoint_dir'))}</code> "
-                f"({'on disk' if lineage['exists'] else 'pruned; its record remains'}), vocabulary "
-                f"{_e(final.get('vocab_version'))}, {_e(final.get('n_parameters'))} parameters, device "
-                f"{_e(final.get('device'))}</p>{chain}<p>datasets seen ({len(seen)}): {_e(', '.join(seen))}</p>")
-    else:
-        body = "<p class=none>No batch trained yet.</p>"
-    parts.append(f"<section id=lineage><h2>Lineage of the final checkpoint</h2>{body}</section></body></html>")
-    return "\n".join(parts)
+    seen = ((lineage["progress"] or {}).get("datasets_seen") or lineage["final"].get("datasets_seen")
+            if lineage else None) or []
+    plots = {"storage": _plot_storage(data), "qc": _plot_qc(data), "loss": _plot_loss(data),
+             "model": _plot_model(models) if models else None, "integration": _plot_integration(data),
+             "stages": _plot_stages(data)}
+    return _templates().get_template("report.html.j2").render(
+        data=data, metrics=metrics, scale=scale, unit=unit, over=data["peak_used_bytes"] > data["budget_bytes"],
+        cells_after_qc=sum(d["cells_after"] or 0 for d in data["datasets"]), removed=removed,
+        # one column per QC rule, in the order the first dataset's record lists them
+        rules=list(removed[0]["removed"]) if removed else [], models=models, plots=plots, scib_metrics=SCIB_METRICS,
+        datasets_seen=seen)
 
 
 def _folder_name(run_id: str) -> str:

@@ -7,7 +7,7 @@ works from any machine that mounts the base dir and needs no Airflow database.
 
 from __future__ import annotations
 
-import html
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -79,60 +79,27 @@ def _mb(n: float | None) -> str:
     return "–" if n is None else f"{n / 1e6:,.2f} MB" if abs(n) < 1e9 else f"{n / 1e9:,.2f} GB"
 
 
-def _bar(used: float, total: float) -> str:
-    pct = 0.0 if total <= 0 else min(100.0, 100.0 * used / total)
-    colour = "#c0392b" if used > total else "#2e86c1"
-    return (f'<div class=bar title="{pct:.1f} %"><div style="width:{pct:.1f}%;background:{colour}"></div></div>'
-            f"<span class=pct>{pct:.1f} %</span>")
+@functools.cache
+def _templates() -> Any:
+    from atlasflow.ops.templates import environment
 
-
-_CSS = """body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}h1{font-size:1.4em}
-table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left}
-th{background:#f3f3f3}.bar{display:inline-block;width:240px;height:.9em;background:#eee;vertical-align:middle}
-.bar div{height:100%}.pct{margin-left:.5em}.key{font-weight:600}.none{color:#777}"""
+    return environment(mb=_mb)
 
 
 def render_page(view: dict[str, Any], *, report_href: str = "report") -> str:
-    """The storage view as one HTML page (no script, no external asset; every value escaped)."""
-    e = html.escape
-    budget, used, reserved = view["budget_bytes"], view["used_bytes"], view["reserved_outstanding_bytes"]
-    parts = ["<!doctype html><html><head><meta charset=utf-8><title>atlasflow storage</title>",
-             f"<style>{_CSS}</style></head><body><h1>atlasflow storage</h1>",
-             f"<p>base dir <code>{e(view['base_dir'])}</code></p>",
-             "<table id=budget><tr><th>budget</th><th>used on disk</th><th>reserved, not yet written</th>"
-             "<th>headroom</th><th>free on the volume</th></tr>",
-             f"<tr><td class=key>{_mb(budget)}</td><td>{_mb(used)} {_bar(used, budget)}</td>"
-             f"<td>{_mb(reserved)}</td><td>{_mb(view['headroom_bytes'])}</td>"
-             f"<td>{_mb(view['free_disk_bytes'])}</td></tr></table>",
-             "<h2>Areas</h2><table id=areas><tr><th>area</th><th>used</th><th>allocated</th><th>use</th></tr>"]
-    for name, a in view["areas"].items():
-        parts.append(f"<tr><td>{e(name)}</td><td>{_mb(a['used'])}</td><td>{_mb(a['allocated'])}</td>"
-                     f"<td>{_bar(a['used'], a['allocated'])}{' over allocation' if a['over'] else ''}</td></tr>")
-    parts.append("</table><h2>Reservations</h2>")
-    if view["reservations"]:
-        parts.append("<table id=reservations><tr><th>batch</th><th>reserved</th><th>outstanding</th><th>owner</th>"
-                     "<th>lease left</th></tr>")
-        for r in view["reservations"]:
-            parts.append(f"<tr><td>{e(r['batch_id'])}</td><td>{_mb(r['bytes'])}</td><td>{_mb(r['outstanding'])}</td>"
-                         f"<td>{e(str(r['owner'] or '-'))}</td><td>{r['lease_left_s'] / 3600:.1f} h</td></tr>")
-        parts.append("</table>")
-    else:
-        parts.append("<p class=none>No reservation: no batch is holding disk.</p>")
-    parts.append("<h2>Batches</h2>")
-    if view["batches"]:
-        parts.append("<table id=batches><tr><th>batch</th><th>state</th><th>datasets</th><th>downloaded</th>"
-                     "<th>processed</th><th>quarantined</th><th>cells</th><th>checkpoint</th></tr>")
-        for b in view["batches"]:
-            parts.append(f"<tr id=\"b-{e(b['batch_id'])}\"><td>{e(b['batch_id'])}</td><td>{e(b['state'])}</td>"
-                         f"<td>{b['datasets']}</td><td>{b['downloaded']}</td><td>{b['processed']}</td>"
-                         f"<td>{b['quarantined']}</td><td>{b['cells']}</td>"
-                         f"<td><code>{e(b['checkpoint'] or '')}</code></td></tr>")
-        parts.append("</table>")
-    else:
-        parts.append("<p class=none>No plan yet: trigger atlas_ingest.</p>")
-    parts.append(f'<h2>Run report</h2><p><a id=report href="{e(report_href)}" target=_blank>latest run report</a></p>'
-                 if view["latest_report"] else "<h2>Run report</h2><p class=none>No report yet.</p>")
-    rec = view["reclaimable_bytes"]
-    parts.append("<p>cleanup could free: " + e(", ".join(f"{k.replace('_', ' ')} {_mb(v)}" for k, v in rec.items()))
-                 + f"; freed so far {_mb(view['deleted_bytes_total'])}</p></body></html>")
-    return "".join(parts)
+    """The storage view as one HTML page.
+
+    Parameters
+    ----------
+    view
+        What :func:`storage_view` returns.
+    report_href
+        The link to the latest run report, shown only when ``view["latest_report"]`` is set.
+
+    Returns
+    -------
+    str
+        The page (``templates/storage.html.j2``): the shared stylesheet inlined, no script, no
+        external asset, every value escaped.
+    """
+    return _templates().get_template("storage.html.j2").render(view=view, report_href=report_href)

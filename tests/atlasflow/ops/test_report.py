@@ -419,3 +419,27 @@ def test_old_style_results_do_not_break_the_model_section(tmp_path):
     metrics = json.loads(Path(written["metrics"]).read_text())
     assert metrics["batches"][1]["forgetting"]["batch_0000"] == {"at_training": None, "now": 0.016, "change": None}
     assert metrics["batches"][0]["beats_baselines"] == {"most_frequent_bin": False, "pca50": False}
+
+
+def test_dataset_ids_and_reasons_are_escaped(tmp_path):
+    # ids and reasons come from manifests and remote servers: the page must show them, never run them
+    config = load_config(None, overrides={"storage.base_dir": str(tmp_path / "base")})
+    did, reason = "GSE1<script>alert(1)", "HTTP 404 </script><script>alert(2)</script> & more"
+    (config.state_dir / "batches").mkdir(parents=True)
+    (config.state_dir / "quarantine").mkdir()
+    (config.state_dir / "batches" / "batch_0000.json").write_text(json.dumps({"datasets": [{"dataset_id": did}]}))
+    (config.state_dir / "quarantine" / f"{did}.json").write_text(json.dumps({"stage": "download", "reason": reason}))
+    page = Path(write_run_report(config, "escape<me>")["html"]).read_text()
+    assert "<script" not in page and "&lt;script&gt;alert(1)" in page
+    assert "atlasflow run escape&lt;me&gt;" in page
+    cells = _row(page, html.escape(did, quote=False))
+    assert cells[0] == "quarantined" and cells[1] == did and cells[12:] == ["download", reason]
+
+
+def test_the_report_inlines_the_one_shared_stylesheet(tmp_path):
+    from atlasflow.ops.templates import environment
+
+    config = load_config(None, overrides={"storage.base_dir": str(tmp_path / "base")})
+    page = Path(write_run_report(config, "styled")["html"]).read_text()
+    stylesheet = environment().loader.get_source(environment(), "atlasflow.css")[0]
+    assert page.count("<style>") == 1 and stylesheet in page and "<link" not in page
