@@ -6,8 +6,7 @@ import subprocess
 import sys
 
 from atlasflow.cli.main import main
-
-from ..conftest import direct_rows
+from tests.atlasflow.conftest import direct_rows
 
 
 def run(*argv: str) -> tuple[int, str]:

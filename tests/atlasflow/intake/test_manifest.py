@@ -5,8 +5,7 @@ from pathlib import Path
 import pytest
 
 from atlasflow.intake.manifest import ManifestError, infer_format, parse_size, read_manifest
-
-from ..conftest import HEADER, direct_rows, write_csv, write_xlsx
+from tests.atlasflow.conftest import HEADER, direct_rows, write_csv, write_xlsx
 
 
 def problems_of(path: Path, **kwargs) -> list[tuple[int | None, str | None, str]]:

@@ -8,8 +8,7 @@ import pytest
 from atlasflow.core.config import load_config
 from atlasflow.intake.manifest import read_manifest
 from atlasflow.intake.plan import BatchPlan, freeze_plan, load_plan, make_plan, save_plan, write_batch_spec
-
-from ..conftest import direct_rows
+from tests.atlasflow.conftest import direct_rows
 
 
 def ids(plan: BatchPlan) -> list[list[str]]:

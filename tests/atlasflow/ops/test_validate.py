@@ -17,9 +17,8 @@ from atlasflow.ops.validate import (
     system_report,
     validate_for_run,
 )
-
-from ..conftest import direct_rows
-from ..cli.test_cli import run
+from tests.atlasflow.cli.test_cli import run
+from tests.atlasflow.conftest import direct_rows
 
 
 def by_name(checks):
