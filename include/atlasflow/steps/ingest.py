@@ -1,8 +1,10 @@
 """The ingest pipeline's steps, one function per DAG task, each idempotent and safe to re-run.
 
 Each function takes the run's config and small values (ids, paths, small dicts) and returns a
-small dict for XCom; files go to the deterministic paths of docs/contracts.md. A bad dataset is
-*quarantined* (``status: "quarantined"`` plus a JSON file saying why) so its batch goes on.
+small dict for XCom, typed below as a TypedDict so the XCom JSON stays exactly the dict it has
+always been; files go to the deterministic paths of docs/contracts.md. A bad dataset is
+*quarantined* (``status: "quarantined"`` plus a JSON file saying why) so its batch goes on. Steps
+that the run report times are decorated with :func:`atlasflow.core.runlog.stage`.
 """
 
 from __future__ import annotations
@@ -12,13 +14,25 @@ import logging
 import shutil
 import sys
 import time
+from collections.abc import Mapping
+from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, NotRequired, TypedDict
 
 from atlasflow.core.config import GB, AtlasConfig
 from atlasflow.core.fsutil import write_json_atomic
-from atlasflow.core.records import batch_trained, record_quarantine, record_trained
-from atlasflow.core.runlog import record_job, record_stage
+from atlasflow.core.records import (
+    QuarantineRecord,
+    batch_spec_path,
+    batch_trained,
+    jobs_dir,
+    pinned_vocab_path,
+    record_quarantine,
+    record_trained,
+    stage_path,
+    tombstone_path,
+)
+from atlasflow.core.runlog import RecordAlso, StageStatus, record_job, stage, stage_ended, stage_started
 from atlasflow.intake.manifest import Dataset
 from atlasflow.intake.plan import batch_id as make_batch_id
 from atlasflow.intake.plan import freeze_plan, load_plan
@@ -33,8 +47,28 @@ from atlasflow.prep.genes import (
 from atlasflow.steps.retrain import resume_checkpoint, retrain_set_path
 from atlasflow.storage import BudgetExceededError, Cleaner, Ledger, StorageLayout, batch_footprint
 
+if TYPE_CHECKING:
+    from atlasflow.core.config import SlurmConfig
+
 __all__ = [
+    "AdmitResult",
     "BudgetExceededError",
+    "CleanupResult",
+    "DownloadResult",
+    "Downloaded",
+    "Integrated",
+    "ProcessResult",
+    "Processed",
+    "QuantJob",
+    "QuantOutcome",
+    "QuantResult",
+    "QuantSummary",
+    "Quantified",
+    "RunPrepared",
+    "SkipReason",
+    "StepStatus",
+    "TrainResult",
+    "TrainingJob",
     "admit_batch",
     "batch_trained",
     "cleanup_batch",
@@ -58,12 +92,187 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
+class StepStatus(StrEnum):
+    """A step result's ``status`` (XCom). The stage record takes the same word (:class:`StageStatus`)."""
+
+    OK = "ok"
+    SKIPPED = "skipped"  # integrate only: the batch has no usable dataset (the DAG task skips)
+    QUARANTINED = "quarantined"
+    FAILED = "failed"  # run_quant only: finish_quant turns it into a quarantine on the Airflow side
+
+
+class SkipReason(StrEnum):
+    """Why a step found its work already done: the ``skipped`` value of its result (a stage record keeps it)."""
+
+    ALREADY_TRAINED = "already trained"  # written after the batch id: "<batch_id> already trained"
+    ALREADY_PROCESSED = "already processed"
+    ALREADY_QUANTIFIED = "already quantified"
+
+
+def trained_skip(batch_id: str) -> str:
+    """The ``skipped`` value of a step whose batch a run trained before (the batch id first, as XCom always said)."""
+    return f"{batch_id} {SkipReason.ALREADY_TRAINED}"
+
+
+def _done_before(batch_id: str, skipped: str | None) -> bool:
+    """Whether a ``skipped`` value says the work was done (every skip reason a download result carries)."""
+    return skipped in (trained_skip(batch_id), SkipReason.ALREADY_PROCESSED, SkipReason.ALREADY_QUANTIFIED)
+
+
+class RunPrepared(TypedDict):
+    """:func:`prepare_run`: the sealed plan's summary and the pinned vocabulary's version."""
+
+    plan_path: str
+    batches: list[str]
+    new_batches: list[str]
+    datasets: int
+    changes: list[str]
+    vocab_version: str
+
+
+class AdmitResult(TypedDict):
+    """:func:`admit_batch`: an :class:`~atlasflow.storage.Admission` and the footprint it was asked for.
+
+    A batch trained before reserves nothing: ``already_trained`` instead of the ledger's figures.
+    """
+
+    admitted: bool
+    batch_id: str
+    bytes: int
+    reason: str
+    used: NotRequired[int]
+    outstanding: NotRequired[int]
+    free: NotRequired[int]
+    footprint: NotRequired[dict[str, Any]]
+    already_trained: NotRequired[Literal[True]]
+
+
+class Downloaded(TypedDict):
+    """:func:`download_dataset` for a dataset on disk: the fetch's figures, or why nothing was fetched."""
+
+    dataset_id: str
+    status: Literal[StepStatus.OK]
+    skipped: NotRequired[str]  # trained_skip(batch_id) or a SkipReason
+    bytes: NotRequired[int]
+    files: NotRequired[int]
+    seconds: NotRequired[float]
+
+
+DownloadResult = Downloaded | QuarantineRecord
+
+
+class QuantOutcome(TypedDict):
+    """:func:`run_quant` (the SLURM job's result file): ``ok`` with kb's summary, or ``failed`` with a reason."""
+
+    dataset_id: str
+    batch_id: str
+    status: Literal[StepStatus.OK, StepStatus.FAILED]
+    reason: NotRequired[str]
+    reads_processed: NotRequired[int]
+    reads_pseudoaligned: NotRequired[int]
+    percent_pseudoaligned: NotRequired[float]
+    barcodes: NotRequired[int]
+    genes: NotRequired[int]
+    seconds: NotRequired[float]
+    fastq_bytes: NotRequired[int]
+
+
+class QuantSummary(TypedDict):
+    """The part of a :class:`QuantOutcome` kept in XCom (None where kb did not say)."""
+
+    reads_processed: int | None
+    reads_pseudoaligned: int | None
+    percent_pseudoaligned: float | None
+    barcodes: int | None
+    genes: int | None
+    seconds: float | None
+    fastq_bytes: int | None
+
+
+class Quantified(TypedDict):
+    """:func:`finish_quant` for a quantified dataset: kb's summary and the FASTQ bytes deleted."""
+
+    dataset_id: str
+    status: Literal[StepStatus.OK]
+    quant: QuantSummary
+    fastq_freed: int
+
+
+QuantResult = Quantified | QuarantineRecord
+
+
+class QuantJob(TypedDict):
+    """:func:`quant_job`: the command line and where its logs go, with the SLURM settings for it."""
+
+    command: list[str]
+    log_dir: str
+    slurm: SlurmConfig
+
+
+class Processed(TypedDict):
+    """:func:`process_dataset_step` for a usable dataset; a re-run that finds it done carries ``skipped``."""
+
+    dataset_id: str
+    status: Literal[StepStatus.OK]
+    path: str
+    cells_after: int | None
+    skipped: NotRequired[str]
+    format: NotRequired[str]
+    raw_bytes: NotRequired[int]
+    processed_bytes: NotRequired[int]
+    cells_before: NotRequired[int]
+    genes_after: NotRequired[int]
+    removed: NotRequired[dict[str, Any]]
+    coverage: NotRequired[Any]
+    strategy: NotRequired[str]
+    non_integer: NotRequired[Any]
+    seconds: NotRequired[float]
+
+
+# a dataset quarantined at download (or quant) is passed through unprocessed
+ProcessResult = Processed | QuarantineRecord
+
+
+class Integrated(TypedDict):
+    """:func:`integrate_batch_step`: the batch's usable and quarantined datasets and the integration summary."""
+
+    batch_id: str
+    datasets: list[str]
+    quarantined: dict[str, str | None]
+    status: Literal[StepStatus.OK, StepStatus.SKIPPED]
+    reason: NotRequired[str]  # with status skipped: no usable dataset
+    integration: NotRequired[dict[str, Any] | None]
+    skipped: NotRequired[str]
+    checkpoint_dir: NotRequired[str | None]
+
+
+class TrainingJob(TypedDict):
+    """:func:`training_job`: the ``atlasflow train`` command line and where its outputs go."""
+
+    command: list[str]
+    checkpoint_dir: str
+    log_dir: str
+
+
+# ``result.json`` of ``atlasflow train`` (lineage, losses, model figures): its keys belong to the model CLI
+TrainResult = dict[str, Any]
+
+
+class CleanupResult(TypedDict):
+    """:func:`cleanup_batch`: bytes freed per area and whether the reservation was released."""
+
+    batch_id: str
+    freed_bytes: dict[str, int]
+    released: bool
+    trained: bool
+
+
 def _layout(config: AtlasConfig) -> StorageLayout:
     return StorageLayout.of(config.storage.base_dir).ensure()
 
 
 def _spec(config: AtlasConfig, batch_id: str) -> dict[str, Any]:
-    path = config.state_dir / "batches" / f"{batch_id}.json"
+    path = batch_spec_path(config.state_dir, batch_id)
     if not path.exists():
         from atlasflow.intake.plan import write_batch_spec
 
@@ -79,13 +288,13 @@ def _dataset(config: AtlasConfig, batch_id: str, dataset_id: str) -> Dataset | N
     return None
 
 
-def _quarantine(config: AtlasConfig, batch_id: str, dataset_id: str, stage: str, reason: str) -> dict[str, Any]:
+def _quarantine(config: AtlasConfig, batch_id: str, dataset_id: str, stage: str, reason: str) -> QuarantineRecord:
     info = record_quarantine(config, batch_id, dataset_id, stage, reason)
     log.warning("quarantined %s at %s: %s", dataset_id, stage, reason)
     return info
 
 
-def prepare_run(config: AtlasConfig) -> dict[str, Any]:
+def prepare_run(config: AtlasConfig) -> RunPrepared:
     """Validate the manifest, seal the plan, pin the vocabulary for every later batch.
 
     Raises
@@ -94,28 +303,22 @@ def prepare_run(config: AtlasConfig) -> dict[str, Any]:
         ``genes.vocab_path`` is not the vocabulary pinned by this base_dir's first run; checked
         before the plan is extended, so a wrong config changes nothing.
     """
-    pinned = config.state_dir / "vocab.json"
+    pinned = pinned_vocab_path(config.state_dir)
     if (problem := vocabulary_mismatch(pinned, config.genes.vocab_path)) is not None:
         raise VocabularyMismatchError(problem)
     summary = freeze_plan(config)
     if not pinned.exists():
         Vocabulary.load(config.genes.vocab_path).save(pinned)
-    summary["vocab_version"] = Vocabulary.load(pinned).version
-    return summary
+    return {**summary, "vocab_version": Vocabulary.load(pinned).version}  # type: ignore[typeddict-item]
 
 
-def admit_batch(config: AtlasConfig, batch_id: str, *, owner: str) -> dict[str, Any]:
+@stage("admit")
+def admit_batch(config: AtlasConfig, batch_id: str, *, owner: str) -> AdmitResult:
     """Try to reserve the batch's footprint; batches are admitted in plan order.
 
     Every attempt updates the batch's ``admit`` stage record, which spans the whole wait.
     Raises :class:`~atlasflow.storage.BudgetExceededError` when the batch can never fit.
     """
-    with record_stage(config.state_dir, "admit", batch_id) as out:
-        out.update(_admit_batch(config, batch_id, owner=owner))
-    return out
-
-
-def _admit_batch(config: AtlasConfig, batch_id: str, *, owner: str) -> dict[str, Any]:
     spec = _spec(config, batch_id)
     if (done := batch_trained(config, batch_id)) is not None:
         return {"admitted": True, "batch_id": batch_id, "bytes": 0, "already_trained": True,
@@ -129,19 +332,12 @@ def _admit_batch(config: AtlasConfig, batch_id: str, *, owner: str) -> dict[str,
                                                               f"models/integration/{batch_id}"]
     admission = ledger.try_admit(batch_id, footprint["bytes"], paths=paths, owner=owner,
                                  after=make_batch_id(index - 1) if index > 0 else None)
-    return {**admission.to_dict(), "footprint": footprint}
+    return {**admission.to_dict(), "footprint": footprint}  # type: ignore[typeddict-item]
 
 
-def download_dataset(config: AtlasConfig, batch_id: str, dataset_id: str, *, final_try: bool) -> dict[str, Any]:
+@stage("download")
+def download_dataset(config: AtlasConfig, batch_id: str, dataset_id: str, *, final_try: bool) -> DownloadResult:
     """Fetch one dataset into ``data/raw/<id>``; permanent failures (and the last try's) quarantine it."""
-    with record_stage(config.state_dir, "download", batch_id, dataset_id) as out:
-        out.update(_download_dataset(config, batch_id, dataset_id, final_try=final_try))
-    if out["status"] == "ok" and not out.get("skipped"):
-        Ledger(config.storage).sample(f"downloaded {dataset_id}")
-    return out
-
-
-def _download_dataset(config: AtlasConfig, batch_id: str, dataset_id: str, *, final_try: bool) -> dict[str, Any]:
     from atlasflow.acquire.fetch import FetchError, TransientFetchError, fetch_dataset
 
     dataset = _dataset(config, batch_id, dataset_id)
@@ -149,20 +345,21 @@ def _download_dataset(config: AtlasConfig, batch_id: str, dataset_id: str, *, fi
         return _quarantine(config, batch_id, dataset_id, "download", "no longer in the manifest")
     layout = _layout(config)
     if batch_trained(config, batch_id) is not None:
-        return {"dataset_id": dataset_id, "status": "ok", "skipped": f"{batch_id} already trained"}
+        return {"dataset_id": dataset_id, "status": StepStatus.OK, "skipped": trained_skip(batch_id)}
     species, evidence = dataset_species(dataset.species, [])
     if species != "human":
         table, why_not = species_mapping_for(species, config.genes.species_mapping)
         if table is None:  # refused before a byte is fetched; process would refuse it anyway
             return _quarantine(config, batch_id, dataset_id, "download",
                                f"{dataset_id}: not human: {evidence} (manifest {config.manifest.path}); {why_not}")
-    if (layout.tombstones / f"{dataset_id}.json").exists() and (layout.processed_dir(batch_id) / f"{dataset_id}.h5ad").exists():
-        return {"dataset_id": dataset_id, "status": "ok", "skipped": "already processed"}
+    if (tombstone_path(config.state_dir, dataset_id).exists()
+            and (layout.processed_dir(batch_id) / f"{dataset_id}.h5ad").exists()):
+        return {"dataset_id": dataset_id, "status": StepStatus.OK, "skipped": SkipReason.ALREADY_PROCESSED}
     if dataset.is_reads:
         from atlasflow.acquire.quant import quantified
 
         if quantified(layout.raw_dir(dataset_id)) is not None:  # its FASTQ files are gone by design
-            return {"dataset_id": dataset_id, "status": "ok", "skipped": "already quantified"}
+            return {"dataset_id": dataset_id, "status": StepStatus.OK, "skipped": SkipReason.ALREADY_QUANTIFIED}
     cap = int((dataset.expected_bytes or config.storage.unknown_size_gb * GB) * 1.25) + 1_000_000
     Ledger(config.storage).heartbeat(batch_id)
     try:
@@ -173,11 +370,13 @@ def _download_dataset(config: AtlasConfig, batch_id: str, dataset_id: str, *, fi
         return _quarantine(config, batch_id, dataset_id, "download", f"gave up after the last retry: {exc}")
     except FetchError as exc:
         return _quarantine(config, batch_id, dataset_id, "download", str(exc))
-    return {"dataset_id": dataset_id, "status": "ok", "bytes": result.bytes, "files": len(result.files),
+    # the fetched files are on disk and not yet processed: a peak worth sampling
+    Ledger(config.storage).sample(f"downloaded {dataset_id}")
+    return {"dataset_id": dataset_id, "status": StepStatus.OK, "bytes": result.bytes, "files": len(result.files),
             "seconds": round(result.seconds, 2)}
 
 
-def run_quant(config: AtlasConfig, batch_id: str, dataset_id: str) -> dict[str, Any]:
+def run_quant(config: AtlasConfig, batch_id: str, dataset_id: str) -> QuantOutcome:
     """``kb count`` on one downloaded reads dataset (the part a SLURM job runs).
 
     Never raises for bad input: returns ``{"status": "ok", ...summary}`` or
@@ -189,23 +388,24 @@ def run_quant(config: AtlasConfig, batch_id: str, dataset_id: str) -> dict[str, 
     dataset = _dataset(config, batch_id, dataset_id)
     base = {"dataset_id": dataset_id, "batch_id": batch_id}
     if dataset is None:
-        return {**base, "status": "failed", "reason": "no longer in the manifest"}
+        return {**base, "status": StepStatus.FAILED, "reason": "no longer in the manifest"}  # type: ignore[typeddict-item]
     layout = _layout(config)
     try:
         summary = quantify(layout.raw_dir(dataset_id), technology=dataset.technology or "",
                            config=config.quant, work_dir=layout.cache / "quant" / dataset_id)
     except QuantError as exc:
-        return {**base, "status": "failed", "reason": str(exc)}
-    return {**base, "status": "ok", **summary}
+        return {**base, "status": StepStatus.FAILED, "reason": str(exc)}  # type: ignore[typeddict-item]
+    return {**base, "status": StepStatus.OK, **summary}  # type: ignore[typeddict-item]
 
 
-def finish_quant(config: AtlasConfig, batch_id: str, dataset_id: str, outcome: dict[str, Any]) -> dict[str, Any]:
+def finish_quant(config: AtlasConfig, batch_id: str, dataset_id: str, outcome: Mapping[str, Any]) -> QuantResult:
     """After :func:`run_quant`: delete the FASTQ files (the ledger records the bytes freed), or quarantine."""
     from atlasflow.acquire.quant import fastq_files
 
     layout = _layout(config)
     cleaner = Cleaner(Ledger(config.storage))
-    if outcome.get("status") != "ok":
+    # an outcome without a status (a job that wrote no result) is a failure too
+    if outcome.get("status") != StepStatus.OK:
         cleaner.delete_raw(dataset_id, batch_id=batch_id)
         shutil.rmtree(layout.cache / "quant" / dataset_id, ignore_errors=True)
         return _quarantine(config, batch_id, dataset_id, "quant", str(outcome.get("reason")))
@@ -215,18 +415,20 @@ def finish_quant(config: AtlasConfig, batch_id: str, dataset_id: str, outcome: d
             freed += cleaner.remove(path, "FASTQ quantified (counts kept)", batch_id=batch_id, dataset_id=dataset_id)
     keep = ("reads_processed", "reads_pseudoaligned", "percent_pseudoaligned", "barcodes", "genes", "seconds",
             "fastq_bytes")
-    return {"dataset_id": dataset_id, "status": "ok", "quant": {k: outcome.get(k) for k in keep}, "fastq_freed": freed}
+    return {"dataset_id": dataset_id, "status": StepStatus.OK,
+            "quant": {k: outcome.get(k) for k in keep},  # type: ignore[typeddict-item]
+            "fastq_freed": freed}
 
 
-def reads_to_quantify(config: AtlasConfig, batch_id: str, fetched: dict[str, Any]) -> bool:
+def reads_to_quantify(config: AtlasConfig, batch_id: str, fetched: DownloadResult) -> bool:
     """Whether a download result is raw reads still to be quantified (else the quant task passes it on)."""
-    if fetched.get("status") != "ok" or "already" in str(fetched.get("skipped", "")):
+    if fetched["status"] != StepStatus.OK or _done_before(batch_id, fetched.get("skipped")):
         return False
     dataset = _dataset(config, batch_id, fetched["dataset_id"])
     return dataset is not None and dataset.is_reads
 
 
-def quant_dataset_step(config: AtlasConfig, batch_id: str, fetched: dict[str, Any]) -> dict[str, Any]:
+def quant_dataset_step(config: AtlasConfig, batch_id: str, fetched: DownloadResult) -> DownloadResult | QuantResult:
     """The quant task with the local backend: reads → counts → FASTQ deleted. Other datasets pass through."""
     if not reads_to_quantify(config, batch_id, fetched):
         return fetched
@@ -235,33 +437,34 @@ def quant_dataset_step(config: AtlasConfig, batch_id: str, fetched: dict[str, An
     return finish_quant(config, batch_id, dataset_id, run_quant(config, batch_id, dataset_id))
 
 
-def quant_job(config: AtlasConfig, batch_id: str, dataset_id: str, *, python: str | None = None) -> dict[str, Any]:
+def quant_job(config: AtlasConfig, batch_id: str, dataset_id: str, *, python: str | None = None) -> QuantJob:
     """The ``atlasflow quant run`` command line for one dataset, and the SLURM settings for it (CPU partition)."""
     import dataclasses
 
     from atlasflow.slurm import format_minutes
 
-    layout = _layout(config)
-    config_file = write_json_atomic(layout.state / "jobs" / batch_id / f"quant-{dataset_id}.config.json",
+    _layout(config)  # the job's folders exist before the job does
+    config_file = write_json_atomic(jobs_dir(config.state_dir, batch_id) / f"quant-{dataset_id}.config.json",
                                     config.to_dict())
     cmd = [python or sys.executable, "-m", "atlasflow.cli", "quant", "run", "--config", str(config_file),
            "--batch-id", batch_id, "--dataset-id", dataset_id]
     slurm = dataclasses.replace(config.slurm, partition=config.quant.slurm_partition or config.slurm.partition,
                                 gpus=0, cpus=config.quant.threads, mem_gb=config.quant.slurm_mem_gb,
                                 time_limit=format_minutes(int(config.quant.timeout_s // 60) + 1))
-    return {"command": cmd, "log_dir": str(config.state_dir / "jobs" / batch_id), "slurm": slurm}
+    return {"command": cmd, "log_dir": str(jobs_dir(config.state_dir, batch_id)), "slurm": slurm}
 
 
-def process_dataset_step(config: AtlasConfig, batch_id: str, fetched: dict[str, Any]) -> dict[str, Any]:
+def process_dataset_step(config: AtlasConfig, batch_id: str,
+                         fetched: DownloadResult | QuantResult) -> ProcessResult:
     """Read → QC → harmonise one downloaded dataset; raw files are deleted once it is processed."""
-    if fetched.get("status") != "ok":
-        return fetched  # quarantined at download: nothing to process, nothing to record
-    with record_stage(config.state_dir, "process", batch_id, fetched["dataset_id"]) as out:
-        out.update(_process_dataset_step(config, batch_id, fetched))
-    return out
+    if fetched["status"] != StepStatus.OK:
+        # quarantined at download: nothing to process, nothing to record (so no @stage on this function)
+        return fetched  # type: ignore[return-value]
+    return _process_dataset(config, batch_id, fetched)
 
 
-def _process_dataset_step(config: AtlasConfig, batch_id: str, fetched: dict[str, Any]) -> dict[str, Any]:
+@stage("process", dataset_id=lambda args: args["fetched"]["dataset_id"])
+def _process_dataset(config: AtlasConfig, batch_id: str, fetched: Downloaded | Quantified) -> ProcessResult:
     from atlasflow.prep.process import DatasetQuarantined, process_dataset
     from atlasflow.storage.cleanup import file_sha256
 
@@ -270,13 +473,13 @@ def _process_dataset_step(config: AtlasConfig, batch_id: str, fetched: dict[str,
     out = layout.processed_dir(batch_id) / f"{dataset_id}.h5ad"
     cleaner = Cleaner(Ledger(config.storage))
     tomb = cleaner.tombstone(dataset_id)
-    if fetched.get("skipped", "").endswith("already trained"):
+    if fetched.get("skipped") == trained_skip(batch_id):
         # its processed file may be gone (cleanup); the tombstone still has the counts for the summary
-        return {"dataset_id": dataset_id, "status": "ok", "path": str(out),
-                "cells_after": (tomb or {}).get("cells_after"), "skipped": fetched["skipped"]}
+        return {"dataset_id": dataset_id, "status": StepStatus.OK, "path": str(out),
+                "cells_after": (tomb or {}).get("cells_after"), "skipped": trained_skip(batch_id)}
     if tomb is not None and out.exists() and tomb.get("processed_sha256") == file_sha256(out):
-        return {"dataset_id": dataset_id, "status": "ok", "path": str(out), "cells_after": tomb["cells_after"],
-                "skipped": "already processed"}
+        return {"dataset_id": dataset_id, "status": StepStatus.OK, "path": str(out), "cells_after": tomb["cells_after"],
+                "skipped": SkipReason.ALREADY_PROCESSED}
     dataset = _dataset(config, batch_id, dataset_id)
     assert dataset is not None  # download quarantined it otherwise
     try:
@@ -306,7 +509,7 @@ def _process_dataset_step(config: AtlasConfig, batch_id: str, fetched: dict[str,
     cleaner.delete_raw(dataset_id, batch_id=batch_id)
     keep = ("dataset_id", "status", "path", "format", "raw_bytes", "processed_bytes", "cells_before", "cells_after",
             "genes_after", "removed", "coverage", "strategy", "non_integer", "seconds")
-    return {k: summary[k] for k in keep}
+    return {k: summary[k] for k in keep}  # type: ignore[return-value]
 
 
 def _previous(root: Path, batch_id: str) -> Path | None:
@@ -315,35 +518,35 @@ def _previous(root: Path, batch_id: str) -> Path | None:
     return done[-1] if done else None
 
 
-def integrate_batch_step(config: AtlasConfig, batch_id: str, processed: list[dict[str, Any]]) -> dict[str, Any]:
-    """Integrate the batch's usable datasets (scVI, or scArches onto the previous batch's model)."""
-    with record_stage(config.state_dir, "integrate", batch_id) as out:
-        out.update(_integrate_batch_step(config, batch_id, processed))
-    return out
+@stage("integrate")
+def integrate_batch_step(config: AtlasConfig, batch_id: str, processed: list[ProcessResult | None]) -> Integrated:
+    """Integrate the batch's usable datasets (scVI, or scArches onto the previous batch's model).
 
-
-def _integrate_batch_step(config: AtlasConfig, batch_id: str, processed: list[dict[str, Any]]) -> dict[str, Any]:
-    ok = [p["dataset_id"] for p in processed if p and p.get("status") == "ok"]
-    quarantined = {p["dataset_id"]: p.get("reason") for p in processed if p and p.get("status") != "ok"}
+    ``processed`` holds one result per dataset; a mapped task that left no XCom gives None.
+    """
+    done_ok = [p for p in processed if p]
+    ok = [p["dataset_id"] for p in done_ok if p["status"] == StepStatus.OK]
+    quarantined = {p["dataset_id"]: p.get("reason") for p in done_ok if p["status"] != StepStatus.OK}
     base = {"batch_id": batch_id, "datasets": ok, "quarantined": quarantined}
     if not ok:
-        return {**base, "status": "skipped",
+        return {**base, "status": StepStatus.SKIPPED,  # type: ignore[typeddict-item]
                 "reason": f"no usable dataset in {batch_id}: " + "; ".join(f"{k}: {v}" for k, v in quarantined.items())}
     if (done := batch_trained(config, batch_id)) is not None:
-        return {**base, "status": "ok", "integration": None, "skipped": f"{batch_id} already trained",
-                "checkpoint_dir": done.get("checkpoint_dir")}
+        return {**base, "status": StepStatus.OK, "integration": None,  # type: ignore[typeddict-item]
+                "skipped": trained_skip(batch_id), "checkpoint_dir": done.get("checkpoint_dir")}
     if not config.integration.enabled:
-        return {**base, "status": "ok", "integration": None}
+        return {**base, "status": StepStatus.OK, "integration": None}  # type: ignore[typeddict-item]
     from atlasflow.model.integrate import integrate_batch
 
     layout = _layout(config)
     result = integrate_batch(layout.processed_dir(batch_id), layout.integration / batch_id, config=config.integration,
                              previous=_previous(layout.integration, batch_id))
-    return {**base, "status": "ok", "integration": {k: result[k] for k in result if k != "datasets"}}
+    return {**base, "status": StepStatus.OK,  # type: ignore[typeddict-item]
+            "integration": {k: result[k] for k in result if k != "datasets"}}
 
 
 def training_job(config: AtlasConfig, batch_id: str, *, previous_checkpoint: str | None,
-                 python: str | None = None) -> dict[str, Any]:
+                 python: str | None = None) -> TrainingJob:
     """The ``atlasflow train`` command line for a batch, run as-is by either backend.
 
     The config the job receives is this run's effective config, written next to the
@@ -365,35 +568,31 @@ def training_job(config: AtlasConfig, batch_id: str, *, previous_checkpoint: str
     config_file = write_json_atomic(layout.checkpoints / f"{batch_id}.config.json", config.to_dict())
     cmd = [python or sys.executable, "-m", "atlasflow.cli", "train", "--config", str(config_file),
            "--batch-dir", str(layout.processed_dir(batch_id)), "--out", str(out),
-           "--vocab", str(config.state_dir / "vocab.json")]
+           "--vocab", str(pinned_vocab_path(config.state_dir))]
     if previous is not None:
         cmd += ["--resume-from", str(previous)]
     if config.retrain.train_on_pseudo_labels:
         # derived from base_dir, never from a run's conf: the job reads what atlas_retrain last built
         cmd += ["--pseudo-labels", str(retrain_set_path(config))]
-    return {"command": cmd, "checkpoint_dir": str(out), "log_dir": str(config.state_dir / "jobs" / batch_id)}
+    return {"command": cmd, "checkpoint_dir": str(out), "log_dir": str(jobs_dir(config.state_dir, batch_id))}
 
 
+@stage("train")
 def train_batch_step(config: AtlasConfig, batch_id: str, *, previous_checkpoint: str | None,
-                     tag: str = "local", attempt: int = 1) -> dict[str, Any]:
+                     tag: str = "local", attempt: int = 1) -> TrainResult | RecordAlso[TrainResult]:
     """Train the batch with the local backend: the SLURM job's command, run as a child process.
 
     A batch trained before (by any run) is not trained again; its recorded result is returned.
     """
-    with record_stage(config.state_dir, "train", batch_id) as out:
-        if (done := batch_trained(config, batch_id)) is not None:
-            log.info("%s already trained: %s", batch_id, done.get("checkpoint_dir"))
-            out["skipped"] = f"{batch_id} already trained"  # for the stage record only: XCom stays the result
-            result = record_trained(config, batch_id, done)
-        else:
-            result = _train_batch_step(config, batch_id, previous_checkpoint=previous_checkpoint, tag=tag,
-                                       attempt=attempt)
-        out.update(result)
-    return result
+    if (done := batch_trained(config, batch_id)) is not None:
+        log.info("%s already trained: %s", batch_id, done.get("checkpoint_dir"))
+        # the stage record notes the skip; XCom stays the recorded result, unchanged
+        return RecordAlso(record_trained(config, batch_id, done), {"skipped": trained_skip(batch_id)})
+    return _train_batch(config, batch_id, previous_checkpoint=previous_checkpoint, tag=tag, attempt=attempt)
 
 
-def _train_batch_step(config: AtlasConfig, batch_id: str, *, previous_checkpoint: str | None, tag: str,
-                      attempt: int) -> dict[str, Any]:
+def _train_batch(config: AtlasConfig, batch_id: str, *, previous_checkpoint: str | None, tag: str,
+                 attempt: int) -> TrainResult:
     from atlasflow.slurm import JobSpec, JobState
     from atlasflow.slurm.backend import LocalBackend
 
@@ -419,38 +618,29 @@ def _train_batch_step(config: AtlasConfig, batch_id: str, *, previous_checkpoint
 
 def slurm_training_submitted(config: AtlasConfig, batch_id: str) -> None:
     """Open the batch's ``train`` stage record when its SLURM job is submitted (or adopted)."""
-    from atlasflow.core.runlog import stage_started
-
     stage_started(config.state_dir, "train", batch_id)
 
 
 def slurm_training_finished(config: AtlasConfig, batch_id: str, event: dict[str, Any]) -> None:
     """Record the SLURM job (id, state, exit code) and close the ``train`` stage from the trigger's final event."""
-    from atlasflow.core.runlog import stage_ended, stage_path, stage_started
-
     record_job(config.state_dir, batch_id, {
         "backend": "slurm", "job_id": event.get("job_id"), "state": event.get("state") or event.get("status"),
         "exit_code": event.get("exit_code"), "reason": event.get("reason"), "message": event.get("message"),
         "ended": time.time()})
     path = stage_path(config.state_dir, "train", batch_id)
     record = json.loads(path.read_text()) if path.exists() else None
-    if record is None or record.get("status") != "running":
+    if record is None or record.get("status") != StageStatus.RUNNING:
         record = stage_started(config.state_dir, "train", batch_id)
     ok = event.get("status") == "success" and event.get("result") is not None
-    stage_ended(config.state_dir, record, status="ok" if ok else "failed", result=event.get("result") or {},
+    stage_ended(config.state_dir, record, status=StageStatus.OK if ok else StageStatus.FAILED, result=event.get("result") or {},
                 error=None if ok else str(event.get("message") or event.get("status")))
     if ok:
         Ledger(config.storage).sample(f"trained {batch_id}")
 
 
-def cleanup_batch(config: AtlasConfig, batch_id: str) -> dict[str, Any]:
+@stage("cleanup")
+def cleanup_batch(config: AtlasConfig, batch_id: str) -> CleanupResult:
     """The cleanup policy for a finished (or failed) batch; releases its reservation (and samples usage)."""
-    with record_stage(config.state_dir, "cleanup", batch_id) as out:
-        out.update(_cleanup_batch(config, batch_id))
-    return out
-
-
-def _cleanup_batch(config: AtlasConfig, batch_id: str) -> dict[str, Any]:
     spec = _spec(config, batch_id)
     ids = [d["dataset_id"] for d in spec["datasets"]]
     trained = batch_trained(config, batch_id)
@@ -461,10 +651,11 @@ def _cleanup_batch(config: AtlasConfig, batch_id: str) -> dict[str, Any]:
         released = Ledger(config.storage).release(batch_id)
         return {"batch_id": batch_id, "trained": False, "freed_bytes": freed, "released": released}
     record_trained(config, batch_id, trained)  # before old checkpoints (maybe this one's) are pruned
-    return {**cleaner.finish_batch(batch_id, ids), "trained": True}
+    return {**cleaner.finish_batch(batch_id, ids), "trained": True}  # type: ignore[typeddict-item]
 
 
 def load_batch_ids(config: AtlasConfig) -> list[str]:
+    """The saved plan's batch ids, in order; none before the plan is frozen."""
     plan = load_plan(config.plan_path)
     return [b.batch_id for b in plan.batches] if plan else []
 
