@@ -102,6 +102,9 @@ class _SSHServer:
             self.key.export_public_key().decode().split()[1]
 
 
+@pytest.mark.slow
+
+
 def test_host_key_is_verified_by_default(tmp_path, monkeypatch):
     """A connection that says nothing about host keys refuses an unknown server before authenticating."""
     import paramiko

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from airflow.timetables.assets import AssetOrTimeSchedule
 
 from atlasflow.core.assets import MODEL_CHECKPOINT_URI
@@ -90,6 +91,9 @@ def test_retrain_dag_parses_without_heavy_imports(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
     assert json.loads(out.strip().splitlines()[-1]) == []
     assert Path(DAGS / "atlas_retrain.py").exists()
+
+
+@pytest.mark.slow
 
 
 def test_retrain_run_triggers_ingest_once_with_a_conf_that_says_why(monkeypatch, tmp_path, airflow_db):

@@ -31,6 +31,9 @@ def _register(dag) -> None:
     sync_bag_to_db(bag, "dags-folder", None)
 
 
+@pytest.mark.slow
+
+
 def test_mapped_quant_operator_in_a_dag_run(airflow_db, tmp_path, monkeypatch):
     from airflow.sdk import DAG, task
 

@@ -67,6 +67,7 @@ def test_check_command_exit_codes(tmp_path):
 
 
 @pytest.mark.usefixtures("airflow_db")
+@pytest.mark.slow
 def test_apply_is_idempotent_against_a_real_metadata_db(tmp_path):
     first = _run("apply", str(REPO / "airflow_settings.yaml"))
     assert first.returncode == 0, first.stderr

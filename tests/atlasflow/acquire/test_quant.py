@@ -25,6 +25,9 @@ def qconfig(kb, **kw) -> QuantConfig:
     return QuantConfig(index=kb["index"], t2g=kb["t2g"], onlist=kb["onlist"], threads=1, **kw)
 
 
+@pytest.mark.slow
+
+
 def test_kb_count_recovers_the_simulated_umi_matrix_exactly(kb_reference, tmp_path):
     kb = kb_reference
     run = simulate_10x(kb["ref"], tmp_path / "raw", n_cells=10, whitelist=kb["barcodes"], seed=3)

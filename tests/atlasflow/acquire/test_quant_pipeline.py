@@ -45,6 +45,9 @@ def steps(config, batch_id, ids):
     return fetched, quant
 
 
+@pytest.mark.slow
+
+
 def test_sra_rows_are_quantified_and_bad_samples_quarantined(reads_demo):
     root, server, info = reads_demo
     config = load_config(root / "atlasflow.yaml")
@@ -123,6 +126,9 @@ def test_non_reads_datasets_pass_the_quant_step_untouched(reads_demo):
     assert P.quant_dataset_step(config, "batch_0000", passed) is passed
     with gzip.open(root / "sim" / "SRR9000000" / "sample_R1.fastq.gz", "rt") as fh:
         assert len(fh.readline()) > 1  # the fixture really wrote reads
+
+
+@pytest.mark.slow
 
 
 def test_slurm_backend_runs_the_same_quantification_as_a_cpu_job(reads_demo, tmp_path):

@@ -14,6 +14,9 @@ from atlasflow.model.integrate import integrate_batch, scoring_pool
 from .test_train import batches  # noqa: F401  (module-scoped fixture of two processed batches)
 
 
+@pytest.mark.slow
+
+
 def test_reference_then_surgery(batches, tmp_path):  # noqa: F811
     config = IntegrationConfig(max_epochs=1, n_latent=5)
     first = integrate_batch(batches / "batch_0000", tmp_path / "batch_0000", config=config, accelerator="cpu")

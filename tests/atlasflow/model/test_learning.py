@@ -44,6 +44,9 @@ def _train(batch, tmp_path, **extra):
     return metrics
 
 
+@pytest.mark.slow
+
+
 def test_trained_cell_embedding_beats_the_untrained_network_on_real_cells(pbmc_batch, tmp_path):
     """150 steps (3 epochs of 3,200 resampled cells): the cls probe on the 700 real cells must rise well above the untrained net's."""
     metrics = _train(pbmc_batch, tmp_path)
@@ -53,6 +56,9 @@ def test_trained_cell_embedding_beats_the_untrained_network_on_real_cells(pbmc_b
     assert probe["cells"] == 700 and probe["classes"] >= 8
     assert probe["cls_probe_acc"] >= probe["untrained_probe_acc"] + 0.10, probe
     assert metrics["val_masked_acc"] > metrics["val_baseline_acc"], metrics
+
+
+@pytest.mark.slow
 
 
 def test_without_the_cell_objective_the_embedding_does_not_learn(pbmc_batch, tmp_path):

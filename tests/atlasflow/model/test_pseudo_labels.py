@@ -32,6 +32,8 @@ from atlasflow.steps import ingest as P
 from atlasflow.steps import retrain as R
 from atlasflow.testing.realdata import pbmc_counts, write_format
 
+pytestmark = pytest.mark.slow  # every test trains on real cells (module fixture ~25 s)
+
 TINY = {"model.preset": "custom", "model.d_model": 32, "model.n_layers": 1, "model.n_heads": 2, "model.d_ff": 64,
         "model.max_genes": 64, "training.batch_cells": 32, "training.block_cells": 64, "training.warmup_steps": 3,
         "training.checkpoint_every_steps": 3, "qc.min_genes": 10, "genes.vocab_path": "builtin:pbmc68k",

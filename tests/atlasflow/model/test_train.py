@@ -56,6 +56,9 @@ def test_validation_holds_out_whole_datasets():
     assert split_datasets(["only"], val_fraction=0.5, seed=0) == (["only"], [])
 
 
+@pytest.mark.slow
+
+
 def test_batch0_then_batch1_from_checkpoint_equals_straight_through(batches, tmp_path):
     config, vocab = config_for(tmp_path, **{"training.epochs": 3}), Vocabulary.builtin("pbmc68k")
     straight = Trainer(config, vocab)
@@ -112,6 +115,9 @@ def _write_config(tmp_path: Path, **extra) -> Path:
     return path
 
 
+@pytest.mark.slow
+
+
 def test_cli_writes_checkpoints_with_lineage(batches, tmp_path):
     cfg = _write_config(tmp_path)
     out0, out1 = tmp_path / "models" / "batch_0000", tmp_path / "models" / "batch_0001"
@@ -131,6 +137,9 @@ def test_cli_writes_checkpoints_with_lineage(batches, tmp_path):
     # re-running a finished batch does no work and returns the same result
     again = subprocess.run(_cli(cfg, batches / "batch_0001", out1, out0), capture_output=True, text=True, check=True)
     assert json.loads(again.stdout) == r1
+
+
+@pytest.mark.slow
 
 
 def test_killed_job_resumes_from_its_intra_batch_checkpoint(batches, tmp_path):
@@ -163,6 +172,9 @@ def test_killed_job_resumes_from_its_intra_batch_checkpoint(batches, tmp_path):
     assert np.max(np.abs(np.array(ref_losses) - np.array(losses))) <= 1e-6
 
 
+@pytest.mark.slow
+
+
 def test_embed_cli_adds_cell_and_gene_embeddings(batches, tmp_path):
     import anndata as ad
 
@@ -179,6 +191,9 @@ def test_embed_cli_adds_cell_and_gene_embeddings(batches, tmp_path):
     assert out.obsm["X_atlas"].shape == (40, 32) and info["genes_in_vocab"] == 765
     assert out.varm["X_atlas_gene"].shape == (765, 32) and np.abs(out.varm["X_atlas_gene"]).sum() > 0
     assert not np.allclose(out.obsm["X_atlas"][0], out.obsm["X_atlas"][1])  # cells differ
+
+
+@pytest.mark.slow
 
 
 def test_cell_type_head_trains_on_labelled_cells(batches, tmp_path):

@@ -44,6 +44,7 @@ def check_counts(adata, truth: pd.DataFrame) -> None:
 
 
 @pytest.mark.parametrize("name", ["counts_dgCMatrix.rds", "counts_dense.rds", "sce.rds", "seurat_v4.rds"])
+@pytest.mark.slow
 def test_r_written_counts_read_exactly(r_fixtures, name):
     out, truth = r_fixtures
     assert detect_format(out / name) == "rds" and infer_format(f"https://x.org/{name}") == "rds"

@@ -42,6 +42,9 @@ def run_batch(config, batch_id: str, ids: list[str], previous: str | None) -> di
     return {"processed": processed, "integrated": integrated, "trained": trained, "cleaned": cleaned}
 
 
+@pytest.mark.slow
+
+
 def test_batches_chain_checkpoints_and_rerun_does_no_work(demo):
     config, server = demo
     plan = P.prepare_run(config)

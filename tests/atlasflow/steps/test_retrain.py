@@ -114,6 +114,9 @@ def _damage(src: Path, dst: Path, scale: float) -> Path:
     return dst
 
 
+@pytest.mark.slow
+
+
 def test_promote_keep_and_resume_from_production(demo):
     config, hook = demo
     plan = P.prepare_run(config)
