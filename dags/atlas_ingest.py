@@ -15,7 +15,7 @@ from airflow.sdk import Asset, Param, TaskGroup, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowSkipException
 
 from atlasflow.core.assets import MODEL_CHECKPOINT_URI
-from atlasflow_airflow.notify import notify_failure
+from atlasflow_airflow.dag_defaults import default_args, report, run_config
 from atlasflow_airflow.operators.quant import QuantOperator
 from atlasflow_airflow.operators.train import TrainBatchOperator
 from atlasflow_airflow.operators.validate import SystemValidationOperator
@@ -25,14 +25,6 @@ from atlasflow_airflow.sensors.storage import StorageAdmissionSensor
 CONFIG, PLAN, PLAN_PROBLEM = parse_time_plan()
 MODEL_ASSET = Asset(MODEL_CHECKPOINT_URI)
 
-DEFAULT_ARGS = {
-    "owner": "atlasflow",
-    "retries": 2,
-    "retry_delay": timedelta(seconds=30),
-    "retry_exponential_backoff": 2.0,
-    "max_retry_delay": timedelta(minutes=15),
-    "on_failure_callback": notify_failure,  # notify.channel: log (default), webhook or smtp
-}
 DOWNLOAD_RETRIES = CONFIG.download.retries if CONFIG else 3
 PIPELINING = CONFIG.plan.pipelining if CONFIG else True
 ADMISSION_POKE_S = CONFIG.storage.admission_poke_s if CONFIG else 30.0
@@ -41,18 +33,12 @@ ADMISSION_MAX_WAIT = timedelta(seconds=CONFIG.storage.admission_max_wait_s if CO
 QUANT_TIMEOUT = timedelta(seconds=(CONFIG.quant.timeout_s if CONFIG else 600.0) + 120)
 
 
-def _config():
-    from atlasflow_airflow.runtime import task_config
-
-    return task_config(get_current_context())
-
-
 @task
 def prepare() -> dict:
     """Validate the whole manifest (every problem listed), seal the plan, pin the vocabulary."""
     from atlasflow.steps.ingest import prepare_run
 
-    return prepare_run(_config())
+    return prepare_run(run_config())
 
 
 @task(pool="downloads", retries=DOWNLOAD_RETRIES, map_index_template="{{ dataset_id }}",
@@ -64,7 +50,7 @@ def download(batch_id: str, dataset_id: str) -> dict:
     context = get_current_context()
     context["dataset_id"] = dataset_id
     ti = context["ti"]
-    return download_dataset(_config(), batch_id, dataset_id, final_try=ti.try_number > ti.max_tries)
+    return download_dataset(run_config(), batch_id, dataset_id, final_try=ti.try_number > ti.max_tries)
 
 
 @task(map_index_template="{{ dataset_id }}")
@@ -73,7 +59,7 @@ def process(batch_id: str, fetched: dict) -> dict:
     from atlasflow.steps.ingest import process_dataset_step
 
     get_current_context()["dataset_id"] = fetched["dataset_id"]
-    return process_dataset_step(_config(), batch_id, fetched)
+    return process_dataset_step(run_config(), batch_id, fetched)
 
 
 @task
@@ -81,7 +67,7 @@ def integrate(batch_id: str, processed: list[dict]) -> dict:
     """scVI on the batch (scArches surgery onto the previous batch's model); skips an empty batch."""
     from atlasflow.steps.ingest import integrate_batch_step
 
-    result = integrate_batch_step(_config(), batch_id, list(processed))
+    result = integrate_batch_step(run_config(), batch_id, list(processed))
     if result["status"] == "skipped":
         raise AirflowSkipException(result["reason"])
     return result
@@ -92,7 +78,7 @@ def cleanup(batch_id: str) -> dict:
     """Free what the policy says (raw, processed, old checkpoints, cache); release the reservation."""
     from atlasflow.steps.ingest import cleanup_batch
 
-    return cleanup_batch(_config(), batch_id)
+    return cleanup_batch(run_config(), batch_id)
 
 
 @task(outlets=[MODEL_ASSET], trigger_rule="none_failed")
@@ -101,26 +87,12 @@ def publish(last_train: str) -> dict | None:
     return get_current_context()["ti"].xcom_pull(task_ids=last_train)
 
 
-@task
-def report() -> dict:
-    """Write the run report (reports/<run_id>/report.html, run_metrics.json, reports/latest.json).
-
-    A teardown with no setups: it runs once everything upstream is done, whatever their states
-    (``all_done``), and, unlike a plain ``all_done`` leaf, its success does not mark a run with
-    failed batches successful.
-    """
-    from atlasflow.ops.report import write_run_report
-
-    context = get_current_context()
-    return write_run_report(_config(), context["run_id"])
-
-
 @dag(
     dag_id="atlas_ingest",
     schedule=CONFIG.plan.schedule if CONFIG else None,
     catchup=False,
     max_active_runs=1,
-    default_args=DEFAULT_ARGS,
+    default_args=default_args(),  # retry policy and failure callback: atlasflow_airflow.dag_defaults
     tags=["atlasflow"],
     params={
         "config_overrides": Param(

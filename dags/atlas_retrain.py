@@ -19,8 +19,6 @@ Runs whenever atlas_ingest's ``publish`` updates the model Asset, and on ``retra
 
 from __future__ import annotations
 
-from datetime import timedelta
-
 from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
 from airflow.sdk import Asset, Param, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowSkipException
@@ -29,7 +27,7 @@ from airflow.timetables.trigger import CronTriggerTimetable
 
 from atlasflow.core.assets import MODEL_CHECKPOINT_URI
 from atlasflow.core.config import ConfigError
-from atlasflow_airflow.notify import notify_failure
+from atlasflow_airflow.dag_defaults import default_args, report, run_config
 from atlasflow_airflow.runtime import parse_time_config
 
 try:
@@ -43,28 +41,12 @@ RETRAIN_CRON = CONFIG.retrain.schedule if CONFIG else "@weekly"
 SCHEDULE = (AssetOrTimeSchedule(timetable=CronTriggerTimetable(RETRAIN_CRON, timezone="UTC"), assets=[MODEL_ASSET])
             if RETRAIN_CRON else [MODEL_ASSET])
 
-DEFAULT_ARGS = {
-    "owner": "atlasflow",
-    "retries": 2,
-    "retry_delay": timedelta(seconds=30),
-    "retry_exponential_backoff": 2.0,
-    "max_retry_delay": timedelta(minutes=15),
-    "on_failure_callback": notify_failure,
-}
-
-
-def _config():
-    from atlasflow_airflow.runtime import task_config
-
-    return task_config(get_current_context())
-
-
 @task
 def detect() -> dict:
     """Untrained manifest rows and feedback files new since the last promoted checkpoint."""
     from atlasflow.steps.retrain import detect_changes
 
-    return detect_changes(_config())
+    return detect_changes(run_config())
 
 
 @task
@@ -72,7 +54,7 @@ def gate_ingest(detected: dict) -> dict:
     """The conf for atlas_ingest when there are untrained rows; skipped (with the reason) otherwise."""
     from atlasflow.steps.retrain import ingest_trigger
 
-    decision = ingest_trigger(_config(), detected, run_id=get_current_context()["run_id"])
+    decision = ingest_trigger(run_config(), detected, run_id=get_current_context()["run_id"])
     if not decision["trigger"]:
         raise AirflowSkipException(decision["reason"])
     return decision["conf"]
@@ -83,7 +65,7 @@ def build_retrain_set(detected: dict) -> dict:
     """Feedback predictions above the confidence threshold → outputs/retrain/retrain.csv (with provenance)."""
     from atlasflow.steps.retrain import build_retrain_set as build
 
-    return build(_config())
+    return build(run_config())
 
 
 @task
@@ -91,7 +73,7 @@ def evaluate(retrain_set: dict) -> dict:
     """Score the newest checkpoint and production on the same validation and canary cells."""
     from atlasflow.steps.retrain import evaluate_candidate
 
-    return evaluate_candidate(_config())
+    return evaluate_candidate(run_config())
 
 
 @task
@@ -100,18 +82,7 @@ def promote(evaluation: dict) -> dict:
     from atlasflow.steps.retrain import promote_or_keep
     from atlasflow_airflow.notify import smtp_sender
 
-    return promote_or_keep(_config(), evaluation, run_id=get_current_context()["run_id"], smtp=smtp_sender)
-
-
-@task
-def report() -> dict:
-    """Refresh the run report (reports/latest.json), so it shows this decision and why.
-
-    A teardown, like atlas_ingest's: it runs whatever promote's state, without hiding a failure.
-    """
-    from atlasflow.ops.report import write_run_report
-
-    return write_run_report(_config(), get_current_context()["run_id"])
+    return promote_or_keep(run_config(), evaluation, run_id=get_current_context()["run_id"], smtp=smtp_sender)
 
 
 @dag(
@@ -119,7 +90,7 @@ def report() -> dict:
     schedule=SCHEDULE,
     catchup=False,
     max_active_runs=1,
-    default_args=DEFAULT_ARGS,
+    default_args=default_args(),  # the same retry policy and failure callback as atlas_ingest
     tags=["atlasflow"],
     params={
         "config_overrides": Param(

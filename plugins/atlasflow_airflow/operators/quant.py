@@ -4,17 +4,26 @@ from __future__ import annotations
 
 from typing import Any
 
-from atlasflow_airflow.operators.slurm import SlurmJobOperator
+from airflow.sdk import BaseOperator
+
+from atlasflow_airflow.operators.slurm import SlurmJobRunner, slurm_job_runner
 
 
-class QuantOperator(SlurmJobOperator):
+class QuantOperator(BaseOperator):
     """Mapped over a batch's download results (``fetched``), in pool ``quant``.
 
     ``quant.backend`` decides at run time: ``local`` runs kb count in this task (a hard time
     limit, the process group killed on expiry), ``slurm`` submits ``atlasflow quant run`` to the
-    CPU partition and defers, exactly as training does. Either way the FASTQ files are deleted
-    (and the ledger records the bytes) on this side once the counts are written; a bad sample is
-    quarantined. Datasets that are not raw reads pass through untouched.
+    CPU partition through a :class:`SlurmJobRunner` and defers, exactly as training does. Either
+    way the FASTQ files are deleted (and the ledger records the bytes) on this side once the counts
+    are written; a bad sample is quarantined. Datasets that are not raw reads pass through untouched.
+
+    Parameters
+    ----------
+    batch_id
+        The batch the dataset belongs to.
+    fetched
+        One download result (mapped over the batch's ``download`` XComs).
     """
 
     template_fields = ()
@@ -22,8 +31,15 @@ class QuantOperator(SlurmJobOperator):
 
     def __init__(self, *, batch_id: str, fetched: dict[str, Any], **kwargs: Any) -> None:
         kwargs.setdefault("pool", "quant")
-        super().__init__(command=(), dataset_id="quant", batch_id=batch_id, output_dir="", **kwargs)
+        super().__init__(**kwargs)
+        self.batch_id = batch_id
         self.fetched = fetched
+        self.runner: SlurmJobRunner | None = None
+
+    @property
+    def job_id(self) -> str | None:
+        """The SLURM job this task submitted or adopted (``None`` with the local backend)."""
+        return self.runner.job_id if self.runner else None
 
     def execute(self, context: Any) -> Any:
         from atlasflow.steps.ingest import quant_dataset_step, quant_job, reads_to_quantify
@@ -35,13 +51,17 @@ class QuantOperator(SlurmJobOperator):
         if config.quant.backend == "local" or not reads_to_quantify(config, self.batch_id, fetched):
             return quant_dataset_step(config, self.batch_id, fetched)
         job = quant_job(config, self.batch_id, fetched["dataset_id"], python=config.slurm.remote_python)
-        self.command, self.output_dir, self.slurm = job["command"], job["log_dir"], job["slurm"]
-        self.dataset_id = fetched["dataset_id"]
-        return super().execute(context)
+        self.runner = slurm_job_runner(command=job["command"], dataset_id=fetched["dataset_id"],
+                                       batch_id=self.batch_id, output_dir=job["log_dir"], slurm=job["slurm"])
+        self.runner.defer(self, context)
 
     def execute_complete(self, context: Any, event: dict[str, Any]) -> Any:
         from atlasflow.steps.ingest import finish_quant
         from atlasflow_airflow.runtime import task_config
 
-        outcome = super().execute_complete(context, event)
+        outcome = SlurmJobRunner.resume(event, self.log)
         return finish_quant(task_config(context), self.batch_id, outcome["dataset_id"], outcome)
+
+    def on_kill(self) -> None:
+        if self.runner:
+            self.runner.cancel(self.log)

@@ -4,18 +4,27 @@ from __future__ import annotations
 
 from typing import Any
 
+from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowSkipException
 
-from atlasflow_airflow.operators.slurm import SlurmJobOperator
+from atlasflow_airflow.operators.slurm import SlurmJobRunner, slurm_job_runner, task_tag
 
 
-class TrainBatchOperator(SlurmJobOperator):
+class TrainBatchOperator(BaseOperator):
     """``training.backend`` decides at run time: ``local`` trains in a child process of this task,
     ``slurm`` submits the very same command line as a SLURM job and defers (no worker slot held).
 
+    The SLURM side is a :class:`SlurmJobRunner` built from :func:`atlasflow.steps.ingest.training_job`.
     The previous batch's checkpoint comes from ``previous_train_task_id``'s XCom; the XCom of this
     task is the training result (checkpoint path and lineage). A batch trained by any earlier run is
     not trained again.
+
+    Parameters
+    ----------
+    batch_id
+        The batch to train (its ``<batch_id>.integrate`` XCom must exist, else the task skips).
+    previous_train_task_id
+        The previous batch's train task, or ``None`` for the first batch.
     """
 
     template_fields = ()
@@ -24,8 +33,15 @@ class TrainBatchOperator(SlurmJobOperator):
     def __init__(self, *, batch_id: str, previous_train_task_id: str | None, **kwargs: Any) -> None:
         kwargs.setdefault("pool", "gpu")
         kwargs.setdefault("trigger_rule", "none_failed")
-        super().__init__(command=(), dataset_id="train", batch_id=batch_id, output_dir="", **kwargs)
+        super().__init__(**kwargs)
+        self.batch_id = batch_id
         self.previous_train_task_id = previous_train_task_id
+        self.runner: SlurmJobRunner | None = None
+
+    @property
+    def job_id(self) -> str | None:
+        """The SLURM job this task submitted or adopted (``None`` with the local backend)."""
+        return self.runner.job_id if self.runner else None
 
     def execute(self, context: Any) -> Any:
         from atlasflow.steps.ingest import (
@@ -44,17 +60,17 @@ class TrainBatchOperator(SlurmJobOperator):
         checkpoint = (previous or {}).get("checkpoint_dir")
         config = task_config(context)
         if config.training.backend == "local":
-            from atlasflow.slurm import job_tag
-
-            return train_batch_step(config, self.batch_id, previous_checkpoint=checkpoint, attempt=int(ti.try_number or 1),
-                                    tag=job_tag(ti.dag_id, ti.run_id, ti.task_id, ti.map_index if ti.map_index is not None else -1))
+            return train_batch_step(config, self.batch_id, previous_checkpoint=checkpoint,
+                                    attempt=int(ti.try_number or 1), tag=task_tag(ti))
         if (done := batch_trained(config, self.batch_id)) is not None:
             self.log.info("%s already trained: %s", self.batch_id, done.get("checkpoint_dir"))
             return record_trained(config, self.batch_id, done)
         job = training_job(config, self.batch_id, previous_checkpoint=checkpoint, python=config.slurm.remote_python)
-        self.command, self.output_dir, self.slurm = job["command"], job["log_dir"], config.slurm
+        # dataset_id "train" names the job atlasflow-train-<batch>, as the run report and logs expect
+        self.runner = slurm_job_runner(command=job["command"], dataset_id="train", batch_id=self.batch_id,
+                                       output_dir=job["log_dir"], slurm=config.slurm)
         slurm_training_submitted(config, self.batch_id)  # the run report's train stage starts here
-        return super().execute(context)
+        self.runner.defer(self, context)
 
     def execute_complete(self, context: Any, event: dict[str, Any]) -> Any:
         from atlasflow.steps.ingest import record_trained, slurm_training_finished
@@ -62,4 +78,8 @@ class TrainBatchOperator(SlurmJobOperator):
 
         config = task_config(context)
         slurm_training_finished(config, self.batch_id, event)  # job id and state for the run report, failed or not
-        return record_trained(config, self.batch_id, super().execute_complete(context, event))
+        return record_trained(config, self.batch_id, SlurmJobRunner.resume(event, self.log))
+
+    def on_kill(self) -> None:
+        if self.runner:
+            self.runner.cancel(self.log)
