@@ -13,7 +13,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 20
 
-$(STAMP): requirements.txt requirements-dev.txt pyproject.toml scripts/bootstrap_venv.sh
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml testing/pyproject.toml scripts/bootstrap_venv.sh
 	VENV=$(VENV) scripts/bootstrap_venv.sh
 	@touch $@
 

@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> dict:
         size = (root / "big.bin").stat().st_size
         ours, theirs = [], []
         port_file = Path(tmp) / "port"
-        server = subprocess.Popen([sys.executable, "-m", "atlasflow.testing.geo_server", "--root", str(root),
+        server = subprocess.Popen([sys.executable, "-m", "atlasflow_testing.geo_server", "--root", str(root),
                                    "--port", "0", "--port-file", str(port_file)], stdout=subprocess.DEVNULL)
         try:
             deadline = time.monotonic() + 60

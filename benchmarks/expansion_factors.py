@@ -21,7 +21,7 @@ def main() -> dict:
     from atlasflow.intake.manifest import Dataset
     from atlasflow.prep.genes import Vocabulary
     from atlasflow.prep.process import process_dataset
-    from atlasflow.testing.realdata import WRITABLE_FORMATS, pbmc_counts, write_format
+    from atlasflow_testing.realdata import WRITABLE_FORMATS, pbmc_counts, write_format
 
     config = load_config(overrides={"qc.min_genes": 10, "genes.vocab_path": "builtin:pbmc68k"})
     pbmc = pbmc_counts()

@@ -56,7 +56,7 @@ def _quant(config: Any, batch: str, ds: str, t0: float, row: dict[str, Any]) -> 
 def run_mode(config: Any, ids: list[str], *, parallel: bool, downloads: int, quants: int) -> dict[str, Any]:
     from atlasflow.intake.plan import write_batch_spec
     from atlasflow.steps import ingest as P
-    from atlasflow.testing.disk import PeakDiskSampler
+    from atlasflow_testing.disk import PeakDiskSampler
 
     P.prepare_run(config)
     write_batch_spec(config, "batch_0000")
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import numpy as np
 
     from atlasflow.core.config import load_config
-    from atlasflow.testing.reads import build_fastq_demo, indexed_reference
+    from atlasflow_testing.reads import build_fastq_demo, indexed_reference
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=8)
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         calibration = _calibrate(root, paths, onlist)
         download_s = args.download_s or calibration * args.download_share / (1 - args.download_share)
         rate = sample_bytes / download_s  # bytes/s per transfer; a sample's two files go one after the other
-        server = subprocess.Popen([sys.executable, "-m", "atlasflow.testing.geo_server", "--root", str(root / "www"),
+        server = subprocess.Popen([sys.executable, "-m", "atlasflow_testing.geo_server", "--root", str(root / "www"),
                                    "--port", "0", "--port-file", str(url_file), "--rate", str(rate)],
                                   stdout=subprocess.DEVNULL)
         try:

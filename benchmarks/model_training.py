@@ -31,7 +31,7 @@ def _make_batch(n_cells: int, folder: Path) -> Path:
     from atlasflow.intake.manifest import Dataset
     from atlasflow.prep.genes import Vocabulary
     from atlasflow.prep.process import process_dataset
-    from atlasflow.testing.realdata import pbmc_counts, resample
+    from atlasflow_testing.realdata import pbmc_counts, resample
 
     raw = folder / "raw"
     raw.mkdir(parents=True)

@@ -43,10 +43,10 @@ STAGES = ("admit", "download", "process", "integrate", "train", "cleanup")
 
 def run_mode(pipelining: bool, work: Path, *, batch_size: int, rate: float) -> dict:
     from atlasflow.core.config import load_config
-    from atlasflow.testing.demo import build_demo
-    from atlasflow.testing.disk import PeakDiskSampler
-    from atlasflow.testing.geo_server import GeoServer
-    from atlasflow.testing.local_airflow import LocalAirflow, union_seconds
+    from atlasflow_testing.demo import build_demo
+    from atlasflow_testing.disk import PeakDiskSampler
+    from atlasflow_testing.geo_server import GeoServer
+    from atlasflow_testing.local_airflow import LocalAirflow, union_seconds
 
     root = work / ("pipelined" if pipelining else "sequential")
     (root / "www").mkdir(parents=True)

@@ -22,7 +22,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def _generate(n_cells: int, path: Path) -> None:
-    from atlasflow.testing.realdata import pbmc_counts, resample
+    from atlasflow_testing.realdata import pbmc_counts, resample
 
     resample(pbmc_counts(), n_cells, seed=n_cells).write_h5ad(path)
 

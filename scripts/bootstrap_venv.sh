@@ -29,4 +29,7 @@ torch_pin=$(grep -E '^torch==' requirements.txt)
 "$VENV/bin/python" -m pip install --quiet -r requirements-dev.txt
 "$VENV/bin/python" -m pip install --quiet --no-deps --no-build-isolation -e . 2>/dev/null \
   || "$VENV/bin/python" -m pip install --quiet --no-deps -e .
+# the test harness (stand-in servers, demo data, drivers): tests, benchmarks and make demo only
+"$VENV/bin/python" -m pip install --quiet --no-deps --no-build-isolation -e testing 2>/dev/null \
+  || "$VENV/bin/python" -m pip install --quiet --no-deps -e testing
 "$VENV/bin/python" -m pip check

@@ -31,13 +31,13 @@ rm -rf "$DEMO"
 mkdir -p "$DEMO/www"
 
 say "1. A local stand-in for GEO on 127.0.0.1:$PORT, serving real cells (scanpy's pbmc68k_reduced) in 6 formats"
-python -m atlasflow.testing.geo_server --root "$DEMO/www" --port "$PORT" --pid-file "$DEMO/geo_server.pid" \
+python -m atlasflow_testing.geo_server --root "$DEMO/www" --port "$PORT" --pid-file "$DEMO/geo_server.pid" \
   >"$DEMO/geo_server.log" 2>&1 &
 for _ in $(seq 1 50); do [ -f "$DEMO/geo_server.pid" ] && break; sleep 0.1; done
 sleep 0.3
 kill -0 "$(cat "$DEMO/geo_server.pid" 2>/dev/null || echo 0)" 2>/dev/null \
   || { cat "$DEMO/geo_server.log"; echo "demo: the data server did not start (port $PORT busy? set DEMO_HTTP_PORT)" >&2; exit 1; }
-python -m atlasflow.testing.demo --root "$DEMO" --url "http://127.0.0.1:$PORT"
+python -m atlasflow_testing.demo --root "$DEMO" --url "http://127.0.0.1:$PORT"
 atlasflow manifest check
 atlasflow plan
 

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from atlasflow.testing.demo import build_demo
-from atlasflow.testing.geo_server import GeoServer
-from atlasflow.testing.local_airflow import LocalAirflow
+from atlasflow_testing.demo import build_demo
+from atlasflow_testing.geo_server import GeoServer
+from atlasflow_testing.local_airflow import LocalAirflow
 
 from .test_real_scheduler import alive, assert_pools_respected
 

@@ -24,10 +24,10 @@ from pathlib import Path
 
 import pytest
 
-from atlasflow.testing.demo import build_demo
-from atlasflow.testing.disk import PeakDiskSampler
-from atlasflow.testing.geo_server import GeoServer, max_concurrent
-from atlasflow.testing.local_airflow import LocalAirflow
+from atlasflow_testing.demo import build_demo
+from atlasflow_testing.disk import PeakDiskSampler
+from atlasflow_testing.geo_server import GeoServer, max_concurrent
+from atlasflow_testing.local_airflow import LocalAirflow
 
 pytestmark = pytest.mark.timeout(1500)
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from atlasflow.testing.demo import build_demo
-from atlasflow.testing.disk import PeakDiskSampler
-from atlasflow.testing.geo_server import GeoServer
+from atlasflow_testing.demo import build_demo
+from atlasflow_testing.disk import PeakDiskSampler
+from atlasflow_testing.geo_server import GeoServer
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "airflow_local.py"

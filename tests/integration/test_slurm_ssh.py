@@ -314,8 +314,8 @@ def test_local_and_slurm_backends_give_identical_checkpoints(slurm_airflow, tmp_
     from atlasflow.core.config import load_config
     from atlasflow.intake.plan import write_batch_spec
     from atlasflow.steps import ingest as P
-    from atlasflow.testing.demo import build_demo
-    from atlasflow.testing.geo_server import GeoServer
+    from atlasflow_testing.demo import build_demo
+    from atlasflow_testing.geo_server import GeoServer
 
     (tmp_path / "www").mkdir()
     with GeoServer(tmp_path / "www") as server:
@@ -356,8 +356,8 @@ def test_quantification_runs_as_a_cpu_slurm_job(slurm_airflow, tmp_path):
     from atlasflow.core.config import load_config
     from atlasflow.intake.plan import write_batch_spec
     from atlasflow.steps import ingest as P
-    from atlasflow.testing.geo_server import GeoServer
-    from atlasflow.testing.reads import build_fastq_demo, indexed_reference
+    from atlasflow_testing.geo_server import GeoServer
+    from atlasflow_testing.reads import build_fastq_demo, indexed_reference
 
     kb = indexed_reference(tmp_path / "ref", n_genes=8, n_barcodes=200, seed=5)
     (tmp_path / "www").mkdir()

@@ -16,10 +16,10 @@ from atlasflow.intake.plan import write_batch_spec
 from atlasflow.ops.report import write_run_report
 from atlasflow.steps import ingest as P
 from atlasflow.storage import Ledger
-from atlasflow.testing.chromium import Chromium, ensure_chromium
-from atlasflow.testing.demo import build_demo
-from atlasflow.testing.geo_server import GeoServer
-from atlasflow.testing.local_airflow import LocalAirflow
+from atlasflow_testing.chromium import Chromium, ensure_chromium
+from atlasflow_testing.demo import build_demo
+from atlasflow_testing.geo_server import GeoServer
+from atlasflow_testing.local_airflow import LocalAirflow
 
 # a test never writes into the checkout: the README's screenshot is refreshed only on request
 SCREENSHOTS = os.environ.get("ATLASFLOW_SCREENSHOT_DIR")

@@ -15,8 +15,8 @@ import pytest
 from atlasflow.core.config import load_config
 from atlasflow.intake.plan import write_batch_spec
 from atlasflow.steps import ingest as P
-from atlasflow.testing.geo_server import GeoServer
-from atlasflow.testing.reads import build_fastq_demo, indexed_reference
+from atlasflow_testing.geo_server import GeoServer
+from atlasflow_testing.reads import build_fastq_demo, indexed_reference
 
 pytestmark = pytest.mark.timeout(600)
 

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from atlasflow.testing.local_airflow import LocalAirflow
+from atlasflow_testing.local_airflow import LocalAirflow
 
 REPO = Path(__file__).resolve().parents[2]
 PROBE = "from airflow import settings; print(settings._get_connect_args('sync')['timeout'])"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from atlasflow.testing.reads import indexed_reference
+from atlasflow_testing.reads import indexed_reference
 
 N_GENES = 12
 

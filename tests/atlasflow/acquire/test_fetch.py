@@ -21,7 +21,7 @@ from atlasflow.acquire.fetch import (
 from atlasflow.acquire.http import download, safe_name
 from atlasflow.core.config import DownloadConfig
 from atlasflow.intake.manifest import Dataset
-from atlasflow.testing.geo_server import GeoServer, geo_series_dir
+from atlasflow_testing.geo_server import GeoServer, geo_series_dir
 
 SIZE = 300_000
 FAST = {"attempts": 4, "backoff_s": 0.01, "timeout_s": 10}
@@ -185,7 +185,7 @@ def test_sra_runs_the_configured_tool_without_a_shell(tmp_path):
 
 def test_server_module_refuses_a_busy_port(tmp_path):
     with GeoServer(tmp_path) as server:
-        result = subprocess.run([sys.executable, "-m", "atlasflow.testing.geo_server", "--root", str(tmp_path),
+        result = subprocess.run([sys.executable, "-m", "atlasflow_testing.geo_server", "--root", str(tmp_path),
                                  "--port", str(server.port)], capture_output=True, text=True, timeout=30)
     assert result.returncode == 2 and "cannot listen" in result.stderr
 

@@ -18,7 +18,7 @@ import pytest
 from atlasflow.acquire.quant import QuantError, check_fastq, order_reads, quantified, quantify
 from atlasflow.core.config import QuantConfig
 from atlasflow.readers.formats import read_counts
-from atlasflow.testing.reads import simulate_10x, write_fastq
+from atlasflow_testing.reads import simulate_10x, write_fastq
 
 
 def qconfig(kb, **kw) -> QuantConfig:

@@ -17,8 +17,8 @@ from atlasflow.core.config import load_config
 from atlasflow.intake.plan import write_batch_spec
 from atlasflow.steps import ingest as P
 from atlasflow.storage import Ledger
-from atlasflow.testing.geo_server import GeoServer
-from atlasflow.testing.reads import build_fastq_demo, simulate_10x
+from atlasflow_testing.geo_server import GeoServer
+from atlasflow_testing.reads import build_fastq_demo, simulate_10x
 
 
 @pytest.fixture

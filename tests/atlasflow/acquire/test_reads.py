@@ -14,8 +14,8 @@ from atlasflow.acquire.fetch import FetchError, fetch_dataset
 from atlasflow.acquire.reads import ena_filereport_url, ena_files, resolver_for
 from atlasflow.core.config import DownloadConfig
 from atlasflow.intake.manifest import Dataset
-from atlasflow.testing.geo_server import GeoServer
-from atlasflow.testing.reads import ENA_HOST, publish_ena
+from atlasflow_testing.geo_server import GeoServer
+from atlasflow_testing.reads import ENA_HOST, publish_ena
 
 
 @pytest.fixture

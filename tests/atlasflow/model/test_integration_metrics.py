@@ -135,7 +135,7 @@ def test_agrees_with_scib_metrics_on_pbmc68k():
     """
     from sklearn.decomposition import PCA
 
-    from atlasflow.testing.realdata import pbmc_counts
+    from atlasflow_testing.realdata import pbmc_counts
 
     pbmc = pbmc_counts()
     # the PCA is spelled out here, so the pinned figures do not move with the pipeline's baseline code

@@ -11,7 +11,7 @@ from atlasflow.model.network import AtlasTransformer, no_decay
 from atlasflow.model.train import Trainer, linear_probe_accuracy, lr_factor, per_gene_baseline_accuracy
 from atlasflow.prep.genes import Vocabulary
 from atlasflow.prep.process import process_dataset
-from atlasflow.testing.realdata import pbmc_counts, resample, write_format
+from atlasflow_testing.realdata import pbmc_counts, resample, write_format
 
 SMALL = {"model.preset": "custom", "model.d_model": 64, "model.n_layers": 1, "model.n_heads": 4, "model.d_ff": 128,
          "model.max_genes": 64, "training.batch_cells": 64, "training.block_cells": 1024, "training.lr": 3e-3,

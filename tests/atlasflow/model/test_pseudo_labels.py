@@ -30,7 +30,7 @@ from atlasflow.prep.genes import Vocabulary
 from atlasflow.prep.process import process_dataset
 from atlasflow.steps import ingest as P
 from atlasflow.steps import retrain as R
-from atlasflow.testing.realdata import pbmc_counts, write_format
+from atlasflow_testing.realdata import pbmc_counts, write_format
 
 pytestmark = pytest.mark.slow  # every test trains on real cells (module fixture ~25 s)
 

@@ -19,7 +19,7 @@ from atlasflow.model.data import split_datasets
 from atlasflow.model.train import Trainer, linear_probe_accuracy, log_normalised_pca, train_batch
 from atlasflow.prep.genes import Vocabulary
 from atlasflow.prep.process import process_dataset
-from atlasflow.testing.realdata import pbmc_counts, write_format
+from atlasflow_testing.realdata import pbmc_counts, write_format
 
 TINY = {"model.preset": "custom", "model.d_model": 32, "model.n_layers": 1, "model.n_heads": 2, "model.d_ff": 64,
         "model.max_genes": 64, "training.batch_cells": 32, "training.block_cells": 64, "training.warmup_steps": 3,

@@ -22,8 +22,8 @@ from atlasflow.core.config import load_config
 from atlasflow.intake.plan import write_batch_spec
 from atlasflow.ops.report import STAGES, write_run_report
 from atlasflow.steps import ingest as P
-from atlasflow.testing.demo import build_demo
-from atlasflow.testing.geo_server import GeoServer
+from atlasflow_testing.demo import build_demo
+from atlasflow_testing.geo_server import GeoServer
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 RUN_ID = "manual__2026-01-02T03:04:05+00:00"

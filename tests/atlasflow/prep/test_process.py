@@ -17,7 +17,7 @@ from atlasflow.intake.manifest import Dataset
 from atlasflow.prep.genes import Vocabulary, map_genes
 from atlasflow.prep.process import DatasetQuarantined, process_dataset
 from atlasflow.readers.formats import FormatError, detect_format, read_counts, safe_extract
-from atlasflow.testing.realdata import WRITABLE_FORMATS, pbmc_counts, write_format
+from atlasflow_testing.realdata import WRITABLE_FORMATS, pbmc_counts, write_format
 
 CONFIG = load_config(overrides={"qc.min_genes": 10, "qc.min_cells": 3, "qc.max_pct_mito": 20})
 VOCAB = Vocabulary.builtin("pbmc68k")  # these cells' own 765 genes (the default vocabulary is human)

@@ -12,7 +12,7 @@ from atlasflow.core.config import load_config
 from atlasflow.intake.manifest import Dataset
 from atlasflow.prep.genes import OrthologTable, Vocabulary, dataset_species, map_genes, normalize_species
 from atlasflow.prep.process import DatasetQuarantined, process_dataset
-from atlasflow.testing.realdata import pbmc_counts, write_format
+from atlasflow_testing.realdata import pbmc_counts, write_format
 
 VOCAB = Vocabulary.builtin("pbmc68k")
 CONFIG = load_config(overrides={"qc.min_genes": 10, "genes.vocab_path": "builtin:pbmc68k"})

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from atlasflow.prep.genes import Vocabulary, build_vocabulary
-from atlasflow.testing.realdata import pbmc_counts, write_format
+from atlasflow_testing.realdata import pbmc_counts, write_format
 from tests.atlasflow.cli.test_cli import run
 
 

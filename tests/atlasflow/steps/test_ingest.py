@@ -16,8 +16,8 @@ from atlasflow.core.config import load_config
 from atlasflow.intake.plan import write_batch_spec
 from atlasflow.prep.genes import Vocabulary, VocabularyMismatchError
 from atlasflow.steps import ingest as P
-from atlasflow.testing.demo import build_demo
-from atlasflow.testing.geo_server import GeoServer
+from atlasflow_testing.demo import build_demo
+from atlasflow_testing.geo_server import GeoServer
 
 
 @pytest.fixture

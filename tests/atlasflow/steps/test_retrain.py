@@ -16,8 +16,8 @@ from atlasflow.intake.plan import write_batch_spec
 from atlasflow.steps import ingest as P
 from atlasflow.steps import retrain as R
 from atlasflow.storage import Cleaner, Ledger
-from atlasflow.testing.demo import build_demo
-from atlasflow.testing.geo_server import GeoServer
+from atlasflow_testing.demo import build_demo
+from atlasflow_testing.geo_server import GeoServer
 from tests.atlasflow.ops.test_notify import WebhookServer
 from tests.atlasflow.steps.test_ingest import run_batch
 

@@ -15,14 +15,14 @@ does), and can misbehave on purpose, per path, to exercise the downloader:
   be in flight when something else happens (tests use it to pin down an overlap).
 
 A folder holding ``<ACCESSION>.tsv`` answers ``GET folder?accession=<ACCESSION>&…`` with that file:
-ENA's Portal API ``filereport`` stand-in (see :func:`atlasflow.testing.reads.publish_ena`).
+ENA's Portal API ``filereport`` stand-in (see :func:`atlasflow_testing.reads.publish_ena`).
 
 Every body transfer is recorded (path, start, end, bytes): tests and benchmarks read how many
 downloads ran at once from ``transfers()`` or from the ``--transfer-log`` JSON-lines file.
 
 Files carry an ETag and Last-Modified, and ``If-Range`` is honoured as real servers do.
 
-Run it: ``python -m atlasflow.testing.geo_server --root DIR [--port P] [--pid-file F] [--faults JSON]``.
+Run it: ``python -m atlasflow_testing.geo_server --root DIR [--port P] [--pid-file F] [--faults JSON]``.
 """
 
 from __future__ import annotations

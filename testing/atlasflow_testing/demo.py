@@ -5,7 +5,7 @@ scanpy's bundled pbmc68k_reduced (700 real PBMCs, raw counts recovered) is split
 layout, the others as direct downloads. An eighth row points at a file that does not exist, to
 show quarantine. The budget is small enough that batches must wait for each other.
 
-``python -m atlasflow.testing.demo --root DIR --url http://127.0.0.1:PORT`` writes
+``python -m atlasflow_testing.demo --root DIR --url http://127.0.0.1:PORT`` writes
 ``DIR/www`` (serve it), ``DIR/manifest.xlsx`` and ``DIR/atlasflow.yaml``.
 """
 
@@ -31,8 +31,8 @@ def build_demo(root: Path, url: str, *, n_datasets: int = 7, cells: int = 100, b
     """
     import openpyxl
 
-    from atlasflow.testing.geo_server import geo_series_dir
-    from atlasflow.testing.realdata import pbmc_counts, write_format
+    from atlasflow_testing.geo_server import geo_series_dir
+    from atlasflow_testing.realdata import pbmc_counts, write_format
 
     pbmc = pbmc_counts()
     www = root / "www"

@@ -18,7 +18,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from atlasflow.testing.local_airflow import free_port
+from atlasflow_testing.local_airflow import free_port
 
 __all__ = ["Chromium", "ensure_chromium"]
 

@@ -21,7 +21,7 @@ from typing import Any
 
 __all__ = ["LocalAirflow", "free_port", "union_seconds"]
 
-REPO = Path(__file__).resolve().parents[3]
+REPO = Path(__file__).resolve().parents[2]  # testing/atlasflow_testing/local_airflow.py
 SCRIPT = REPO / "scripts" / "airflow_local.py"
 
 
