@@ -66,9 +66,18 @@ def test_check_command_exit_codes(tmp_path):
     assert result.returncode == 2 and "pool_slot" in result.stderr
 
 
+@pytest.fixture
+def forget_overrides():
+    """The applied ``atlasflow_overrides`` Variable lives in the session's shared metadata DB: remove it
+    afterwards, or a later DAG test reads this file's placeholder as its run settings."""
+    yield
+    subprocess.run([sys.executable, "-m", "airflow", "variables", "delete", "atlasflow_overrides"],
+                   capture_output=True, text=True, env=_env())
+
+
 @pytest.mark.usefixtures("airflow_db")
 @pytest.mark.slow
-def test_apply_is_idempotent_against_a_real_metadata_db(tmp_path):
+def test_apply_is_idempotent_against_a_real_metadata_db(tmp_path, forget_overrides):
     first = _run("apply", str(REPO / "airflow_settings.yaml"))
     assert first.returncode == 0, first.stderr
     assert "connection slurm_ssh (ssh) created" in first.stdout or "connection slurm_ssh (ssh) updated" in first.stdout
