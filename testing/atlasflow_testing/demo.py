@@ -22,7 +22,7 @@ FORMATS = ["h5ad", "10x_h5", "loom", "csv", "tsv_gz", "10x_mtx_tar", "h5ad"]
 
 
 def build_demo(root: Path, url: str, *, n_datasets: int = 7, cells: int = 100, batch_size: int = 3,
-               budget_mb: float = 13.5, integration_epochs: int = 5, missing_row: bool = True,
+               budget_mb: float = 15.0, integration_epochs: int = 5, missing_row: bool = True,
                missing_at: int | None = None, keep_checkpoints: int = 1) -> dict[str, Any]:
     """Write ``root/www`` (to serve at ``url``), ``root/manifest.xlsx`` and ``root/atlasflow.yaml``.
 
@@ -63,9 +63,10 @@ def build_demo(root: Path, url: str, *, n_datasets: int = 7, cells: int = 100, b
         ws.append(r)
     root.mkdir(parents=True, exist_ok=True)
     book.save(root / "manifest.xlsx")
-    # 13.5 MB: one batch (its files plus a 7 MB reservation for its checkpoint, the checkpoint's
-    # transient copies and the integration model, 7.6-8.6 MB in all) next to the ~3.7 MB the last kept
-    # checkpoint and integration model occupy, but never two batches at once
+    # 15 MB: one batch (its files plus an 8 MB reservation for its checkpoint, the checkpoint's
+    # transient copies and the integration model, 8.6-9.6 MB in all) next to the ~4.9 MB the last kept
+    # checkpoint (weights, optimizer, gene statistics, replay reservoir) and integration model
+    # occupy, but never two batches at once
     gb = budget_mb / 1000
     (root / "atlasflow.yaml").write_text(f"""# demo configuration: a tiny budget so batches have to wait for each other
 storage:
@@ -76,7 +77,7 @@ storage:
   cache_gb: {gb * 0.05}
   outputs_gb: {gb * 0.05}
   min_free_gb: 1
-  checkpoint_gb: 0.007
+  checkpoint_gb: 0.008
   keep_checkpoints: {keep_checkpoints}
   admission_poke_s: 2
   admission_max_wait_s: 8
@@ -99,7 +100,7 @@ training:
   epochs: 2
   checkpoint_every_steps: 5
   val_fraction: 0.34
-  replay_cells: 200  # the demo's batches hold a few hundred cells; keeps the checkpoint inside its 7 MB
+  replay_cells: 200  # the demo's batches hold a few hundred cells; keeps the checkpoint inside its 8 MB
 retrain:
   schedule: null  # atlas_retrain runs on the model Asset the ingest run publishes, not weekly
 """)

@@ -32,7 +32,7 @@ def test_ingest_run_with_celery_worker(tmp_path, postgres_url, redis_url):
     root = tmp_path / "demo"
     (root / "www").mkdir(parents=True)
     with GeoServer(root / "www") as server:
-        # 4 datasets in 2 batches; the 13.5 MB budget still makes batch 2 wait for batch 1's cleanup
+        # 4 datasets in 2 batches; the 15 MB budget still makes batch 2 wait for batch 1's cleanup
         build_demo(root, server.url, n_datasets=4, batch_size=2, missing_row=False, integration_epochs=1)
         airflow = LocalAirflow(tmp_path / "airflow", root / "atlasflow.yaml", parallelism=4, db_url=postgres_url,
                                executor="CeleryExecutor", broker_url=redis_url)

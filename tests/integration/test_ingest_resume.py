@@ -108,7 +108,7 @@ def test_pipelined_pooled_budgeted_run(tmp_path, airflow_factory):
     assert len(downloads) == 24
     assert 1 < concurrent <= 5 and running <= 5  # the pool's 5 slots hold back parallelism 8 and 6-12 downloads
     assert 0 < disk.peak <= budget
-    # Each batch reserves ~8 MB (7 MB of it the checkpoint allowance) of the 21 MB budget. batch_0000 and
+    # Each batch reserves ~9 MB (8 MB of it the checkpoint allowance) of the 21 MB budget. batch_0000 and
     # batch_0001 are admitted within seconds; batch_0002 asks right after, and fits only once batch_0000
     # is cleaned up, which its throttled downloads alone (its largest file takes ~27 s) make later than
     # that first ask. Whether batch_0003 waits depends on how far batch_0001 got by the time batch_0002

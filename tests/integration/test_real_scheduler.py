@@ -125,7 +125,7 @@ def test_ingest_run_under_real_scheduler(local_airflow):
     engine.dispose()
     assert states["batch_0002.train:-1"] == "success" and states["publish:-1"] == "success"
     # batch_0001 asks right after batch_0000 is admitted, and the two reservations (~9 + ~8 MB) exceed the
-    # 13.5 MB budget, so it waits. Whether batch_0002 waits depends on when the executor first gets to
+    # 15 MB budget, so it waits. Whether batch_0002 waits depends on when the executor first gets to
     # its sensor (on a slow machine batch_0001 may be done by then), so for it only "never over budget"
     # (the sampler's peak, above) is asserted.
     assert waits["batch_0001.admit"] > 0

@@ -45,10 +45,16 @@ class CheckpointSize:
         return self.weights + self.optimizer + self.stats + self.replay + self.val_sets_per_batch * batches
 
 
-def checkpoint_size(config: AtlasConfig, n_genes: int, *, expressed_genes: int = 5000) -> CheckpointSize:
-    """Upper estimate of one checkpoint's bytes (see the module docstring)."""
+def checkpoint_size(config: AtlasConfig, n_genes: int, *, expressed_genes: int | None = None) -> CheckpointSize:
+    """Upper estimate of one checkpoint's bytes (see the module docstring).
+
+    ``expressed_genes`` (non-zeros per reservoir cell) defaults to 30 % of the vocabulary, at least
+    twice the sequence length: real human cells express 1-4k of the 19,927 genes.
+    """
     params = n_parameters(config, n_genes)
     seq = config.model.sizes()["max_genes"] + 1
+    if expressed_genes is None:
+        expressed_genes = max(2 * (seq - 1), int(0.3 * n_genes))
     per_cell = seq * (4 + 2) + 4 + 4 + 8 + min(n_genes, expressed_genes) * (4 + 4)
     return CheckpointSize(parameters=params, weights=params * 4, optimizer=params * 8,
                           stats=n_genes * (config.model.n_bins + _HIST_BINS) * 8,

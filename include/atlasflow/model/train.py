@@ -159,7 +159,7 @@ class Trainer:
             if previous.exists() and self._replay_saved == (path, self.progress.replay_version):
                 os.link(previous, tmp / "replay.npz")  # unchanged since the last save: no rewrite
             else:
-                np.savez(tmp / "replay.npz", **self.replay.to_arrays(""))
+                np.savez_compressed(tmp / "replay.npz", **self.replay.to_arrays(""))
         if self.val_sets:
             arrays = {f"{k}__{part}": arr for k, (t, b) in self.val_sets.items()
                       for part, arr in (("tokens", t), ("bins", b))}
