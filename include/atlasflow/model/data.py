@@ -24,13 +24,13 @@ from typing import Literal
 import numpy as np
 import scipy.sparse as sp
 
+from atlasflow.model.integration_metrics import labelled_mask
 from atlasflow.model.tokenizer import Tokenizer
 from atlasflow.prep.genes import Vocabulary
 
 __all__ = ["BatchData", "CellBatch", "DatasetFile", "HeldOutSample", "log_normalise", "split_datasets"]
 
 Split = Literal["train", "val"]
-UNLABELLED = frozenset({"", "nan", "none", "na", "n/a", "unknown", "unassigned", "null"})
 
 
 def log_normalise(counts: sp.csr_matrix, totals: np.ndarray, *, target_sum: float = 1e4) -> sp.csr_matrix:
@@ -161,7 +161,8 @@ def _labels_at(values: object, rows: np.ndarray) -> np.ndarray:
     else:
         picked = np.asarray(values)[rows]
         picked = np.where(pd.isna(picked), "", picked).astype(str)
-    return np.where(np.isin(np.char.lower(np.char.strip(picked.astype(str))), list(UNLABELLED)), "", picked.astype(str))
+    picked = picked.astype(str)
+    return np.where(labelled_mask(picked), picked, "")  # the one rule for "unlabelled" (integration too)
 
 
 class BatchData:

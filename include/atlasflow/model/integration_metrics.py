@@ -83,7 +83,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: Label texts (stripped, case-folded) that mean "no label"; missing values count too.
-UNLABELLED = frozenset({"", "nan", "none", "null", "na", "n/a", "<na>", "unknown"})
+UNLABELLED = frozenset({"", "nan", "none", "null", "na", "n/a", "<na>", "unknown", "unassigned"})
 BIO_METRICS = ("asw_label", "nmi", "ari", "isolated_label_asw", "clisi")
 BATCH_METRICS = ("asw_batch", "graph_connectivity", "ilisi")
 GRAPH_NEIGHBOURS = 15

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from atlasflow.core.config import AtlasConfig
 from atlasflow.core.fsutil import write_json_atomic
-from atlasflow.model.data import BatchData, CellBatch, HeldOutSample
+from atlasflow.model.data import BatchData, CellBatch, HeldOutSample, log_normalise
 from atlasflow.model.genestats import GeneMedians
 from atlasflow.model.network import AtlasTransformer, no_decay
 from atlasflow.model.pseudo import PseudoLabels, apply_pseudo_labels
@@ -540,8 +540,7 @@ def log_normalised_pca(counts: Any, *, n_comps: int = 50, target_sum: float = 1e
 
     norm = sp.csr_matrix(counts, dtype=np.float32)
     if not normalised:
-        norm = norm.multiply(target_sum / np.maximum(np.asarray(norm.sum(axis=1)), 1)).tocsr()
-        norm.data = np.log1p(norm.data)
+        norm = log_normalise(norm, np.asarray(norm.sum(axis=1)).reshape(-1), target_sum=target_sum)
     n = min(n_comps, norm.shape[1] - 1, norm.shape[0] - 1)
     return PCA(n_components=n, svd_solver="arpack", random_state=0).fit_transform(norm)
 
