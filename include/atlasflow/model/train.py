@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import random
 import shutil
 import time
@@ -46,7 +47,7 @@ __all__ = ["Trainer", "embed_file", "linear_probe_accuracy", "log_normalised_pca
            "train_batch"]
 
 log = logging.getLogger(__name__)
-CHECKPOINT_VERSION = 2
+CHECKPOINT_VERSION = 3  # 3: no pickled Python objects (state.pt holds tensors only, RNG states in rng.json)
 PROBE_C = 0.1  # fixed inverse regularisation of every probe: no tuning that could favour one representation
 VAL_SET_CELLS = 1000  # held-out cells per batch kept in the checkpoint for forgetting and atlas_retrain
 
@@ -84,6 +85,37 @@ def _file_hash(path: Path) -> str:
         while block := fh.read(1 << 20):
             h.update(block)
     return h.hexdigest()[:16]
+
+
+def _load_tensors(path: Path, **kwargs: Any) -> Any:
+    """``torch.load`` that unpickles tensors and plain containers only: a checkpoint file may come from
+    a job we did not write (a shared cluster), and a full unpickle could run any code it names."""
+    try:
+        return torch.load(path, weights_only=True, **kwargs)
+    except pickle.UnpicklingError as exc:
+        raise ValueError(f"{path}: not a tensor-only checkpoint file (refused to unpickle it: "
+                         f"{str(exc).splitlines()[0]})") from exc
+
+
+def _rng_to_json() -> dict[str, Any]:
+    """The numpy and Python global RNG states as plain JSON (no pickle)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {"numpy": {"kind": kind, "keys": keys.tolist(), "pos": int(pos), "has_gauss": int(has_gauss),
+                      "cached_gaussian": float(gauss)},
+            "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next}}
+
+
+def _rng_from_json(data: dict[str, Any], source: Path) -> None:
+    try:
+        n, p = data["numpy"], data["python"]
+        np.random.set_state((str(n["kind"]), np.asarray(n["keys"], dtype=np.uint32), int(n["pos"]),
+                             int(n["has_gauss"]), float(n["cached_gaussian"])))
+        gauss_next = p["gauss_next"]
+        random.setstate((int(p["version"]), tuple(int(v) for v in p["internal"]),
+                         None if gauss_next is None else float(gauss_next)))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{source}: malformed RNG state ({exc!r})") from exc
 
 
 def _build_network(config: AtlasConfig, tokenizer: Tokenizer, n_genes: int) -> AtlasTransformer:
@@ -150,9 +182,10 @@ class Trainer:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         torch.save(self.model.state_dict(), tmp / "model.pt")
+        # tensors and plain containers only, so that load can refuse anything else (weights_only=True)
         torch.save({"optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(),
-                    "torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
-                   tmp / "state.pt")
+                    "torch": torch.get_rng_state()}, tmp / "state.pt")
+        write_json_atomic(tmp / "rng.json", _rng_to_json())
         np.savez_compressed(tmp / "stats.npz", gene_bins=self.gene_bins, medians=self.medians.counts)
         if self.replay is not None:
             previous = path / "replay.npz"
@@ -184,6 +217,11 @@ class Trainer:
     @classmethod
     def load(cls, path: Path, config: AtlasConfig, vocab: Vocabulary) -> Trainer:
         meta = json.loads((path / "progress.json").read_text())
+        if isinstance(meta.get("version"), int) and meta["version"] < 3:
+            raise ValueError(f"{path}: checkpoint version {meta['version']} keeps its optimizer and RNG state as a "
+                             f"Python pickle, which this release no longer loads (loading a pickle can run code); "
+                             f"train from scratch in a new models folder, or finish with the release that wrote it "
+                             f"(format {CHECKPOINT_VERSION} stores tensors and JSON only)")
         if meta.get("version") != CHECKPOINT_VERSION:
             raise ValueError(f"{path}: checkpoint version {meta.get('version')} is not {CHECKPOINT_VERSION} (written by "
                              "another atlasflow release: train from scratch in a new models folder, or use that release)")
@@ -192,13 +230,12 @@ class Trainer:
         if meta["config"]["model"] != config.to_dict()["model"]:
             raise ValueError(f"{path}: the model section of the config changed since this checkpoint")
         trainer = cls(config, vocab)
-        trainer.model.load_state_dict(torch.load(path / "model.pt", map_location=trainer.device, weights_only=True))
-        state = torch.load(path / "state.pt", weights_only=False)
+        trainer.model.load_state_dict(_load_tensors(path / "model.pt", map_location=trainer.device))
+        state = _load_tensors(path / "state.pt")
         trainer.optimizer.load_state_dict(state["optimizer"])
         trainer.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch"])
-        np.random.set_state(state["numpy"])
-        random.setstate(state["python"])
+        _rng_from_json(json.loads((path / "rng.json").read_text()), path / "rng.json")
         # a field added since the checkpoint was written keeps its default
         fields = {k: meta[k] for k in Progress.__dataclass_fields__ if k in meta}
         trainer.progress = Progress(**fields)

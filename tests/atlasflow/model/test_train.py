@@ -97,6 +97,54 @@ def test_checkpoint_refuses_a_different_vocabulary_or_model(batches, tmp_path):
         Trainer.load(tmp_path / "ckpt", config.with_overrides({"model.d_model": 64}), vocab)
 
 
+class _Payload:
+    """Unpickling this runs ``os.system``: what a crafted checkpoint from another cluster user could hold."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_checkpoint_load_never_unpickles_code(batches, tmp_path):
+    import torch
+
+    config, vocab = config_for(tmp_path), Vocabulary.builtin("pbmc68k")
+    trainer = Trainer(config, vocab)
+    trainer.save(tmp_path / "ckpt")
+    Trainer.load(tmp_path / "ckpt", config, vocab)  # the real one loads
+    marker = tmp_path / "pwned"
+    for name in ("state.pt", "model.pt"):
+        good = (tmp_path / "ckpt" / name).read_bytes()
+        torch.save({"optimizer": _Payload(marker)}, tmp_path / "ckpt" / name)
+        with pytest.raises(ValueError, match=f"{name}: not a tensor-only checkpoint file"):
+            Trainer.load(tmp_path / "ckpt", config, vocab)
+        assert not marker.exists(), f"loading {name} ran the pickled command"
+        (tmp_path / "ckpt" / name).write_bytes(good)
+    # a checkpoint of the old, pickled format is refused with the reason, before any file is unpickled
+    progress = json.loads((tmp_path / "ckpt" / "progress.json").read_text())
+    (tmp_path / "ckpt" / "progress.json").write_text(json.dumps({**progress, "version": 2}))
+    torch.save({"numpy": _Payload(marker)}, tmp_path / "ckpt" / "state.pt")
+    with pytest.raises(ValueError, match="version 2 keeps its optimizer and RNG state as a Python pickle"):
+        Trainer.load(tmp_path / "ckpt", config, vocab)
+    assert not marker.exists()
+
+
+def test_checkpoint_restores_every_rng_exactly(tmp_path):
+    import random
+
+    config, vocab = config_for(tmp_path), Vocabulary.builtin("pbmc68k")
+    trainer = Trainer(config, vocab)
+    np.random.seed(7), random.seed(7), np.random.standard_normal()  # a cached gaussian too
+    trainer.save(tmp_path / "ckpt")
+    expected = (np.random.standard_normal(3).tolist(), random.random(), trainer.generator.get_state().clone())
+    np.random.seed(1), random.seed(1)
+    loaded = Trainer.load(tmp_path / "ckpt", config, vocab)
+    assert (np.random.standard_normal(3).tolist(), random.random()) == expected[:2]
+    assert bool((loaded.generator.get_state() == expected[2]).all())
+
+
 def _cli(config_path: Path, batch: Path, out: Path, resume: Path | None = None) -> list[str]:
     cmd = [sys.executable, "-m", "atlasflow.cli", "train", "--config", str(config_path), "--batch-dir", str(batch),
            "--out", str(out)]
@@ -130,7 +178,7 @@ def test_cli_writes_checkpoints_with_lineage(batches, tmp_path):
     assert r1["global_step"] > r0["global_step"] and r1["cells_seen"] > r0["cells_seen"]
     assert r1["datasets_seen"] == ["d0", "d1", "d2", "d3"] and r1["vocab_version"] == Vocabulary.builtin("pbmc68k").version
     assert sorted(p.name for p in out1.iterdir()) == ["model.pt", "progress.json", "replay.npz", "result.json",
-                                                      "state.pt", "stats.npz", "val_sets.npz"]
+                                                      "rng.json", "state.pt", "stats.npz", "val_sets.npz"]
     # the reservoir after two batches is a sample of both batches' training cells
     assert r1["replay_reservoir_cells"] > 0 and r1["replay_cells_per_step"] > 0 == r0["replay_cells_per_step"]
     assert not (tmp_path / "models" / "batch_0001.partial").exists()
