@@ -276,7 +276,15 @@ class SlurmConfig:
     time_limit: str = _opt("04:00:00", "sbatch --time (HH:MM:SS or D-HH:MM:SS).")
     mem_gb: float = _opt(32.0, "sbatch --mem, GB.", min=0.001)
     cpus: int = _opt(4, "sbatch --cpus-per-task.", min=1)
-    gpus: int = _opt(1, "sbatch --gres=gpu:N (0 for a CPU-only partition).", min=0)
+    gpus: int = _opt(1, "sbatch --gres=gpu:N per node (0 for a CPU-only partition).", min=0)
+    nodes: int = _opt(
+        1, "sbatch --nodes: training runs data-parallel (DDP) over nodes × ranks_per_node ranks, one torchrun per "
+        "node started by srun (c10d rendezvous on the first node).", min=1, max=1024)
+    ranks_per_node: int | None = _opt(
+        None, "Training processes (DDP ranks) per node; empty: one per GPU (slurm.gpus), 1 on a CPU partition. Set "
+        "it on a CPU partition to train with several gloo ranks per node.", min=1, max=64)
+    rdzv_port: int = _opt(29500, "Port of torchrun's c10d rendezvous on the first node (multi-node jobs only).",
+                          min=1024, max=65535)
     constraint: str | None = _opt(None, "sbatch --constraint.")
     remote_workdir: str | None = _opt(None, "Working folder on the cluster; base_dir when empty (shared filesystem).")
     env_activate: str | None = _opt(
@@ -292,6 +300,10 @@ class SlurmConfig:
     poll_max_s: float = _opt(300.0, "Longest poll interval.", min=0.1)
     lost_grace_s: float = _opt(600.0, "A job absent from squeue, scontrol and sacct is LOST only after this.", min=0)
     transient_retries: int = _opt(5, "Consecutive transient SSH/slurmctld errors tolerated while polling.", min=0)
+
+    def ranks(self) -> int:
+        """DDP ranks per node: ``ranks_per_node``, else one per GPU, else 1."""
+        return self.ranks_per_node or max(self.gpus, 1)
 
     @property
     def remote_python(self) -> str | None:
@@ -370,6 +382,33 @@ class TrainingConfig:
         0.2, "Share of a batch's datasets held out for validation (whole datasets: no leakage).", min=0, max=0.9
     )
     device: Literal["auto", "cpu", "cuda"] = _opt("auto", "auto: CUDA when available, else CPU.")
+    local_ranks: int = _opt(
+        1, "backend local: DDP ranks started on this machine (`torchrun --standalone --nproc_per_node`); on CPU "
+        "they use gloo. 1: one plain process.", min=1, max=64)
+    micro_batch_cells: int | None = _opt(
+        None, "Cells per forward/backward pass on one rank; batch_cells (the effective batch of one optimiser "
+        "step, over all ranks) must be a multiple of ranks × this, and gradients are accumulated over the "
+        "rest. Empty: batch_cells / ranks (no accumulation). The cell order depends on batch_cells / "
+        "micro_batch_cells only, so a run keeps its exact resume on another number of ranks when this is set.",
+        min=1)
+    loader_workers: int | None = _opt(
+        None, "DataLoader worker processes per rank that read and tokenise blocks (0: in the training process); "
+        "empty: 0 on CPU, min(4, CPUs per rank − 1) on CUDA.", min=0, max=64)
+    prefetch_blocks: int = _opt(2, "Blocks each loader worker tokenises ahead (DataLoader prefetch_factor).", min=1)
+    prefetch_steps: int = _opt(
+        2, "Steps assembled ahead by a background thread (tensors, pinned on CUDA); 0: assembled in the step.",
+        min=0, max=64)
+    pin_memory: bool = _opt(True, "CUDA: assemble steps in pinned memory and copy them to the GPU non-blocking.")
+    bf16: bool = _opt(True, "CUDA: bf16 autocast in training and in every evaluation (CPU always runs fp32).")
+    tf32: bool = _opt(True, "CUDA: allow TF32 matmuls and convolutions for what runs in fp32.")
+    fused_adamw: bool = _opt(True, "CUDA: the fused AdamW kernel (one launch for every parameter).")
+    compile: bool = _opt(False, "torch.compile the network (first steps slower while it compiles; off by default).")
+
+    def _check(self) -> list[str]:
+        if self.micro_batch_cells is not None and self.batch_cells % self.micro_batch_cells:
+            return [f"training: batch_cells={self.batch_cells} is not a multiple of "
+                    f"micro_batch_cells={self.micro_batch_cells}"]
+        return []
 
 
 @dataclass(frozen=True)

@@ -61,6 +61,13 @@ class JobSpec:
     workdir: str | None = None
     env_activate: str | None = None
     env: dict[str, str] = field(default_factory=dict)
+    nodes: int = 1
+    ranks_per_node: int = 1  # DDP ranks per node (one per GPU); >1 rank in all: the command runs under torchrun
+    rdzv_port: int = 29500
+
+    @property
+    def world_size(self) -> int:
+        return int(self.nodes) * int(self.ranks_per_node)
 
     @property
     def job_name(self) -> str:
@@ -81,6 +88,33 @@ def scale_resources(spec: JobSpec, *, mem_factor: float = 1.0, time_factor: floa
     return replace(spec, mem_gb=spec.mem_gb * mem_factor, time_limit=format_minutes(minutes))
 
 
+def distributed_command(command: tuple[str, ...] | list[str], *, ranks_per_node: int) -> list[str]:
+    """``command`` (``[python, ...python args]``) started as ``ranks_per_node`` DDP ranks on one machine.
+
+    ``python -m torch.distributed.run --standalone`` (torchrun) picks a free rendezvous port itself, so
+    two jobs on one node never collide; every rank gets RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT.
+    One rank: the command unchanged (a plain process, no torch.distributed).
+    """
+    if ranks_per_node <= 1:
+        return list(command)
+    return [command[0], "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
+            f"--nproc_per_node={int(ranks_per_node)}", *command[1:]]
+
+
+def _launch_line(spec: JobSpec) -> str:
+    """The script's last line: the command itself, under torchrun for >1 rank, under srun for >1 node."""
+    q = shlex.quote
+    if spec.nodes <= 1:
+        return " ".join(q(arg) for arg in distributed_command(spec.command, ranks_per_node=spec.ranks_per_node))
+    # one torchrun per node (srun --ntasks-per-node=1), meeting at a c10d rendezvous on the first node;
+    # the rendezvous id is the job id, so a requeued job never joins an older one
+    rest = " ".join(q(arg) for arg in spec.command[1:])
+    return (f"srun --nodes={int(spec.nodes)} --ntasks-per-node=1 --kill-on-bad-exit=1 {q(spec.command[0])} "
+            f"-m torch.distributed.run --nnodes={int(spec.nodes)} --nproc_per_node={int(spec.ranks_per_node)} "
+            f'--rdzv_backend=c10d --rdzv_id="$SLURM_JOB_ID" --rdzv_endpoint="$head_node:{int(spec.rdzv_port)}" '
+            f"{rest}")
+
+
 def render_sbatch(spec: JobSpec) -> str:
     """Render the batch script. Every value that reaches the shell goes through :func:`shlex.quote`."""
     q = shlex.quote
@@ -98,8 +132,8 @@ def render_sbatch(spec: JobSpec) -> str:
         f"#SBATCH --time={format_minutes(_parse_minutes(spec.time_limit))}",
         f"#SBATCH --mem={mem_mb}M",
         f"#SBATCH --cpus-per-task={int(spec.cpus)}",
-        "#SBATCH --nodes=1",
-        "#SBATCH --ntasks=1",
+        f"#SBATCH --nodes={int(spec.nodes)}",
+        "#SBATCH --ntasks-per-node=1" if spec.nodes > 1 else "#SBATCH --ntasks=1",
         f"#SBATCH --output={q(spec.stdout_path)}",
         f"#SBATCH --error={q(spec.stderr_path)}",
     ]
@@ -119,5 +153,7 @@ def render_sbatch(spec: JobSpec) -> str:
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
             raise ValueError(f"invalid environment variable name {key!r}")
         lines.append(f"export {key}={q(value)}")
-    lines.append(" ".join(q(arg) for arg in spec.command))
+    if spec.nodes > 1:
+        lines.append('head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)')
+    lines.append(_launch_line(spec))
     return "\n".join(lines) + "\n"

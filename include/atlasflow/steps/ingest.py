@@ -449,7 +449,8 @@ def quant_job(config: AtlasConfig, batch_id: str, dataset_id: str, *, python: st
     cmd = [python or sys.executable, "-m", "atlasflow.cli", "quant", "run", "--config", str(config_file),
            "--batch-id", batch_id, "--dataset-id", dataset_id]
     slurm = dataclasses.replace(config.slurm, partition=config.quant.slurm_partition or config.slurm.partition,
-                                gpus=0, cpus=config.quant.threads, mem_gb=config.quant.slurm_mem_gb,
+                                gpus=0, nodes=1, ranks_per_node=1,  # kb count: one process, never DDP
+                                cpus=config.quant.threads, mem_gb=config.quant.slurm_mem_gb,
                                 time_limit=format_minutes(int(config.quant.timeout_s // 60) + 1))
     return {"command": cmd, "log_dir": str(jobs_dir(config.state_dir, batch_id)), "slurm": slurm}
 
@@ -593,11 +594,12 @@ def train_batch_step(config: AtlasConfig, batch_id: str, *, previous_checkpoint:
 
 def _train_batch(config: AtlasConfig, batch_id: str, *, previous_checkpoint: str | None, tag: str,
                  attempt: int) -> TrainResult:
-    from atlasflow.slurm import JobSpec, JobState
+    from atlasflow.slurm import JobSpec, JobState, distributed_command
     from atlasflow.slurm.backend import LocalBackend
 
     job = training_job(config, batch_id, previous_checkpoint=previous_checkpoint)
-    spec = JobSpec(dataset_id="train", batch_id=batch_id, command=tuple(job["command"]), output_dir=job["log_dir"],
+    command = distributed_command(job["command"], ranks_per_node=config.training.local_ranks)  # DDP ranks here
+    spec = JobSpec(dataset_id="train", batch_id=batch_id, command=tuple(command), output_dir=job["log_dir"],
                    tag=tag, attempt=attempt)
     Ledger(config.storage).heartbeat(batch_id)
     log.info("running %s", " ".join(job["command"]))

@@ -91,6 +91,7 @@ def build_job_spec(job: SlurmJob, tag: str, attempt: int, previous: Sequence[Job
         output_dir=job.output_dir, tag=tag, attempt=attempt, partition=cfg.partition,
         account=cfg.account, qos=cfg.qos, time_limit=cfg.time_limit, mem_gb=cfg.mem_gb, cpus=cfg.cpus,
         gpus=cfg.gpus, constraint=cfg.constraint, workdir=cfg.remote_workdir, env_activate=cfg.env_activate,
+        nodes=cfg.nodes, ranks_per_node=cfg.ranks(), rdzv_port=cfg.rdzv_port,
     )
     n_oom = sum(j.state is JobState.OUT_OF_MEMORY for j in previous)
     n_timeout = sum(j.state is JobState.TIMEOUT for j in previous)

@@ -8,6 +8,7 @@ import pytest
 from atlasflow.slurm import (
     JobSpec,
     JobState,
+    distributed_command,
     job_tag,
     parse_sacct,
     parse_sbatch,
@@ -104,3 +105,45 @@ def test_parse_sacct():
 def test_unknown_state_maps_to_lost():
     assert JobState.from_slurm("WEIRD") is JobState.LOST
     assert JobState.from_slurm("OOM") is JobState.OUT_OF_MEMORY
+
+
+def test_multi_gpu_single_node_starts_one_rank_per_gpu_under_torchrun():
+    text = render_sbatch(_spec(gpus=4, ranks_per_node=4, command=("/env/bin/python", "-m", "atlasflow.cli", "train",
+                                                                 "--out", "/m/b 1")))
+    assert "#SBATCH --gres=gpu:4" in text and "#SBATCH --nodes=1" in text and "#SBATCH --ntasks=1" in text
+    assert "srun" not in text  # one node: torchrun runs in the batch step itself
+    assert shlex.split(text.strip().splitlines()[-1]) == [
+        "/env/bin/python", "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=4",
+        "-m", "atlasflow.cli", "train", "--out", "/m/b 1"]
+    subprocess.run(["bash", "-n"], input=text, text=True, check=True)
+
+
+def test_multi_node_job_runs_one_torchrun_per_node_meeting_on_the_first_node():
+    spec = _spec(gpus=8, nodes=2, ranks_per_node=8, rdzv_port=29611,
+                 command=("python", "-m", "atlasflow.cli", "train", "--batch-dir", "x; rm -rf /"))
+    assert spec.world_size == 16
+    text = render_sbatch(spec)
+    lines = text.strip().splitlines()
+    assert "#SBATCH --nodes=2" in lines and "#SBATCH --ntasks-per-node=1" in lines and "#SBATCH --gres=gpu:8" in lines
+    assert "#SBATCH --ntasks=1" not in lines
+    assert lines[-2] == 'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)'
+    launch = shlex.split(lines[-1])
+    assert launch[:6] == ["srun", "--nodes=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1", "python", "-m"]
+    assert "--nproc_per_node=8" in launch and "--nnodes=2" in launch and "--rdzv_backend=c10d" in launch
+    assert "--rdzv_endpoint=$head_node:29611" in launch and "--rdzv_id=$SLURM_JOB_ID" in launch
+    assert launch[-5:] == ["-m", "atlasflow.cli", "train", "--batch-dir", "x; rm -rf /"]  # still one quoted argument
+    subprocess.run(["bash", "-n"], input=text, text=True, check=True)
+
+
+def test_one_rank_keeps_the_plain_command():
+    text = render_sbatch(_spec(gpus=1))
+    assert "torch.distributed.run" not in text and "srun" not in text and "#SBATCH --ntasks=1" in text
+    assert distributed_command(["py", "-m", "m"], ranks_per_node=1) == ["py", "-m", "m"]
+
+
+def test_slurm_config_gives_one_rank_per_gpu_unless_told():
+    from atlasflow.core.config import load_config
+
+    assert load_config(overrides={"slurm.gpus": 4}).slurm.ranks() == 4
+    assert load_config(overrides={"slurm.gpus": 0}).slurm.ranks() == 1
+    assert load_config(overrides={"slurm.gpus": 0, "slurm.ranks_per_node": 2}).slurm.ranks() == 2
