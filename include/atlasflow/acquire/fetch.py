@@ -8,10 +8,22 @@ import re
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
+from atlasflow.acquire.geo import (
+    GeoCandidate,
+    GeoSelection,
+    GeoSkip,
+    classify,
+    select_candidates,
+    select_geo,
+    sniff_table,
+    text_prefix,
+)
 from atlasflow.acquire.http import FetchedFile, FetchError, TransientFetchError, download, safe_name
 from atlasflow.core.config import DownloadConfig
 from atlasflow.core.fsutil import write_json_atomic
@@ -25,21 +37,13 @@ __all__ = [
     "fetch_dataset",
     "geo_listing_url",
     "geo_suppl_path",
+    "geo_expected_bytes",
+    "geo_metadata_url",
     "pick_geo_files",
+    "plan_geo",
 ]
 
 log = logging.getLogger(__name__)
-
-# Supplementary files that hold expression matrices, and names that never do (images, reads, archives
-# of per-sample raw data whose contents we cannot know in advance).
-GEO_MATRIX = re.compile(
-    r"(\.h5ad|\.h5|\.loom|matrix\.mtx(\.gz)?|barcodes\.tsv(\.gz)?|(features|genes)\.tsv(\.gz)?|"
-    r"\.(csv|tsv|txt)(\.gz)?|\.rds)$",
-    re.IGNORECASE,
-)
-GEO_SKIP = re.compile(r"(_RAW\.tar$|\.(png|jpe?g|tiff?|pdf|bam|bai|bw|bigwig|bed(\.gz)?|fastq(\.gz)?)$|filelist\.txt$)",
-                      re.IGNORECASE)
-
 
 @dataclass(frozen=True)
 class FetchResult:
@@ -49,6 +53,11 @@ class FetchResult:
     seconds: float
     source: str
     skipped: tuple[str, ...] = field(default_factory=tuple)
+    # GEO: why each skipped file was skipped, the samples (sample -> its files, relative to dest_dir),
+    # and the organism GEO gives each sample (when the manifest has no species)
+    skip_reasons: tuple[GeoSkip, ...] = field(default_factory=tuple)
+    samples: dict[str, list[str]] | None = None
+    species: dict[str, str] | None = None
 
     @property
     def bytes(self) -> int:
@@ -57,7 +66,10 @@ class FetchResult:
     def to_dict(self) -> dict[str, Any]:
         return {"dataset_id": self.dataset_id, "dest_dir": self.dest_dir, "bytes": self.bytes,
                 "seconds": round(self.seconds, 3), "source": self.source,
-                "files": [f.to_dict() for f in self.files], "skipped": list(self.skipped)}
+                "files": [f.to_dict() for f in self.files], "skipped": list(self.skipped),
+                "skip_reasons": [s.to_dict() for s in self.skip_reasons],
+                **({"samples": self.samples} if self.samples is not None else {}),
+                **({"species": self.species} if self.species is not None else {})}
 
 
 def geo_suppl_path(accession: str) -> str:
@@ -87,36 +99,122 @@ class _Links(html.parser.HTMLParser):
                 self.hrefs.append(href)
 
 
-def pick_geo_files(names: list[str]) -> tuple[list[str], list[str]]:
-    """(matrix files to fetch, names skipped) from a supplementary folder's listing."""
-    keep, skip = [], []
-    for name in names:
-        if name.endswith("/") or name.startswith(("?", "/", "..")) or "://" in name:
-            continue  # sort links, parent folder, absolute links: not files of this folder
-        (skip if GEO_SKIP.search(name) or not GEO_MATRIX.search(name) else keep).append(name)
-    return keep, skip
+def _get_text(url: str, timeout_s: float, *, limit: int = 4 << 20, missing: str | None = None) -> str | None:
+    """A small text resource (listing, filelist.txt, SOFT); None on a 404 when ``missing`` is None.
 
-
-def _list_geo(url: str, timeout_s: float) -> list[str]:
+    gzip bodies are decompressed; at most ``limit`` bytes of text are read (bounded).
+    """
     try:
         with urllib.request.urlopen(urllib.request.Request(url, headers={"User-Agent": "atlasflow/0.1"}),
                                     timeout=timeout_s) as resp:
-            text = resp.read(4 << 20).decode("utf-8", "replace")
+            raw = resp.read(limit)
     except urllib.error.HTTPError as exc:
         if exc.code == 404:
-            raise FetchError(f"GEO has no supplementary folder at {url} (HTTP 404)") from exc
+            if missing is None:
+                return None
+            raise FetchError(missing) from exc
         if exc.code >= 500 or exc.code == 429:
             raise TransientFetchError(f"{url}: HTTP {exc.code}") from exc
         raise FetchError(f"{url}: HTTP {exc.code}") from exc
     except (urllib.error.URLError, OSError) as exc:
         raise TransientFetchError(f"{url}: {getattr(exc, 'reason', exc)}") from exc
+    return text_prefix(raw, url, limit=limit * 8)
+
+
+def _list_geo(url: str, timeout_s: float) -> list[str]:
+    text = _get_text(url, timeout_s, missing=f"GEO has no supplementary folder at {url} (HTTP 404)")
     parser = _Links()
-    parser.feed(text)
+    parser.feed(text or "")
     return parser.hrefs
 
 
-def fetch_dataset(dataset: Dataset, dest_dir: Path, *, config: DownloadConfig, max_bytes: int | None = None) -> FetchResult:
+def pick_geo_files(names: list[str]) -> tuple[list[str], list[str]]:
+    """(files to fetch, names skipped) from a supplementary folder's listing, by the GEO rules alone
+    (no ``filelist.txt``; see :func:`atlasflow.acquire.geo.select_geo`)."""
+    sel = select_geo("", names)
+    return [c.name for c in sel.files] + ([sel.tar] if sel.tar else []), [s.name for s in sel.skipped]
+
+
+def geo_expected_bytes(accession: str, hrefs: list[str], *, filelist: str | None = None,
+                       sizes: dict[str, int] | None = None) -> int | None:
+    """Bytes the GEO rules will put on disk for an accession; None when a chosen file's size is unknown.
+
+    Pure: ``hrefs`` is the supplementary folder's listing, ``filelist`` the text of its
+    ``filelist.txt`` (sizes of the ``_RAW.tar`` members), ``sizes`` what the caller knows of the
+    other files (a HEAD's Content-Length). The members of a ``_RAW.tar`` count, never the tar itself:
+    it is streamed, not stored.
+    """
+    try:
+        return select_geo(accession, hrefs, filelist=filelist, sizes=sizes).expected_bytes
+    except ValueError:
+        return None
+
+
+def plan_geo(accession: str, config: DownloadConfig) -> GeoSelection:
+    """List an accession's supplementary folder (and read its ``filelist.txt``) and apply the GEO rules.
+
+    Raises
+    ------
+    FetchError
+        No such folder, or two names that clean to one file name; :class:`TransientFetchError` for
+        network trouble worth a retry.
+    """
+    listing = geo_listing_url(accession, config.geo_base_url)
+    hrefs = _list_geo(listing, config.read_timeout_s)
+    filelist = None
+    if any(h.endswith("_RAW.tar") for h in hrefs) and "filelist.txt" in hrefs:
+        filelist = _get_text(listing + "filelist.txt", config.read_timeout_s)
+    try:
+        return select_geo(accession, hrefs, filelist=filelist)
+    except ValueError as exc:
+        raise FetchError(f"{accession}: {exc}") from exc
+
+
+def geo_metadata_url(accession: str, config: DownloadConfig) -> str:
+    """Where GEO's sample records for an accession are: the series' family SOFT, or the sample's own."""
+    if accession.startswith("GSE"):
+        folder = geo_suppl_path(accession).rsplit("/", 1)[0]
+        return f"{config.geo_base_url.rstrip('/')}/{folder}/soft/{accession}_family.soft.gz"
+    return f"{config.geo_query_url}?acc={accession}&targ=self&form=text&view=brief"
+
+
+def parse_soft_organisms(text: str) -> dict[str, str]:
+    """GSM id → organism from SOFT text (``^SAMPLE = GSM…`` then ``!Sample_organism_ch1`` / ``_taxid_ch1``).
+
+    The taxid wins when both are given (``9606``); the first channel's organism names the sample.
+    """
+    out: dict[str, str] = {}
+    taxid: dict[str, str] = {}
+    sample = None
+    for line in text.splitlines():
+        key, _, value = line.partition("=")
+        key, value = key.strip(), value.strip()
+        if key == "^SAMPLE":
+            sample = value
+        elif sample and key == "!Sample_organism_ch1" and value:
+            out.setdefault(sample, value)
+        elif sample and key == "!Sample_taxid_ch1" and value.isdigit():
+            taxid.setdefault(sample, value)
+    return {s: taxid.get(s) or out[s] for s in out} | {s: t for s, t in taxid.items() if s not in out}
+
+
+def _geo_organisms(accession: str, config: DownloadConfig) -> dict[str, str] | None:
+    url = geo_metadata_url(accession, config)
+    try:
+        text = _get_text(url, config.read_timeout_s, limit=8 << 20)
+    except FetchError as exc:  # metadata is a help, not a need: the genes still decide
+        log.warning("%s: GEO's sample records are unreachable (%s); species from the genes alone", accession, exc)
+        return None
+    return parse_soft_organisms(text) if text else None
+
+
+def fetch_dataset(dataset: Dataset, dest_dir: Path, *, config: DownloadConfig, max_bytes: int | None = None,
+                  accept_species: Callable[[str], str | None] | None = None) -> FetchResult:
     """Fetch ``dataset`` into ``dest_dir`` (``data/raw/<dataset_id>``); idempotent.
+
+    ``accept_species``: for GEO rows without a manifest ``species``, GEO's organism of each sample
+    is passed to it; it returns None to accept, else why not (the sample is skipped, and a series
+    with no sample left is refused).
 
     Raises
     ------
@@ -127,30 +225,160 @@ def fetch_dataset(dataset: Dataset, dest_dir: Path, *, config: DownloadConfig, m
     t0 = time.monotonic()
     dest_dir.mkdir(parents=True, exist_ok=True)
     kw = {"attempts": config.attempts, "backoff_s": config.backoff_s, "timeout_s": config.read_timeout_s}
-    skipped: list[str] = []
     source: str = dataset.type
-    if dataset.is_reads:
-        from atlasflow.acquire.reads import fetch_reads
+    if dataset.type == "geo" and not dataset.is_reads:
+        result = _fetch_geo(dataset, dest_dir, config=config, max_bytes=max_bytes, accept_species=accept_species,
+                            t0=t0, **kw)
+    else:
+        if dataset.is_reads:
+            from atlasflow.acquire.reads import fetch_reads
 
-        files, source = fetch_reads(dataset, dest_dir, config=config, max_bytes=max_bytes, **kw)
-    elif dataset.type == "direct":
-        files = [download(dataset.download_url, dest_dir, max_bytes=max_bytes, sha256=dataset.sha256,
-                          md5=dataset.md5, **kw)]
-    elif dataset.type == "geo":
-        listing = geo_listing_url(dataset.download_url, config.geo_base_url)
-        names, skipped = pick_geo_files(_list_geo(listing, config.read_timeout_s))
-        if not names:
-            raise FetchError(f"{dataset.dataset_id}: no count-matrix files in {listing} "
-                             f"(skipped: {', '.join(skipped) or 'nothing listed'})")
-        files = []
-        for name in names:
-            budget = None if max_bytes is None else max_bytes - sum(f.bytes for f in files)
-            files.append(download(listing + name, dest_dir, name=safe_name(name), max_bytes=budget, **kw))
-        if skipped:
-            log.info("%s: skipped %s", dataset.dataset_id, ", ".join(skipped))
-    else:  # every sra row is a reads row, handled above
-        raise FetchError(f"{dataset.dataset_id}: unknown dataset type {dataset.type!r}")
-    result = FetchResult(dataset.dataset_id, str(dest_dir), tuple(files), time.monotonic() - t0,
-                         source, tuple(skipped))
+            files, source = fetch_reads(dataset, dest_dir, config=config, max_bytes=max_bytes, **kw)
+        elif dataset.type == "direct":
+            files = [download(dataset.download_url, dest_dir, max_bytes=max_bytes, sha256=dataset.sha256,
+                              md5=dataset.md5, **kw)]
+        else:  # every sra row is a reads row, handled above
+            raise FetchError(f"{dataset.dataset_id}: unknown dataset type {dataset.type!r}")
+        result = FetchResult(dataset.dataset_id, str(dest_dir), tuple(files), time.monotonic() - t0, source)
     write_json_atomic(dest_dir / "fetch.json", result.to_dict())
     return result
+
+
+def _fetch_geo(dataset: Dataset, dest_dir: Path, *, config: DownloadConfig, max_bytes: int | None,
+               accept_species: Callable[[str], str | None] | None, t0: float, attempts: int, backoff_s: float,
+               timeout_s: float) -> FetchResult:
+    """GEO rules 1-5 (:mod:`atlasflow.acquire.geo`): choose, sniff, download, stream the ``_RAW.tar``."""
+    accession = dataset.download_url
+    sel = plan_geo(accession, config)
+    listing = geo_listing_url(accession, config.geo_base_url)
+    skipped: list[GeoSkip] = list(sel.skipped)
+    organisms: dict[str, str] | None = None
+    refused: set[str] = set()
+    if not (dataset.species or "").strip():
+        organisms = _geo_organisms(accession, config)
+        if organisms and accept_species is not None:
+            for gsm, organism in organisms.items():
+                if (why := accept_species(organism)) is not None:
+                    refused.add(gsm)
+                    log.info("%s: sample %s is %s: %s", dataset.dataset_id, gsm, organism, why)
+        if organisms and refused and refused >= set(organisms):
+            # no sample of the accession is of an accepted species: refuse before a byte is fetched
+            first = sorted(refused)[0]
+            raise FetchError(f"{dataset.dataset_id}: not human: GEO's records give {first} the organism "
+                             f"{organisms[first]!r} ({len(refused)} of {len(organisms)} samples refused; "
+                             f"{geo_metadata_url(accession, config)}); {accept_species(organisms[first])}")  # type: ignore[misc]
+
+    def species_skip(c: GeoCandidate) -> GeoSkip | None:
+        sample = accession if accession.startswith("GSM") else c.sample
+        if sample in refused and organisms is not None:
+            return GeoSkip(c.name, f"sample {sample} is {organisms[sample]} per GEO's records; "
+                                   f"{accept_species(organisms[sample]) if accept_species else ''}".rstrip("; "))
+        return None
+
+    files: list[FetchedFile] = []
+    samples: dict[str, list[str]] = {}
+
+    def budget() -> int | None:
+        return None if max_bytes is None else max_bytes - sum(f.bytes for f in files)
+
+    for cand in sel.files:
+        if (why := species_skip(cand)) is not None:
+            skipped.append(why)
+            continue
+        url = listing + quote(cand.name)
+        if cand.kind == "table" and (reason := _sniff_remote(url, cand.name, timeout_s)) is not None:
+            skipped.append(GeoSkip(cand.name, reason))
+            continue
+        # a trio goes into its own folder (one sample, one 10x source); other files stay flat
+        sub = safe_name(cand.sample) if cand.kind == "10x_mtx" else ""
+        got = download(url, dest_dir / sub if sub else dest_dir, name=safe_name(cand.name), max_bytes=budget(),
+                       attempts=attempts, backoff_s=backoff_s, timeout_s=timeout_s)
+        rel = f"{sub}/{got.name}" if sub else got.name
+        files.append(FetchedFile(rel, got.path, got.bytes, got.sha256, got.url, got.resumed_from))
+        entry = samples.setdefault(_sample_key(accession, cand.sample), [])
+        if not (sub and sub in entry):
+            entry.append(sub or got.name)
+    if sel.tar is not None:
+        from atlasflow.acquire.geo_tar import stream_raw_tar
+
+        wanted = None
+        if not sel.tar_unlisted:
+            wanted = {}
+            for c in sel.members:
+                if (why := species_skip(c)) is not None:
+                    skipped.append(GeoSkip(f"{sel.tar}/{c.name}", why.reason))
+                else:
+                    wanted[c.name] = c
+        tar_dir = dest_dir / safe_name(sel.tar.rsplit(".", 1)[0])
+        if wanted != {}:
+            got_tar = stream_raw_tar(listing + quote(sel.tar), tar_dir, wanted=wanted, max_bytes=budget(),
+                                     tar_bytes=sel.tar_size, attempts=attempts, backoff_s=backoff_s,
+                                     timeout_s=timeout_s)
+            skipped.extend(got_tar.skipped)
+            members = list(got_tar.files)
+            if wanted is None:  # no filelist.txt: rule 3 and the species now, over what streamed
+                members = _prune_unlisted(members, skipped, species_skip)
+            for f in members:
+                files.append(f)
+                sample_dir = f.name.split("/")[1]
+                entry = samples.setdefault(_sample_key(accession, sample_dir), [])
+                folder = f"{tar_dir.name}/{sample_dir}"
+                kind = classify(f.url.split("/", 1)[1])
+                item = folder if isinstance(kind, GeoCandidate) and kind.kind == "10x_mtx" else f.name
+                if item not in entry:
+                    entry.append(item)
+    if not files:
+        why = "; ".join(f"{s.name}: {s.reason}" for s in skipped) or "nothing listed"
+        raise FetchError(f"{dataset.dataset_id}: no count-matrix files in {listing} (skipped: {why})")
+    for s in skipped:
+        log.info("%s: skipped %s: %s", dataset.dataset_id, s.name, s.reason)
+    kept_species = None
+    if organisms:
+        kept = {s: organisms[s] for s in samples if s in organisms}
+        kept_species = kept or ({accession: organisms[accession]} if accession in organisms else None)
+    return FetchResult(dataset.dataset_id, str(dest_dir), tuple(files), time.monotonic() - t0, "geo",
+                       tuple(s.name for s in skipped), tuple(skipped), samples, kept_species)
+
+
+def _sample_key(accession: str, sample: str) -> str:
+    """A GSM row is one sample (its own id), whatever its files are called."""
+    return accession if accession.startswith("GSM") else sample
+
+
+def _prune_unlisted(members: list[FetchedFile], skipped: list[GeoSkip],
+                    species_skip: Callable[[GeoCandidate], GeoSkip | None]) -> list[FetchedFile]:
+    """Members streamed without a filelist.txt: apply GEO rule 3 and the species, delete the losers."""
+    by_name: dict[str, FetchedFile] = {}
+    cands: list[GeoCandidate] = []
+    for f in members:
+        name = f.url.split("/", 1)[1]
+        got = classify(name)
+        assert isinstance(got, GeoCandidate)
+        cands.append(got)
+        by_name[name] = f
+    keep, lost = select_candidates(cands)
+    out = []
+    for c in keep:
+        if (why := species_skip(c)) is not None:
+            lost.append(why)
+        else:
+            out.append(by_name[c.name])
+    for s in lost:
+        Path(by_name[s.name].path).unlink(missing_ok=True)
+        skipped.append(GeoSkip(by_name[s.name].url, s.reason))
+    return out
+
+
+def _sniff_remote(url: str, name: str, timeout_s: float, *, head_bytes: int = 1 << 20) -> str | None:
+    """GEO rule 5 on a listed table, from its first ``head_bytes`` (a ranged GET) before it is fetched whole."""
+    req = urllib.request.Request(url, headers={"User-Agent": "atlasflow/0.1", "Range": f"bytes=0-{head_bytes - 1}"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+            head = resp.read(head_bytes)  # a server that ignores Range: read the start, hang up
+    except urllib.error.HTTPError as exc:
+        if exc.code >= 500 or exc.code == 429:
+            raise TransientFetchError(f"{url}: HTTP {exc.code}") from exc
+        raise FetchError(f"{url}: HTTP {exc.code}") from exc
+    except (urllib.error.URLError, OSError) as exc:
+        raise TransientFetchError(f"{url}: {getattr(exc, 'reason', exc)}") from exc
+    return sniff_table(text_prefix(head, name), name)

@@ -158,6 +158,10 @@ class DownloadConfig:
     max_retry_delay_s: float = _opt(900.0, "Longest delay between download retries.", min=0)
     timeout_s: float = _opt(1800.0, "Time limit of one download task (30 min).", min=1)
     geo_base_url: str = _opt("https://ftp.ncbi.nlm.nih.gov/geo", "Base URL of the GEO FTP-over-HTTPS mirror.")
+    geo_query_url: str = _opt(
+        "https://www.ncbi.nlm.nih.gov/geo/query/acc.cgi",
+        "GEO's accession query; a GSM row's organism is read from its SOFT record here (a series' from its "
+        "family SOFT under geo_base_url) when the manifest gives no species.")
     attempts: int = _opt(4, "HTTP attempts per file inside one task (resets, 5xx, timeouts), with backoff.", min=1, max=20)
     backoff_s: float = _opt(2.0, "First in-task retry delay; doubles per attempt (a Retry-After header wins).", min=0)
     read_timeout_s: float = _opt(60.0, "Socket timeout for connecting and for each read.", min=1)

@@ -139,8 +139,10 @@ def test_geo_layout_and_file_choice():
     keep, skip = pick_geo_files(["../", "?C=M", "GSE1_RAW.tar", "GSE1_counts.csv.gz", "GSE1_matrix.mtx.gz",
                                  "GSE1_barcodes.tsv.gz", "GSE1_features.tsv.gz", "img.png", "filelist.txt", "x.h5ad",
                                  "reads.fastq.gz", "notes.docx"])
-    assert keep == ["GSE1_counts.csv.gz", "GSE1_matrix.mtx.gz", "GSE1_barcodes.tsv.gz", "GSE1_features.tsv.gz", "x.h5ad"]
-    assert skip == ["GSE1_RAW.tar", "img.png", "filelist.txt", "reads.fastq.gz", "notes.docx"]
+    # GEO rule 3: the trio is preferred over the table and the h5ad holding the same series' cells
+    assert keep == ["GSE1_matrix.mtx.gz", "GSE1_barcodes.tsv.gz", "GSE1_features.tsv.gz"]
+    assert skip == ["img.png", "filelist.txt", "reads.fastq.gz", "notes.docx", "GSE1_RAW.tar", "GSE1_counts.csv.gz",
+                    "x.h5ad"]
 
 
 def test_fetch_geo_series_from_a_geo_like_server(tmp_path):
