@@ -130,6 +130,10 @@ def _chunks(path: Path, size: int = 1 << 20) -> Any:
             raise QuantError(f"{path.name}: {exc}; download it again") from exc
 
 
+# the longest line check_fastq holds: kb count takes short reads (hundreds of bases), never this
+MAX_FASTQ_LINE = 4 * 2**20
+
+
 def check_fastq(path: Path) -> FastqStats:
     """Read the whole file once: gzip intact, four-line records, read lengths of the first reads.
 
@@ -146,6 +150,9 @@ def check_fastq(path: Path) -> FastqStats:
         data = pending + block
         cut = data.rfind(b"\n")
         if cut < 0:
+            if len(data) > MAX_FASTQ_LINE:  # memory stays bounded whatever one line claims to hold
+                raise QuantError(f"{path.name}: a line longer than {MAX_FASTQ_LINE} bytes (not FASTQ, or a "
+                                 "decompression bomb)")
             pending = data
             continue
         complete, pending = data[: cut + 1], data[cut + 1:]

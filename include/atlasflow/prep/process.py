@@ -31,8 +31,12 @@ def process_dataset(
     out_path: Path,
     vocab: Vocabulary,
     cache_dir: Path,
+    max_bytes: int | None = None,
 ) -> dict[str, Any]:
     """Read ``raw_dir`` (one dataset's downloads), QC it and write ``out_path``.
+
+    ``max_bytes`` (the dataset's disk reservation) bounds what each file may extract or
+    decompress to: a bomb is quarantined with its figures.
 
     Returns
     -------
@@ -55,7 +59,8 @@ def process_dataset(
         for path in files:
             # a reads dataset arrives here as kb count's 10x folder, whatever its manifest format says
             fmt = dataset.format if len(files) == 1 and dataset.format and not dataset.is_reads else None
-            sources.append(open_counts(path, fmt=fmt, cache=cache_dir / dataset.dataset_id, vocabulary=symbols))
+            sources.append(open_counts(path, fmt=fmt, cache=cache_dir / dataset.dataset_id, vocabulary=symbols,
+                                       max_bytes=max_bytes))
         raw_bytes = sum(p.stat().st_size for p in files)
         orthologs = species_gate(dataset, sources, config)
         meta = {"disease_status": dataset.disease_status, "tissue_type": dataset.tissue_type, "species": dataset.species}

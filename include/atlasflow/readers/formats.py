@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import gzip
 import logging
+import os
 import re
+import shutil
 import tarfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +24,8 @@ from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
+
+from atlasflow.core.fsutil import DecompressionLimit, open_bounded, partial_path
 
 __all__ = ["CountSource", "FormatError", "detect_format", "open_counts", "read_counts", "safe_extract"]
 
@@ -68,32 +73,74 @@ class CountSource:
             self._close = None
 
 
+def _human(n: int) -> str:
+    return f"{n / 10**9:.2f} GB" if n >= 10**9 else f"{n / 10**6:.1f} MB" if n >= 10**6 else f"{n / 10**3:.0f} KB"
+
+
+def _check_member(archive: Path, m: tarfile.TarInfo, max_member_bytes: int) -> None:
+    name = m.name
+    if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name) or ".." in Path(name).parts:
+        raise FormatError(f"{archive.name}: refusing member {name!r} (absolute path or '..')")
+    if not (m.isfile() or m.isdir()):
+        raise FormatError(f"{archive.name}: refusing member {name!r} (links and devices are not extracted)")
+    if m.size > max_member_bytes:
+        raise FormatError(f"{archive.name}: member {name!r} is {m.size} bytes, over the {max_member_bytes} limit")
+
+
 def safe_extract(archive: Path, dest: Path, *, max_member_bytes: int = MAX_MEMBER_BYTES,
                  max_total_bytes: int | None = None) -> list[Path]:
-    """Extract a tar archive, refusing absolute paths, ``..``, links, devices and oversized members."""
+    """Extract a tar archive into ``dest``, refusing absolute paths, ``..``, links, devices and oversized
+    members, and stopping (while streaming, before the member that would pass it is written) once the
+    contents exceed ``max_total_bytes``.
+
+    The members are written into a temporary sibling (:func:`~atlasflow.core.fsutil.partial_path`)
+    that is renamed to ``dest`` only when complete: a kill mid-extraction leaves no ``dest`` that a
+    re-run would take for a whole one, and a failure removes what it wrote.
+    """
+    tmp = partial_path(dest)
+    shutil.rmtree(tmp, ignore_errors=True)
+    files: list[str] = []
+    total = written = 0
     try:
-        tar = tarfile.open(archive)
-    except (tarfile.TarError, OSError) as exc:
-        raise FormatError(f"{archive.name}: not a readable tar archive ({exc})") from exc
-    out: list[Path] = []
-    total = 0
-    with tar:
-        members = tar.getmembers()
-        for m in members:
-            name = m.name
-            if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name) or ".." in Path(name).parts:
-                raise FormatError(f"{archive.name}: refusing member {name!r} (absolute path or '..')")
-            if not (m.isfile() or m.isdir()):
-                raise FormatError(f"{archive.name}: refusing member {name!r} (links and devices are not extracted)")
-            if m.size > max_member_bytes:
-                raise FormatError(f"{archive.name}: member {name!r} is {m.size} bytes, over the {max_member_bytes} limit")
-            total += m.size
-            if max_total_bytes is not None and total > max_total_bytes:
-                raise FormatError(f"{archive.name}: contents exceed {max_total_bytes} bytes")
-        dest.mkdir(parents=True, exist_ok=True)
-        tar.extractall(dest, members=members, filter="data")  # the stdlib's own safety net too
-        out = [dest / m.name for m in members if m.isfile()]
-    return out
+        tmp.mkdir(parents=True)
+        # "r|*": one pass over the stream, member by member, never a member list read up front
+        with tarfile.open(archive, "r|*") as tar:
+            for m in tar:
+                _check_member(archive, m, max_member_bytes)
+                total += m.size
+                if max_total_bytes is not None and total > max_total_bytes:
+                    raise FormatError(
+                        f"{archive.name}: extracting it needs over {total} bytes ({_human(total)}) from a "
+                        f"{archive.stat().st_size}-byte archive, more than the {max_total_bytes} bytes "
+                        f"({_human(max_total_bytes)}) the dataset may use; stopped after {written} bytes")
+                target = tmp.joinpath(*Path(m.name).parts)
+                if m.isdir():
+                    target.mkdir(parents=True, exist_ok=True)
+                    continue
+                target.parent.mkdir(parents=True, exist_ok=True)
+                source = tar.extractfile(m)
+                assert source is not None  # a regular file
+                with target.open("wb") as out:
+                    while block := source.read(1 << 20):
+                        out.write(block)
+                        written += len(block)
+                files.append(str(Path(*Path(m.name).parts)))
+    except FormatError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise FormatError(f"{archive.name}: not a readable tar archive ({type(exc).__name__}: {exc})") from exc
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    try:
+        os.replace(tmp, dest)
+    except OSError:  # another task finished the same extraction first: theirs is as good
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not dest.is_dir():
+            raise
+    return [dest / f for f in dict.fromkeys(files)]
 
 
 def detect_format(path: Path) -> str:
@@ -136,7 +183,7 @@ def detect_format(path: Path) -> str:
         return "tsv"
     if head.startswith(b"\x1f\x8b"):
         with gzip.open(path, "rt", errors="replace") as fh:
-            first = fh.readline()
+            first = fh.readline(1 << 16)  # bounded: a bomb may hold one endless line
         return "tsv" if "\t" in first else "csv"
     raise FormatError(f"{path.name}: unknown format (not HDF5, Matrix Market, tar or delimited text)")
 
@@ -226,20 +273,27 @@ def _find(folder: Path, *suffixes: str) -> Path | None:
     return hits[0] if hits else None
 
 
-def _read_lines(path: Path) -> list[list[str]]:
-    opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rt") as fh:  # type: ignore[operator]
-        return [line.rstrip("\n").split("\t") for line in fh if line.strip()]
+def _too_big(path: Path, exc: DecompressionLimit, what: str) -> FormatError:
+    return FormatError(f"{path.name}: {what} over {exc.limit} bytes ({_human(exc.limit)}) from a "
+                       f"{path.stat().st_size}-byte file, more than the dataset may use; refused")
 
 
-def _open_mtx(path: Path, cache: Path) -> CountSource:
+def _read_lines(path: Path, max_bytes: int | None) -> list[list[str]]:
+    try:
+        with open_bounded(path, max_bytes=max_bytes, text=True) as fh:
+            return [line.rstrip("\n").split("\t") for line in fh if line.strip()]
+    except DecompressionLimit as exc:
+        raise _too_big(path, exc, "decompresses to") from exc
+
+
+def _open_mtx(path: Path, cache: Path, max_bytes: int | None = None) -> CountSource:
     import scipy.io
 
     folder = path
     if path.is_file() and path.name.lower().endswith((".tar.gz", ".tgz", ".tar")):
         folder = cache / f"{path.name}.extracted"
-        if not folder.exists():
-            safe_extract(path, folder)
+        if not folder.exists():  # only ever a complete extraction: safe_extract renames it into place
+            safe_extract(path, folder, max_total_bytes=max_bytes)
     elif path.is_file():
         folder = path.parent
     mtx = _find(folder, "matrix.mtx", "matrix.mtx.gz")
@@ -249,11 +303,14 @@ def _open_mtx(path: Path, cache: Path) -> CountSource:
     if missing:
         raise FormatError(f"{path.name}: 10x Matrix Market input lacks {', '.join(missing)}")
     try:
-        matrix = scipy.io.mmread(str(mtx))
+        with open_bounded(mtx, max_bytes=max_bytes) as fh:  # streamed: a .gz is never inflated whole
+            matrix = scipy.io.mmread(fh)
+    except DecompressionLimit as exc:
+        raise _too_big(mtx, exc, "decompresses to") from exc
     except Exception as exc:
         raise FormatError(f"{mtx.name}: cannot read Matrix Market ({exc})") from exc
-    feats = _read_lines(features)
-    cells = [r[0] for r in _read_lines(barcodes)]
+    feats = _read_lines(features, max_bytes)
+    cells = [r[0] for r in _read_lines(barcodes, max_bytes)]
     matrix = sp.csr_matrix(matrix.T, dtype=np.float32)  # 10x stores genes × cells
     if matrix.shape != (len(cells), len(feats)):
         raise FormatError(f"{path.name}: matrix is {matrix.shape[1]} x {matrix.shape[0]} (genes x cells) but there are "
@@ -291,12 +348,15 @@ def _open_loom(path: Path) -> CountSource:
     return CountSource(path, "loom", n_cells, genes, cells, ids, {}, f["matrix"], _close=f.close)
 
 
-def _open_table(path: Path, fmt: str, vocabulary: set[str] | None) -> CountSource:
+def _open_table(path: Path, fmt: str, vocabulary: set[str] | None, max_bytes: int | None = None) -> CountSource:
     import pandas as pd
 
     sep = "\t" if fmt == "tsv" else ","
     try:
-        frame = pd.read_csv(path, sep=sep, index_col=0)
+        with open_bounded(path, max_bytes=max_bytes) as fh:  # pandas streams it; a .gz is capped too
+            frame = pd.read_csv(fh, sep=sep, index_col=0)
+    except DecompressionLimit as exc:
+        raise _too_big(path, exc, "decompresses to") from exc
     except Exception as exc:
         raise FormatError(f"{path.name}: cannot parse as {fmt.upper()} ({exc})") from exc
     if frame.empty:
@@ -326,11 +386,11 @@ def _open_table(path: Path, fmt: str, vocabulary: set[str] | None) -> CountSourc
     return CountSource(path, fmt, len(cells), genes, cells, None, {"orientation": orientation, "why": reason}, matrix)
 
 
-def _open_rds(path: Path) -> CountSource:
+def _open_rds(path: Path, max_bytes: int | None = None) -> CountSource:
     from atlasflow.readers.rds import RdsError, read_rds_counts
 
     try:
-        counts = read_rds_counts(path)
+        counts = read_rds_counts(path, max_bytes=max_bytes)
     except RdsError as exc:  # the processing step quarantines a FormatError
         raise FormatError(str(exc)) from exc
     return CountSource(path, "rds", counts.matrix.shape[0], counts.genes, counts.cells, counts.gene_ids,
@@ -339,21 +399,26 @@ def _open_rds(path: Path) -> CountSource:
 
 
 def open_counts(path: Path, *, fmt: str | None = None, cache: Path | None = None,
-                vocabulary: set[str] | None = None) -> CountSource:
-    """Open ``path`` as counts; ``fmt`` overrides detection; ``cache`` receives extracted archives."""
+                vocabulary: set[str] | None = None, max_bytes: int | None = None) -> CountSource:
+    """Open ``path`` as counts; ``fmt`` overrides detection; ``cache`` receives extracted archives.
+
+    ``max_bytes`` bounds what one file may expand to: the bytes a tar archive extracts to, a
+    compressed Matrix Market / CSV / RDS file decompresses to (the dataset's disk reservation, so a
+    bomb is refused with its figures as a :class:`FormatError` instead of filling a disk or memory).
+    """
     fmt = fmt or detect_format(path)
     if fmt == "h5ad":
         return _open_h5ad(path)
     if fmt == "10x_h5":
         return _open_10x_h5(path)
     if fmt == "10x_mtx":
-        return _open_mtx(path, cache or path.parent)
+        return _open_mtx(path, cache or path.parent, max_bytes)
     if fmt == "loom":
         return _open_loom(path)
     if fmt in ("csv", "tsv"):
-        return _open_table(path, fmt, vocabulary)
+        return _open_table(path, fmt, vocabulary, max_bytes)
     if fmt == "rds":
-        return _open_rds(path)
+        return _open_rds(path, max_bytes)
     raise FormatError(f"{path.name}: unsupported format {fmt!r}")
 
 
@@ -373,11 +438,12 @@ def primary_files(raw_dir: Path) -> list[Path]:
 
 
 def read_counts(path: Path, *, fmt: str | None = None, cache: Path | None = None, dataset_id: str | None = None,
-                metadata: dict[str, str | None] | None = None, vocabulary: set[str] | None = None) -> Any:
+                metadata: dict[str, str | None] | None = None, vocabulary: set[str] | None = None,
+                max_bytes: int | None = None) -> Any:
     """Read ``path`` into memory as an AnnData with raw counts in ``X`` and ``layers["counts"]``."""
     import anndata as ad
 
-    src = open_counts(path, fmt=fmt, cache=cache, vocabulary=vocabulary)
+    src = open_counts(path, fmt=fmt, cache=cache, vocabulary=vocabulary, max_bytes=max_bytes)
     try:
         blocks = [b for _, b in src.chunks()]
         X = sp.vstack(blocks).tocsr() if blocks else sp.csr_matrix((0, len(src.genes)), dtype=np.float32)

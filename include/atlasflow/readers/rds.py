@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from atlasflow.core.fsutil import GzipDamaged, gunzip_blocks
+from atlasflow.core.fsutil import DecompressionLimit, GzipDamaged, gunzip_blocks
 
 __all__ = ["RdsCounts", "RdsError", "read_rds_counts"]
 
@@ -185,12 +185,15 @@ def _finish(path: Path, matrix: sp.csr_matrix, genes: list[str] | None, cells: l
     return RdsCounts(matrix.astype(np.float32), genes, cells, cls, assay, gene_ids, obs, var)
 
 
-def _check_stream(path: Path) -> None:
+def _check_stream(path: Path, max_bytes: int | None = None) -> None:
     """Refuse what rds2py cannot parse before it sees it: its parser spins forever (uninterruptibly,
     in C++) on a damaged gzip stream, so the whole stream is decompressed and checked here first."""
     with path.open("rb") as fh:
         head = fh.read(5)
         if head.startswith(b"X\n"):
+            if max_bytes is not None and path.stat().st_size > max_bytes:
+                raise RdsError(f"{path.name}: {path.stat().st_size} bytes, more than the {max_bytes} the dataset "
+                               "may use; refused")
             return  # uncompressed XDR serialisation
         if head.startswith((b"BZh", b"\xfd7zXZ")):
             raise RdsError(f"{path.name}: an RDS file compressed with {'bzip2' if head.startswith(b'BZh') else 'xz'}, "
@@ -203,17 +206,20 @@ def _check_stream(path: Path) -> None:
         fh.seek(0)
         first = b""
         try:
-            for out in gunzip_blocks(fh):
+            for out in gunzip_blocks(fh, max_total=max_bytes):
                 if len(first) < 2:
                     first += out[:2]
+        except DecompressionLimit as exc:  # rds2py inflates it whole in memory: refuse a bomb first
+            raise RdsError(f"{path.name}: decompresses to over {exc.limit} bytes from a {path.stat().st_size}-byte "
+                           "file, more than the dataset may use; refused") from exc
         except GzipDamaged as exc:
             raise RdsError(f"{path.name}: not a readable RDS file ({exc})") from exc
     if not first.startswith(b"X\n"):
         raise RdsError(f"{path.name}: not a readable RDS file (gzip data, but not an R XDR serialisation)")
 
 
-def read_rds_counts(path: Path) -> RdsCounts:
-    """Read counts from an ``.rds`` file.
+def read_rds_counts(path: Path, *, max_bytes: int | None = None) -> RdsCounts:
+    """Read counts from an ``.rds`` file (refused when it decompresses to over ``max_bytes``).
 
     Raises
     ------
@@ -225,7 +231,7 @@ def read_rds_counts(path: Path) -> RdsCounts:
         from rds2py import parse_rds
     except ImportError as exc:  # pragma: no cover - pinned in requirements.txt
         raise RdsError("reading .rds files needs rds2py (pip install rds2py)") from exc
-    _check_stream(path)
+    _check_stream(path, max_bytes)
     try:
         root = parse_rds(str(path))
     except Exception as exc:  # the C++ parser raises RuntimeError/ValueError for damaged input

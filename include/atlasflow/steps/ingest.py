@@ -485,7 +485,8 @@ def _process_dataset(config: AtlasConfig, batch_id: str, fetched: Downloaded | Q
     assert dataset is not None  # download quarantined it otherwise
     try:
         summary = process_dataset(layout.raw_dir(dataset_id), dataset, config=config, out_path=out,
-                                  vocab=run_vocabulary(config), cache_dir=layout.cache)
+                                  vocab=run_vocabulary(config), cache_dir=layout.cache,
+                                  max_bytes=_reserved_bytes(config, dataset))
     except DatasetQuarantined as exc:
         cleaner.delete_raw(dataset_id, batch_id=batch_id)
         return _quarantine(config, batch_id, dataset_id, "process", exc.reason)
@@ -511,6 +512,13 @@ def _process_dataset(config: AtlasConfig, batch_id: str, fetched: Downloaded | Q
     keep = ("dataset_id", "status", "path", "format", "raw_bytes", "processed_bytes", "cells_before", "cells_after",
             "genes_after", "removed", "coverage", "strategy", "non_integer", "seconds")
     return {k: summary[k] for k in keep}  # type: ignore[return-value]
+
+
+def _reserved_bytes(config: AtlasConfig, dataset: Dataset) -> int:
+    """What admission reserved for the dataset (download + processed output, + kb count's work space):
+    the most any of its files may extract or decompress to."""
+    row = batch_footprint([dataset], Ledger(config.storage), quant=config.quant)["datasets"][0]
+    return int(row["raw"] + row["processed"] + row.get("quant_work", 0))
 
 
 def _previous(root: Path, batch_id: str) -> Path | None:
