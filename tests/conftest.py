@@ -10,9 +10,12 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -56,3 +59,50 @@ def airflow_db() -> Path:
 @pytest.fixture
 def repo() -> Path:
     return REPO
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[str]:
+    """A real PostgreSQL server (Debian package) on 127.0.0.1, stopped by its PID afterwards; its URL."""
+    # not under pytest's tmp dirs: they are private to root, and the server runs as postgres
+    state = Path(tempfile.mkdtemp(prefix="atlasflow-test-pg-"))
+    os.chmod(state, 0o755)
+    env = {**os.environ, "PG_STATE_DIR": str(state), "PG_PORT": str(_free_port())}
+    script = str(REPO / "scripts" / "local-postgres")
+    started = subprocess.run([script, "start"], env=env, capture_output=True, text=True, timeout=600)
+    if started.returncode != 0 and os.geteuid() != 0 and "not root" in started.stderr:
+        pytest.skip(started.stderr.strip())
+    assert started.returncode == 0, started.stdout + started.stderr
+    url = subprocess.run([script, "url"], env=env, capture_output=True, text=True, check=True).stdout.strip()
+    yield url
+    stopped = subprocess.run([script, "stop"], env=env, capture_output=True, text=True)
+    shutil.rmtree(state, ignore_errors=True)
+    assert stopped.returncode == 0 and "stopped postgres" in stopped.stdout
+
+
+
+def fresh_postgres_database(server_url: str, prefix: str) -> str:
+    """Create an empty database owned by ``airflow`` on the test server; its URL (with the password)."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    url = make_url(server_url)
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    # scripts/local-postgres gives the postgres superuser the same generated password
+    admin = create_engine(url.set(username="postgres", database="postgres"), isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}" OWNER airflow'))
+    admin.dispose()
+    return url.set(database=name).render_as_string(hide_password=False)
+
+
+@pytest.fixture
+def postgres_database(postgres_server: str) -> str:
+    """A fresh, empty database on the session's PostgreSQL server (for the ledger tests)."""
+    return fresh_postgres_database(postgres_server, "ledger")

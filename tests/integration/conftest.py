@@ -15,11 +15,12 @@ import socket
 import subprocess
 import sys
 import tempfile
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import fresh_postgres_database
 
 REPO = Path(__file__).resolve().parents[2]
 _HOME = Path(tempfile.mkdtemp(prefix="atlasflow-slurm-airflow-"))
@@ -45,39 +46,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def postgres_server() -> Iterator[str]:
-    """A real PostgreSQL server (Debian package) on 127.0.0.1, stopped by its PID afterwards; its URL."""
-    # not under pytest's tmp dirs: they are private to root, and the server runs as postgres
-    state = Path(tempfile.mkdtemp(prefix="atlasflow-test-pg-"))
-    os.chmod(state, 0o755)
-    env = {**os.environ, "PG_STATE_DIR": str(state), "PG_PORT": str(_free_port())}
-    script = str(REPO / "scripts" / "local-postgres")
-    started = subprocess.run([script, "start"], env=env, capture_output=True, text=True, timeout=600)
-    if started.returncode != 0 and os.geteuid() != 0 and "not root" in started.stderr:
-        pytest.skip(started.stderr.strip())
-    assert started.returncode == 0, started.stdout + started.stderr
-    url = subprocess.run([script, "url"], env=env, capture_output=True, text=True, check=True).stdout.strip()
-    yield url
-    stopped = subprocess.run([script, "stop"], env=env, capture_output=True, text=True)
-    shutil.rmtree(state, ignore_errors=True)
-    assert stopped.returncode == 0 and "stopped postgres" in stopped.stdout
-
-
 @pytest.fixture
 def postgres_url(postgres_server: str) -> str:
     """A fresh, empty metadata database on the shared server for one test (its own Airflow install)."""
-    from sqlalchemy import create_engine, text
-    from sqlalchemy.engine import make_url
-
-    url = make_url(postgres_server)
-    name = f"airflow_{uuid.uuid4().hex[:12]}"
-    # scripts/local-postgres gives the postgres superuser the same generated password
-    admin = create_engine(url.set(username="postgres", database="postgres"), isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}" OWNER airflow'))
-    admin.dispose()
-    return url.set(database=name).render_as_string(hide_password=False)
+    return fresh_postgres_database(postgres_server, "airflow")
 
 
 @pytest.fixture(scope="session")

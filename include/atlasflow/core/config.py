@@ -93,6 +93,13 @@ class StorageConfig:
         min=0.5)
     admission_max_wait_s: float = _opt(
         300.0, "The wait between asks grows exponentially up to this.", min=0.5)
+    ledger_url: str | None = _opt(
+        None, "Server database for the storage ledger (postgresql+psycopg2://user:password@host:port/db; Airflow's "
+        "metadata server may host it): needed when workers on several hosts share base_dir (docs/deploy.md). "
+        "Empty: the SQLite file state/ledger.sqlite under base_dir, for one host.")
+    ledger_url_env: str | None = _opt(
+        "ATLASFLOW_LEDGER_URL", "Environment variable read for the ledger URL when ledger_url is empty (keeps the "
+        "password out of files).")
 
     @property
     def max_storage_bytes(self) -> int:

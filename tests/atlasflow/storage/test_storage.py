@@ -12,16 +12,30 @@ from pathlib import Path
 import pytest
 
 from atlasflow.core.config import StorageConfig
+from atlasflow.core.layout import StorageLayout
 from atlasflow.intake.manifest import Dataset
 from atlasflow.storage import BudgetExceededError, Cleaner, Ledger, batch_footprint
+from atlasflow.storage import ledger as ledger_module
+from atlasflow.storage.ledger import LedgerURLError
 
 KB = 1000
 
 
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.slow)])
+def url(request) -> str | None:
+    """Every ledger test runs on both backends: the SQLite file (None) and a fresh PostgreSQL database on a real
+    local server (slow: the session starts one; `make test-fast` keeps to SQLite)."""
+    if request.param == "sqlite":
+        return None
+    return request.getfixturevalue("postgres_database")
+
+
 def storage(base: Path, budget_kb: float = 100, **kw) -> StorageConfig:
     gb = budget_kb * KB / 1e9
+    # ledger_url_env=None: an ATLASFLOW_LEDGER_URL in the caller's environment must not redirect the tests
     return StorageConfig(base_dir=str(base), max_storage_gb=gb, data_gb=gb * 0.4, models_gb=gb * 0.4,
-                         cache_gb=gb * 0.1, outputs_gb=gb * 0.1, min_free_gb=kw.pop("min_free_gb", 0.0), **kw)
+                         cache_gb=gb * 0.1, outputs_gb=gb * 0.1, min_free_gb=kw.pop("min_free_gb", 0.0),
+                         ledger_url_env=None, **kw)
 
 
 def write(path: Path, nbytes: int) -> Path:
@@ -30,8 +44,8 @@ def write(path: Path, nbytes: int) -> Path:
     return path
 
 
-def test_admits_until_the_budget_is_reserved(tmp_path):
-    ledger = Ledger(storage(tmp_path))
+def test_admits_until_the_budget_is_reserved(url, tmp_path):
+    ledger = Ledger(storage(tmp_path, ledger_url=url))
     assert ledger.try_admit("batch_0000", 60 * KB).admitted
     waiting = ledger.try_admit("batch_0001", 50 * KB)
     assert not waiting.admitted and "still reserved by 1 batch" in waiting.reason
@@ -39,29 +53,29 @@ def test_admits_until_the_budget_is_reserved(tmp_path):
     assert [r.batch_id for r in ledger.reservations()] == ["batch_0000", "batch_0001"]
 
 
-def test_readmitting_is_idempotent(tmp_path):
-    ledger = Ledger(storage(tmp_path))
+def test_readmitting_is_idempotent(url, tmp_path):
+    ledger = Ledger(storage(tmp_path, ledger_url=url))
     assert ledger.try_admit("batch_0000", 90 * KB, owner="a").admitted
     again = ledger.try_admit("batch_0000", 90 * KB, owner="retry")
     assert again.admitted and "already admitted" in again.reason
     assert ledger.reservation("batch_0000").owner == "retry" and len(ledger.reservations()) == 1
 
 
-def test_a_batch_bigger_than_the_budget_fails_at_once(tmp_path):
+def test_a_batch_bigger_than_the_budget_fails_at_once(url, tmp_path):
     with pytest.raises(BudgetExceededError, match="can never be admitted"):
-        Ledger(storage(tmp_path)).try_admit("batch_0000", 101 * KB)
+        Ledger(storage(tmp_path, ledger_url=url)).try_admit("batch_0000", 101 * KB)
 
 
-def test_admission_in_batch_order(tmp_path):
-    ledger = Ledger(storage(tmp_path))
+def test_admission_in_batch_order(url, tmp_path):
+    ledger = Ledger(storage(tmp_path, ledger_url=url))
     early = ledger.try_admit("batch_0001", 1 * KB, after="batch_0000")
     assert not early.admitted and "waiting for batch_0000" in early.reason
     assert ledger.try_admit("batch_0000", 1 * KB).admitted
     assert ledger.try_admit("batch_0001", 1 * KB, after="batch_0000").admitted
 
 
-def test_files_written_by_a_batch_count_once(tmp_path):
-    ledger = Ledger(storage(tmp_path))
+def test_files_written_by_a_batch_count_once(url, tmp_path):
+    ledger = Ledger(storage(tmp_path, ledger_url=url))
     assert ledger.try_admit("batch_0000", 60 * KB, paths=["data/raw/ds1", "data/processed/batch_0000"]).admitted
     write(tmp_path / "data/raw/ds1/x.h5ad", 30 * KB)
     r = ledger.reservation("batch_0000")
@@ -70,46 +84,112 @@ def test_files_written_by_a_batch_count_once(tmp_path):
     assert ledger.try_admit("batch_0001", 38 * KB).admitted
 
 
-def test_files_outside_reservations_count_as_usage(tmp_path):
+def test_files_outside_reservations_count_as_usage(url, tmp_path):
     write(tmp_path / "outputs/report.html", 50 * KB)
-    ledger = Ledger(storage(tmp_path))
+    ledger = Ledger(storage(tmp_path, ledger_url=url))
     assert not ledger.try_admit("batch_0000", 55 * KB).admitted
     assert ledger.try_admit("batch_0000", 45 * KB).admitted
 
 
-def test_volume_free_space_floor(tmp_path):
-    ledger = Ledger(storage(tmp_path, min_free_gb=10**7))  # more than any disk has free
+def test_volume_free_space_floor(url, tmp_path):
+    ledger = Ledger(storage(tmp_path, ledger_url=url, min_free_gb=10**7))  # more than any disk has free
     waiting = ledger.try_admit("batch_0000", 1 * KB)
     assert not waiting.admitted and "must stay free" in waiting.reason
 
 
-def _race(args: tuple[str, str]) -> bool:
-    base, batch = args
-    return Ledger(storage(Path(base), budget_kb=35)).try_admit(batch, 10 * KB).admitted
+def _race(args: tuple[str, str, str | None]) -> bool:
+    base, batch, url = args
+    return Ledger(storage(Path(base), budget_kb=35, ledger_url=url)).try_admit(batch, 10 * KB).admitted
 
 
-def test_concurrent_processes_never_admit_past_the_budget(tmp_path):
-    Ledger(storage(tmp_path, budget_kb=35))
+def test_concurrent_processes_never_admit_past_the_budget(url, tmp_path):
+    Ledger(storage(tmp_path, ledger_url=url, budget_kb=35))
     with ProcessPoolExecutor(max_workers=8) as pool:
-        results = list(pool.map(_race, [(str(tmp_path), f"batch_{i:04d}") for i in range(8)]))
+        results = list(pool.map(_race, [(str(tmp_path), f"batch_{i:04d}", url) for i in range(8)]))
     assert sum(results) == 3
-    assert len(Ledger(storage(tmp_path, budget_kb=35)).reservations()) == 3
+    assert len(Ledger(storage(tmp_path, ledger_url=url, budget_kb=35)).reservations()) == 3
 
 
-def test_reservation_of_a_killed_process_is_reclaimed(tmp_path):
+def test_usage_is_measured_before_the_write_lock(url, tmp_path, monkeypatch):
+    """Walking the tree (large, or on NFS) must never hold the lock every other admission waits for."""
+    config = storage(tmp_path, ledger_url=url)
+    ledger = Ledger(config)
+    assert ledger.try_admit("batch_0000", 20 * KB, paths=["data/raw/ds0"]).admitted
+    write(tmp_path / "data/raw/ds0/x", 5 * KB)
+    probe = Ledger(config, lock_timeout_s=0.2)
+    walks: list[bool] = []  # per walk: was the lock free?
+
+    def lock_is_free() -> bool:
+        try:
+            with probe._transaction():
+                return True
+        except Exception:  # SQLite "database is locked", PostgreSQL lock_timeout
+            return False
+
+    real_tree, real_usage = ledger_module.tree_bytes, StorageLayout.area_usage
+    monkeypatch.setattr(ledger_module, "tree_bytes", lambda path: walks.append(lock_is_free()) or real_tree(path))
+    monkeypatch.setattr(StorageLayout, "area_usage", lambda self: walks.append(lock_is_free()) or real_usage(self))
+    assert ledger.try_admit("batch_0001", 10 * KB).admitted
+    assert not ledger.try_admit("batch_0002", 90 * KB).admitted
+    assert ledger.release("batch_0001")
+    ledger.sample("probe")
+    assert len(walks) >= 6 and all(walks), walks
+
+
+def test_a_batch_admitted_during_the_walk_counts_whole(url, tmp_path, monkeypatch):
+    """The walk runs unlocked, so another batch may be admitted meanwhile: the lock-held re-check counts it."""
+    config = storage(tmp_path, ledger_url=url)
+    ledger, other = Ledger(config), Ledger(config)
+    real_usage = StorageLayout.area_usage
+
+    def walk_while_another_admits(self: StorageLayout) -> dict[str, int]:
+        monkeypatch.setattr(StorageLayout, "area_usage", real_usage)
+        assert other.try_admit("batch_0000", 60 * KB).admitted
+        return real_usage(self)
+
+    monkeypatch.setattr(StorageLayout, "area_usage", walk_while_another_admits)
+    waiting = ledger.try_admit("batch_0001", 50 * KB)
+    assert not waiting.admitted and waiting.outstanding == 60 * KB, waiting
+    assert [r.batch_id for r in ledger.reservations()] == ["batch_0000"]
+
+
+def test_a_released_batch_is_admitted_again(url, tmp_path):
+    ledger = Ledger(storage(tmp_path, ledger_url=url))
+    assert ledger.try_admit("batch_0000", 60 * KB, owner="first").admitted
+    assert ledger.release("batch_0000") and not ledger.release("batch_0000")
+    assert ledger.try_admit("batch_0000", 70 * KB, owner="rerun").admitted
+    again = ledger.reservation("batch_0000")
+    assert (again.status, again.bytes, again.owner) == ("active", 70 * KB, "rerun")
+    assert [s["event"] for s in ledger.samples()] == ["batch_0000 admitted", "batch_0000 released",
+                                                       "batch_0000 admitted"]
+
+
+def test_the_ledger_url_comes_from_config_or_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("ATLASFLOW_LEDGER_URL", "mysql://u:secret@db/x")
+    with pytest.raises(LedgerURLError, match="only PostgreSQL") as err:
+        Ledger(StorageConfig(base_dir=str(tmp_path)))
+    assert "secret" not in str(err.value)  # the password is never shown
+    with pytest.raises(LedgerURLError, match="not a database URL"):
+        Ledger(StorageConfig(base_dir=str(tmp_path), ledger_url="no url at all"))
+    monkeypatch.setenv("ATLASFLOW_LEDGER_URL", " ")
+    assert Ledger(StorageConfig(base_dir=str(tmp_path))).location == str(tmp_path / "state" / "ledger.sqlite")
+
+
+def test_reservation_of_a_killed_process_is_reclaimed(url, tmp_path):
     code = (
         "import sys, time; from pathlib import Path\n"
         "sys.path.insert(0, sys.argv[2])\n"
         "from test_storage import storage\n"
         "from atlasflow.storage import Ledger\n"
-        "assert Ledger(storage(Path(sys.argv[1]))).try_admit('batch_0000', 90_000, bind_pid=True).admitted\n"
+        "config = storage(Path(sys.argv[1]), ledger_url=sys.argv[3] or None)\n"
+        "assert Ledger(config).try_admit('batch_0000', 90_000, bind_pid=True).admitted\n"
         "print('reserved', flush=True); time.sleep(600)\n"
     )
-    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path), str(Path(__file__).parent)],
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path), str(Path(__file__).parent), url or ""],
                             stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "reserved"
-        ledger = Ledger(storage(tmp_path))
+        ledger = Ledger(storage(tmp_path, ledger_url=url))
         assert not ledger.try_admit("batch_0001", 50 * KB).admitted  # the live owner's bytes count
     finally:
         proc.send_signal(signal.SIGKILL)
@@ -118,8 +198,8 @@ def test_reservation_of_a_killed_process_is_reclaimed(tmp_path):
     assert ledger.reservation("batch_0000").status == "reclaimed"
 
 
-def test_expired_lease_is_reclaimed(tmp_path, monkeypatch):
-    ledger = Ledger(storage(tmp_path, reservation_lease_hours=1))
+def test_expired_lease_is_reclaimed(url, tmp_path, monkeypatch):
+    ledger = Ledger(storage(tmp_path, ledger_url=url, reservation_lease_hours=1))
     assert ledger.try_admit("batch_0000", 90 * KB).admitted
     assert ledger.heartbeat("batch_0000") and not ledger.heartbeat("batch_0099")
     real = time.time
@@ -128,8 +208,8 @@ def test_expired_lease_is_reclaimed(tmp_path, monkeypatch):
     assert ledger.reservation("batch_0000").status == "reclaimed"
 
 
-def test_footprint_learns_expansion_per_format(tmp_path):
-    ledger = Ledger(storage(tmp_path, checkpoint_gb=0, default_expansion=2.0, unknown_size_gb=7e-6))
+def test_footprint_learns_expansion_per_format(url, tmp_path):
+    ledger = Ledger(storage(tmp_path, ledger_url=url, checkpoint_gb=0, default_expansion=2.0, unknown_size_gb=7e-6))
     ds = [Dataset("a", "https://h/a.h5ad", "direct", 2, format="h5ad", expected_bytes=1000),
           Dataset("b", "https://h/b.loom", "direct", 3, format="loom"),
           Dataset("c", "GSE1", "geo", 4)]
@@ -144,8 +224,8 @@ def test_footprint_learns_expansion_per_format(tmp_path):
     assert ledger.expansion_table()["h5ad"]["datasets"] == 2
 
 
-def test_cleanup_policy_records_every_deletion(tmp_path):
-    ledger = Ledger(storage(tmp_path, keep_checkpoints=2))
+def test_cleanup_policy_records_every_deletion(url, tmp_path):
+    ledger = Ledger(storage(tmp_path, ledger_url=url, keep_checkpoints=2))
     cleaner = Cleaner(ledger)
     assert ledger.try_admit("batch_0003", 10 * KB, paths=["data/raw/ds1"]).admitted
     write(tmp_path / "data/raw/ds1/f.h5", 3 * KB)
