@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from atlasflow.core.config import ENV_CONFIG_PATH, AtlasConfig, load_config
+from atlasflow.core.config import ENV_CONFIG_PATH, AtlasConfig, load_config, run_override_problems
 
 if TYPE_CHECKING:
     from atlasflow.intake.plan import BatchPlan
@@ -24,28 +24,17 @@ log = logging.getLogger(__name__)
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = PROJECT_ROOT / "include" / "config" / "atlasflow.yaml"
 OVERRIDES_VARIABLE = "atlasflow_overrides"
-# These shape the DAG itself (which batches exist, where the plan lives) and are read at parse
-# time from the file; overriding them for one run would make the run disagree with its own graph.
-PARSE_TIME_KEYS = ("manifest", "plan", "storage.base_dir", "retrain.schedule")
 
 
 def check_runtime_overrides(overrides: dict[str, Any], source: str) -> None:
-    """Refuse run-time overrides of keys that the DAG's shape depends on."""
+    """Refuse run-time overrides outside the allow-list (:func:`atlasflow.core.config.run_overridable_keys`):
+    keys that shape the DAG, and keys that name a program, path, URL or connection."""
     from atlasflow.core.config import ConfigError
 
-    flat: list[str] = []
-    for key, value in overrides.items():
-        if isinstance(value, dict):
-            flat.extend(f"{key}.{sub}" for sub in value)
-        else:
-            flat.append(key)
-    bad = sorted(k for k in flat if any(k == p or k.startswith(p + ".") for p in PARSE_TIME_KEYS))
-    if bad:
-        raise ConfigError(
-            [f"{k} cannot be overridden per run: it shapes the DAG and is read from the config file at parse time"
-             for k in bad],
-            source,
-        )
+    if not isinstance(overrides, dict):
+        raise ConfigError([f"expected a JSON object of config keys, got {type(overrides).__name__}"], source)
+    if problems := run_override_problems(overrides, source):
+        raise ConfigError(problems, source)
 
 
 def config_path() -> str | None:

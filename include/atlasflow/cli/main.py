@@ -15,7 +15,13 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from atlasflow import __version__
-from atlasflow.core.config import AtlasConfig, ConfigError, config_reference, load_config
+from atlasflow.core.config import (
+    AtlasConfig,
+    ConfigError,
+    config_reference,
+    load_config,
+    run_overridable_keys,
+)
 from atlasflow.intake.manifest import ManifestError, read_manifest
 from atlasflow.intake.plan import load_plan, make_plan, save_plan
 
@@ -139,6 +145,21 @@ def render_config_reference() -> str:
                                       f"≤ {row['max']:g}" if row["max"] is not None else "") if b)
         default = "" if row["default"] is None else f"`{row['default']}`"
         lines.append(f"| `{row['key']}` | {row['type']} | {default} | {bounds} | {row['help']} |")
+    lines += ["", "## Per-run overrides", "",
+              "The `atlasflow_overrides` Variable and a run's `config_overrides` Param may set only these keys: every",
+              "number, switch and fixed choice, and the text keys that name no program, path, URL, connection or",
+              "recipient. Every other key (`download.sra_command`, `slurm.python`, `slurm.env_activate`,",
+              "`slurm.conn_id`, paths, URLs, …) and every key that shapes the DAG (`manifest.*`, `plan.*`,",
+              "`storage.base_dir`, `retrain.schedule`) is refused with the reason: set them in the config file.",
+              "No text value anywhere may hold a control character (newline, tab, …): it is refused when the",
+              "config is loaded and again when an sbatch script is rendered.", ""]
+    section = None
+    for key in run_overridable_keys():
+        name = key.split(".")[0]
+        if name != section:
+            section = name
+            lines.append(f"- `{name}`: " + ", ".join(f"`{k.split('.', 1)[1]}`" for k in run_overridable_keys()
+                                                    if k.startswith(name + ".")))
     return "\n".join(lines) + "\n"
 
 

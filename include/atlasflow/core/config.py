@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from atlasflow.core.text import control_character
+
 __all__ = [
     "AtlasConfig",
     "ConfigError",
@@ -39,6 +41,8 @@ __all__ = [
     "TrainingConfig",
     "config_reference",
     "load_config",
+    "run_overridable_keys",
+    "run_override_problems",
 ]
 
 ENV_CONFIG_PATH = "ATLASFLOW_CONFIG"
@@ -588,10 +592,14 @@ def _coerce(value: Any, hint: Any, key: str, problems: list[str]) -> Any:
             except ValueError:
                 pass
     elif hint is str:
-        if isinstance(value, str):
-            return value
         if isinstance(value, os.PathLike):
-            return os.fspath(value)
+            value = os.fspath(value)
+        if isinstance(value, str):
+            if (char := control_character(value)) is not None:
+                # rendered into scripts and command lines: a newline would start a command of its own
+                problems.append(f"{key}: contains the control character {char}; values must be one line of "
+                                "printable text")
+            return value
     problems.append(f"{key}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
     return value
 
@@ -731,6 +739,69 @@ def _resolve_relative(config: AtlasConfig, folder: Path) -> AtlasConfig:
     if retrain.feedback_path and not Path(retrain.feedback_path).is_absolute():
         retrain = dataclasses.replace(retrain, feedback_path=str(folder / retrain.feedback_path))
     return dataclasses.replace(config, storage=storage, manifest=manifest, genes=genes, retrain=retrain, quant=quant)
+
+
+# Keys that shape a DAG (which batches exist, where the plan lives): read from the file at parse
+# time, so a run that overrode them would disagree with its own graph.
+PARSE_TIME_KEYS = ("manifest", "plan", "storage.base_dir", "retrain.schedule")
+# The only text keys a run may set: resource names and labels that name no program, path, URL,
+# connection or recipient. Every number, switch and fixed choice may be set too (not a parse-time key).
+RUN_TEXT_KEYS = frozenset({"slurm.partition", "slurm.account", "slurm.qos", "slurm.time_limit", "slurm.constraint",
+                           "quant.slurm_partition", "model.cell_types"})
+
+
+def _is_plain_value(hint: Any) -> bool:
+    """A number, a switch or a fixed choice (optionally null): a type that cannot name anything."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return all(_is_plain_value(a) for a in typing.get_args(hint) if a is not type(None))
+    return origin is Literal or hint in (bool, int, float)
+
+
+def run_overridable_keys() -> tuple[str, ...]:
+    """The allow-list of keys a run may override (the ``config_overrides`` Param, the
+    ``atlasflow_overrides`` Variable): numbers, switches, fixed choices and :data:`RUN_TEXT_KEYS`,
+    never a parse-time key. Documented in docs/configuration.md."""
+    keys = []
+    for section in dataclasses.fields(AtlasConfig):
+        cls = typing.get_type_hints(AtlasConfig)[section.name]
+        for name, hint in typing.get_type_hints(cls).items():
+            key = f"{section.name}.{name}"
+            if any(key == p or key.startswith(p + ".") for p in PARSE_TIME_KEYS):
+                continue
+            if key in RUN_TEXT_KEYS or _is_plain_value(hint):
+                keys.append(key)
+    return tuple(keys)
+
+
+def _leaves(data: Mapping[str, Any], prefix: str = "") -> list[str]:
+    out: list[str] = []
+    for key, value in data.items():
+        out.extend(_leaves(value, f"{prefix}{key}.") if isinstance(value, Mapping) else [f"{prefix}{key}"])
+    return out
+
+
+def run_override_problems(overrides: Mapping[str, Any], source: str) -> list[str]:
+    """Why ``overrides`` (dotted keys or nested mappings) may not be applied to one run; [] when they may.
+
+    A key that names a program, path, URL or connection (``download.sra_command``, ``slurm.python``,
+    ``slurm.conn_id`` …) can only be set in the config file: a run setting must never choose what runs.
+    Unknown keys are left to :func:`load_config`, which names them.
+    """
+    allowed = set(run_overridable_keys())
+    known = {row["key"] for row in config_reference()}
+    problems = []
+    for key in sorted(set(_leaves(_expand_dotted(overrides, source)))):
+        if key in allowed or key not in known:
+            continue
+        if any(key == p or key.startswith(p + ".") for p in PARSE_TIME_KEYS):
+            problems.append(f"{key} cannot be overridden per run: it shapes the DAG and is read from the config file "
+                            "at parse time")
+        else:
+            problems.append(f"{key} cannot be overridden per run: it names a program, path, URL, connection or "
+                            "recipient, so only the config file may set it (per-run keys: docs/configuration.md, "
+                            "'Per-run overrides')")
+    return problems
 
 
 def config_reference() -> list[dict[str, Any]]:

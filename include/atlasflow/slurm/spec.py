@@ -7,6 +7,8 @@ import re
 import shlex
 from dataclasses import dataclass, field, replace
 
+from atlasflow.core.text import control_character
+
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
@@ -115,8 +117,25 @@ def _launch_line(spec: JobSpec) -> str:
             f"{rest}")
 
 
+def _check_one_line(spec: JobSpec) -> None:
+    """Refuse a control character in any rendered value: a newline ends an ``#SBATCH`` comment line
+    (which quoting cannot protect) and the rest would run as a command. Checked here too, not only
+    in the config, because a spec is also built from templated operator arguments."""
+    values: list[tuple[str, str | None]] = [
+        (name, getattr(spec, name)) for name in ("dataset_id", "batch_id", "output_dir", "tag", "partition", "account",
+                                                 "qos", "time_limit", "constraint", "workdir", "env_activate")]
+    values += [(f"command[{i}]", arg) for i, arg in enumerate(spec.command)]
+    values += [(f"env[{key!r}]", f"{key}={value}") for key, value in spec.env.items()]
+    for name, value in values:
+        if value is not None and (char := control_character(str(value))) is not None:
+            raise ValueError(f"refusing to render the sbatch script: {name} {str(value)[:80]!r} contains the control "
+                             f"character {char} (every value must be one line of printable text)")
+
+
 def render_sbatch(spec: JobSpec) -> str:
-    """Render the batch script. Every value that reaches the shell goes through :func:`shlex.quote`."""
+    """Render the batch script. Every value that reaches the shell goes through :func:`shlex.quote`;
+    a value with a control character is refused (:class:`ValueError`)."""
+    _check_one_line(spec)
     q = shlex.quote
     lines = ["#!/bin/bash", f"#SBATCH --job-name={q(spec.job_name)}", f"#SBATCH --comment={q(spec.tag)}"]
     for flag, value in (

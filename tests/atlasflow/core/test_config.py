@@ -112,3 +112,14 @@ def test_quant_section_defaults_and_relative_paths(tmp_path):
     assert (c.quant.index, c.quant.t2g) == (str(tmp_path / "ref" / "index.idx"), "/abs/t2g.txt")
     with pytest.raises(ConfigError, match="quant.backend: 'cloud' is not one of local, slurm"):
         load_config(overrides={"quant.backend": "cloud"})
+
+
+@pytest.mark.parametrize("value", ["gpu\ntouch /tmp/pwned", "gpu\r", "a\tb", "a\x00b", "a\u2028b", "a\x85b"])
+def test_control_characters_refused_in_every_text_value(tmp_path, value):
+    with pytest.raises(ConfigError, match=r"slurm.partition: contains the control character U\+"):
+        load_config(overrides={"slurm.partition": value})
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"download": {"sra_command": f"fasterq-dump {value} {{accession}}"}}))
+    with pytest.raises(ConfigError, match=r"download.sra_command: contains the control character"):
+        load_config(path)
+    assert load_config(overrides={"slurm.partition": "gpu-a100,gpu_h100"}).slurm.partition == "gpu-a100,gpu_h100"

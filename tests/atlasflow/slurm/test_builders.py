@@ -57,6 +57,18 @@ def test_scale_resources():
     assert s.mem_gb == 8 and s.time_limit == "00:15:00"
 
 
+@pytest.mark.parametrize("field", ["partition", "account", "qos", "constraint", "env_activate", "workdir", "dataset_id"])
+def test_render_refuses_control_characters(field):
+    with pytest.raises(ValueError, match=f"{field} .* contains the control character U\\+000A"):
+        render_sbatch(_spec(**{field: "gpu\ntouch /tmp/pwned"}))
+    with pytest.raises(ValueError, match="U\\+000D"):
+        render_sbatch(_spec(**{field: "gpu\rx"}))
+    with pytest.raises(ValueError, match="command\\[1\\]"):
+        render_sbatch(_spec(command=("atlasflow", "a\u2028b")))
+    with pytest.raises(ValueError, match="env"):
+        render_sbatch(_spec(env={"A": "x\ny"}))
+
+
 def test_bad_env_name_rejected():
     with pytest.raises(ValueError):
         render_sbatch(_spec(env={"A B": "x"}))
