@@ -267,8 +267,9 @@ def reference_problems(config: QuantConfig) -> list[str]:
         elif not Path(value).is_file():
             problems.append(f"quant.{key} {value} does not exist; build it with `atlasflow quant ref --fasta "
                             "GENOME.fa --gtf GENES.gtf --out DIR` (or fix the path)")
-    if config.onlist and not Path(config.onlist).is_file():
-        problems.append(f"quant.onlist {config.onlist} does not exist")
+    for key in ("onlist", "onlist_10xv2", "onlist_10xv3"):
+        if (value := getattr(config, key)) and not Path(value).is_file():
+            problems.append(f"quant.{key} {value} does not exist")
     return problems
 
 
@@ -309,7 +310,23 @@ def _reads_bytes(files: Sequence[Path]) -> int:
     return sum(f.stat().st_size for f in files)
 
 
-def quantify(raw_dir: Path, *, technology: str, config: QuantConfig, work_dir: Path) -> dict[str, Any]:
+def _detect(found: Sequence[Path], lengths: dict[Path, int], config: QuantConfig) -> dict[str, Any]:
+    """Detect the chemistry of a row without a technology; QuantError with the figures when undecidable."""
+    from atlasflow.acquire.chemistry import UndecidableChemistry, detect_chemistry
+
+    try:
+        # any 10x chemistry pairs the files the same way: read 1 of each run is the barcode + UMI read
+        r1 = order_reads(found, "10xv3", lengths)[0::2]
+    except QuantError as exc:
+        raise QuantError(f"cannot detect the chemistry: {exc}; set the row's technology (10xv2, 10xv3, "
+                         "smartseq2)") from exc
+    try:
+        return detect_chemistry(r1, config).to_dict()
+    except UndecidableChemistry as exc:
+        raise QuantError(str(exc)) from exc
+
+
+def quantify(raw_dir: Path, *, technology: str | None, config: QuantConfig, work_dir: Path) -> dict[str, Any]:
     """Quantify the FASTQ files in ``raw_dir`` into ``raw_dir/counts/``; idempotent.
 
     Parameters
@@ -317,7 +334,8 @@ def quantify(raw_dir: Path, *, technology: str, config: QuantConfig, work_dir: P
     raw_dir
         The sample's download folder.
     technology
-        One of :data:`CHEMISTRIES` (the manifest's ``technology``).
+        One of :data:`CHEMISTRIES` (the manifest's ``technology``); empty: detected from the reads
+        (:mod:`atlasflow.acquire.chemistry`), recorded as ``detection`` in the summary.
     config
         ``quant`` section: index, t2g, on-list, threads, memory, time limit.
     work_dir
@@ -335,13 +353,17 @@ def quantify(raw_dir: Path, *, technology: str, config: QuantConfig, work_dir: P
     if (done := quantified(raw_dir)) is not None:
         log.info("%s already quantified", raw_dir)
         return done
-    if technology not in CHEMISTRIES:
+    if technology and technology not in CHEMISTRIES:
         raise QuantError(f"unknown technology {technology!r}; expected one of: {', '.join(CHEMISTRIES)}")
     if problems := reference_problems(config):
         raise QuantError(problems[0])
     t0 = time.monotonic()
     found = fastq_files(raw_dir)
     checked = {f: check_fastq(f) for f in found}  # every file, index reads too: a cut file is never quantified
+    detection = None
+    if not technology:
+        detection = _detect(found, {f: st.max_length for f, st in checked.items()}, config)
+        technology = str(detection["chemistry"])
     files = order_reads(found, technology, {f: st.max_length for f, st in checked.items()})
     stats = [checked[f] for f in files]
     _check_lengths(stats, technology)
@@ -351,8 +373,9 @@ def quantify(raw_dir: Path, *, technology: str, config: QuantConfig, work_dir: P
     argv = [kb_executable(), "count", "-i", str(config.index), "-g", str(config.t2g), "-x", chem.kb_name,
             "-o", str(work_dir / "out"), "--tmp", str(work_dir / "tmp"), "-t", str(config.threads),
             "-m", f"{max(1, round(config.memory_gb))}G", "--cellranger"]
-    if config.onlist and chem.barcode_umi_bp is not None:
-        argv += ["-w", str(config.onlist)]
+    onlist = getattr(config, f"onlist_{technology}", None) or config.onlist
+    if onlist and chem.barcode_umi_bp is not None:
+        argv += ["-w", str(onlist)]
     if chem.barcode_umi_bp is None:
         argv += ["--parity", "paired" if len(files) % 2 == 0 and len(files) > 1 else "single"]
     argv += [str(f) for f in files]
@@ -375,7 +398,8 @@ def quantify(raw_dir: Path, *, technology: str, config: QuantConfig, work_dir: P
     n_barcodes = sum(1 for _ in _lines(counts, "barcodes.tsv"))
     n_genes = sum(1 for _ in _lines(counts, "genes.tsv"))
     summary = {
-        "technology": technology, "kb_technology": chem.kb_name, "index": str(config.index),
+        "technology": technology, "technology_source": "detected" if detection else "manifest", "detection": detection,
+        "kb_technology": chem.kb_name, "index": str(config.index),
         "fastq": [s.to_dict() for s in stats], "fastq_bytes": _reads_bytes(files),
         "reads_processed": processed, "reads_pseudoaligned": aligned,
         "percent_pseudoaligned": round(100.0 * aligned / processed, 2) if processed else 0.0,

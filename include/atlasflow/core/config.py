@@ -207,6 +207,21 @@ class QuantConfig:
     t2g: str | None = _opt(None, "Transcript-to-gene map written next to the index by `atlasflow quant ref`.")
     onlist: str | None = _opt(
         None, "Barcode on-list for 10x chemistries; empty: the list kb-python ships for the chemistry.")
+    onlist_10xv2: str | None = _opt(
+        None, "Barcode on-list of 10x v2 (kb count -w for it, and chemistry detection of rows without a technology); "
+        "empty: quant.onlist for kb count, kb-python's list (737K-august-2016) for detection.")
+    onlist_10xv3: str | None = _opt(
+        None, "Barcode on-list of 10x v3, like quant.onlist_10xv2; empty: quant.onlist for kb count, kb-python's "
+        "list (3M-february-2018) for detection.")
+    detect_reads: int = _opt(
+        10_000, "Rows without a technology: R1 reads sampled to detect the chemistry (read length, share of barcodes "
+        "on each on-list, as Cell Ranger's --chemistry auto).", min=100)
+    detect_min_share: float = _opt(
+        0.1, "Chemistry detection: the winning chemistry needs at least this share of sampled barcodes on its "
+        "on-list; below it the sample is quarantined with the shares found.", min=0, max=1)
+    detect_margin: float = _opt(
+        1.5, "Chemistry detection: the winner's on-list share must be this many times the runner-up's (else the "
+        "sample is undecidable and quarantined).", min=1)
     threads: int = _opt(2, "kb count -t.", min=1)
     memory_gb: float = _opt(2.0, "kb count -m (sorting memory), GB.", min=0.1)
     timeout_s: float = _opt(600.0, "Time limit of one quantification (10 min).", min=1)
@@ -724,7 +739,7 @@ def _resolve_relative(config: AtlasConfig, folder: Path) -> AtlasConfig:
     if manifest.path and not Path(manifest.path).is_absolute():
         manifest = dataclasses.replace(manifest, path=str(folder / manifest.path))
     quant = config.quant
-    for key in ("index", "t2g", "onlist"):
+    for key in ("index", "t2g", "onlist", "onlist_10xv2", "onlist_10xv3"):
         value = getattr(quant, key)
         if value and not Path(value).is_absolute():
             quant = dataclasses.replace(quant, **{key: str(folder / value)})

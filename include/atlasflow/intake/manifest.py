@@ -493,9 +493,7 @@ def _validate_table(
         technology = (get("technology") or "").lower() or None
         if technology is not None and technology not in TECHNOLOGIES:
             bad("technology", f"unknown technology {get('technology')!r}; expected one of: {', '.join(TECHNOLOGIES)}")
-        elif technology is None and holds_reads(dtype, fmt):
-            bad("technology", f"raw reads need a technology (the chemistry kb count quantifies with); one of: "
-                f"{', '.join(TECHNOLOGIES)}")
+        # empty for reads: the chemistry is detected from the reads (acquire/chemistry.py) before kb count
         if dtype == "sra" and fmt is not None and fmt not in READS_FORMATS:
             bad("format", f"an sra row holds reads; leave format empty or set 'fastq' (not {fmt!r})")
 

@@ -152,6 +152,9 @@ def collect_run(config: AtlasConfig) -> dict[str, Any]:
                 "quarantine_stage": (quar or {}).get("stage") if status == "quarantined" else None,
                 "quarantine_reason": (quar or {}).get("reason") if status == "quarantined" else None,
                 "failed_stages": failed, "qc_histograms": (tomb or {}).get("qc_histograms"),
+                # reads rows: the chemistry kb count used, "10xv2, detected" when the manifest left it empty
+                "technology": ", ".join(str(x) for x in ((tomb or {}).get("technology"),
+                                                         (tomb or {}).get("technology_source")) if x) or None,
             })
     samples = ledger.samples()
     budget = next((s["budget"] for s in reversed(samples) if s.get("budget")), None) or config.storage.max_storage_bytes

@@ -175,6 +175,9 @@ class QuantOutcome(TypedDict):
     genes: NotRequired[int]
     seconds: NotRequired[float]
     fastq_bytes: NotRequired[int]
+    technology: NotRequired[str]  # the manifest's, or detected from the reads (technology_source)
+    technology_source: NotRequired[str]
+    detection: NotRequired[dict[str, Any] | None]
 
 
 class QuantSummary(TypedDict):
@@ -187,6 +190,8 @@ class QuantSummary(TypedDict):
     genes: int | None
     seconds: float | None
     fastq_bytes: int | None
+    technology: NotRequired[str | None]
+    technology_source: NotRequired[str | None]
 
 
 class Quantified(TypedDict):
@@ -391,7 +396,7 @@ def run_quant(config: AtlasConfig, batch_id: str, dataset_id: str) -> QuantOutco
         return {**base, "status": StepStatus.FAILED, "reason": "no longer in the manifest"}  # type: ignore[typeddict-item]
     layout = _layout(config)
     try:
-        summary = quantify(layout.raw_dir(dataset_id), technology=dataset.technology or "",
+        summary = quantify(layout.raw_dir(dataset_id), technology=dataset.technology,
                            config=config.quant, work_dir=layout.cache / "quant" / dataset_id)
     except QuantError as exc:
         return {**base, "status": StepStatus.FAILED, "reason": str(exc)}  # type: ignore[typeddict-item]
@@ -414,7 +419,7 @@ def finish_quant(config: AtlasConfig, batch_id: str, dataset_id: str, outcome: M
         for path in fastq_files(layout.raw_dir(dataset_id)):
             freed += cleaner.remove(path, "FASTQ quantified (counts kept)", batch_id=batch_id, dataset_id=dataset_id)
     keep = ("reads_processed", "reads_pseudoaligned", "percent_pseudoaligned", "barcodes", "genes", "seconds",
-            "fastq_bytes")
+            "fastq_bytes", "technology", "technology_source")
     return {"dataset_id": dataset_id, "status": StepStatus.OK,
             "quant": {k: outcome.get(k) for k in keep},  # type: ignore[typeddict-item]
             "fastq_freed": freed}
@@ -496,15 +501,19 @@ def _process_dataset(config: AtlasConfig, batch_id: str, fetched: Downloaded | Q
     ledger.record_expansion(dataset_id, summary["format"], summary["raw_bytes"], summary["processed_bytes"])
     from atlasflow.acquire.quant import quantified
 
+    reads_info: dict[str, Any] = {}
     if dataset.is_reads and (quant := quantified(layout.raw_dir(dataset_id))):
         # what admission needs for the next reads sample: processed bytes per FASTQ byte
         ledger.record_expansion(dataset_id, "fastq", quant.get("fastq_bytes", 0), summary["processed_bytes"])
+        reads_info = {"technology": quant.get("technology"), "technology_source": quant.get("technology_source"),
+                      "detection": quant.get("detection")}
     cleaner.write_tombstone(dataset_id, {
         "batch_id": batch_id, "downloads": [{"name": f["name"], "sha256": f["sha256"], "bytes": f["bytes"]} for f in checksums],
         "processed_sha256": file_sha256(out), "cells_before": summary["cells_before"], "cells_after": summary["cells_after"],
         "genes_after": summary["genes_after"], "coverage": summary["coverage"], "format": summary["format"],
         "removed": summary["removed"], "raw_bytes": summary["raw_bytes"], "processed_bytes": summary["processed_bytes"],
         "qc_histograms": summary["histograms"],  # for the run report, after the processed file is gone
+        **reads_info,
     })
     # raw and processed files are both on disk now: this dataset's peak
     Ledger(config.storage).sample(f"processed {dataset_id}")

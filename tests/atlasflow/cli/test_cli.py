@@ -23,6 +23,14 @@ def test_manifest_check_valid(manifest_csv):
     assert data["valid"] and [d["dataset_id"] for d in data["datasets"]] == ["ds000", "ds001", "ds002"]
 
 
+def test_manifest_check_passes_the_seed_format(manifest_csv):
+    """dataset_id, download_url, type, disease_status, tissue_type, with an sra row and no technology."""
+    rows = [["als1", "GSE174332", "geo", "ALS", "motor_cortex"], ["als2", "SRR12345678", "sra", "ALS", "spinal_cord"]]
+    path = manifest_csv(rows, ["dataset_id", "download_url", "type", "disease_status", "tissue_type"])
+    code, out = run("manifest", "check", str(path))
+    assert code == 0 and "valid, 2 datasets (1 geo, 1 sra)" in out
+
+
 def test_manifest_check_invalid_lists_every_error_one_per_line(manifest_csv, capsys):
     rows = direct_rows(3)
     rows[0][2] = "nope"
