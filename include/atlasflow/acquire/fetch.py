@@ -8,12 +8,13 @@ import re
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from atlasflow.acquire.cellxgene import fetch_cellxgene
 from atlasflow.acquire.geo import (
     GeoCandidate,
     GeoSelection,
@@ -58,6 +59,7 @@ class FetchResult:
     skip_reasons: tuple[GeoSkip, ...] = field(default_factory=tuple)
     samples: dict[str, list[str]] | None = None
     species: dict[str, str] | None = None
+    cellxgene: Mapping[str, Any] | None = None  # what the Curation API said (type cellxgene only)
 
     @property
     def bytes(self) -> int:
@@ -69,7 +71,8 @@ class FetchResult:
                 "files": [f.to_dict() for f in self.files], "skipped": list(self.skipped),
                 "skip_reasons": [s.to_dict() for s in self.skip_reasons],
                 **({"samples": self.samples} if self.samples is not None else {}),
-                **({"species": self.species} if self.species is not None else {})}
+                **({"species": self.species} if self.species is not None else {}),
+                **({"cellxgene": dict(self.cellxgene)} if self.cellxgene is not None else {})}
 
 
 def geo_suppl_path(accession: str) -> str:
@@ -214,7 +217,8 @@ def fetch_dataset(dataset: Dataset, dest_dir: Path, *, config: DownloadConfig, m
 
     ``accept_species``: for GEO rows without a manifest ``species``, GEO's organism of each sample
     is passed to it; it returns None to accept, else why not (the sample is skipped, and a series
-    with no sample left is refused).
+    with no sample left is refused). For a CELLxGENE row without one, the organism the Curation API
+    lists is passed to it before the download (a refused one is not fetched).
 
     Raises
     ------
@@ -226,6 +230,7 @@ def fetch_dataset(dataset: Dataset, dest_dir: Path, *, config: DownloadConfig, m
     dest_dir.mkdir(parents=True, exist_ok=True)
     kw = {"attempts": config.attempts, "backoff_s": config.backoff_s, "timeout_s": config.read_timeout_s}
     source: str = dataset.type
+    cellxgene: dict[str, Any] | None = None
     if dataset.type == "geo" and not dataset.is_reads:
         result = _fetch_geo(dataset, dest_dir, config=config, max_bytes=max_bytes, accept_species=accept_species,
                             t0=t0, **kw)
@@ -237,9 +242,13 @@ def fetch_dataset(dataset: Dataset, dest_dir: Path, *, config: DownloadConfig, m
         elif dataset.type == "direct":
             files = [download(dataset.download_url, dest_dir, max_bytes=max_bytes, sha256=dataset.sha256,
                               md5=dataset.md5, **kw)]
+        elif dataset.type == "cellxgene":
+            files, cellxgene = fetch_cellxgene(dataset, dest_dir, config=config, max_bytes=max_bytes,
+                                               accept_species=accept_species, **kw)
         else:  # every sra row is a reads row, handled above
             raise FetchError(f"{dataset.dataset_id}: unknown dataset type {dataset.type!r}")
-        result = FetchResult(dataset.dataset_id, str(dest_dir), tuple(files), time.monotonic() - t0, source)
+        result = FetchResult(dataset.dataset_id, str(dest_dir), tuple(files), time.monotonic() - t0, source,
+                             cellxgene=cellxgene)
     write_json_atomic(dest_dir / "fetch.json", result.to_dict())
     return result
 

@@ -204,6 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     manifest_opts(check)
     common(check)
     check.set_defaults(func=cmd_manifest_check)
+    from atlasflow.cli.cellxgene import register as register_cellxgene
+
+    register_cellxgene(msub)
 
     plan = sub.add_parser("plan", help="show (and optionally save) the stable batch plan")
     manifest_opts(plan)

@@ -193,6 +193,10 @@ class DownloadConfig:
     ena_fastq_base_url: str | None = _opt(
         None, "Fetch ENA's FASTQ links from this base URL instead of their own host (a mirror; tests use a local "
         "server); empty: https:// on the host ENA names.")
+    cellxgene_api_url: str = _opt(
+        "https://api.cellxgene.cziscience.com/curation/v1",
+        "CELLxGENE Discover's public Curation API (v1); `cellxgene` rows and `atlasflow manifest from-cellxgene` "
+        "resolve dataset ids to their H5AD asset through it.")
 
 
 @dataclass(frozen=True)

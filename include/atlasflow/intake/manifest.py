@@ -35,8 +35,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-DatasetType = Literal["geo", "direct", "sra"]
-DATASET_TYPES: tuple[str, ...] = ("geo", "direct", "sra")
+DatasetType = Literal["geo", "direct", "sra", "cellxgene"]
+DATASET_TYPES: tuple[str, ...] = ("geo", "direct", "sra", "cellxgene")
 FORMATS: tuple[str, ...] = ("h5ad", "10x_h5", "10x_mtx", "loom", "csv", "tsv", "rds", "fastq")
 # Formats that hold reads, not counts: quantified (kb count) before they are read.
 READS_FORMATS: tuple[str, ...] = ("fastq",)
@@ -68,6 +68,8 @@ KNOWN_COLUMNS = REQUIRED_COLUMNS + OPTIONAL_COLUMNS
 # dataset_id becomes a folder name and part of a SLURM job name: no separators, no leading dot.
 DATASET_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 GEO_RE = re.compile(r"^(GSE|GSM)\d+$")
+# a CELLxGENE Discover dataset id (a UUID), resolved to its H5AD asset through the Curation API
+CELLXGENE_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 SRA_RE = re.compile(r"^((SRR|ERR|DRR)\d+|(SRP|ERP|DRP)\d+|PRJ(NA|EB|DB)\d+)$")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 MD5_RE = re.compile(r"^[0-9a-f]{32}$")
@@ -476,6 +478,10 @@ def _validate_table(
         inferred = False
         if fmt is not None and fmt not in FORMATS:
             bad("format", f"unknown format {get('format')!r}; expected one of: {', '.join(FORMATS)}")
+        elif dtype == "cellxgene" and fmt not in (None, "h5ad"):
+            bad("format", f"a cellxgene row is the dataset's H5AD asset; leave format empty or set 'h5ad' (not {fmt!r})")
+        elif dtype == "cellxgene":
+            fmt, inferred = "h5ad", fmt is None
         elif fmt is None and dtype == "direct" and url is not None:
             fmt = infer_format(url.split(";")[0])
             inferred = fmt is not None
@@ -544,6 +550,13 @@ def _check_source(url: str, dtype: str, root: Path | None, bad: Any) -> str:
         elif not GEO_RE.match(acc):
             bad(f"{url!r} is not a GEO accession (expected GSE<digits> or GSM<digits>)")
         return acc
+    if dtype == "cellxgene":
+        uid = url.lower()
+        if "://" in url:
+            bad("a cellxgene row takes a CELLxGENE Discover dataset id (a UUID), not a URL; use type 'direct' for a file URL")
+        elif not CELLXGENE_RE.match(uid):
+            bad(f"{url!r} is not a CELLxGENE dataset id (expected a UUID such as 0123abcd-4567-89ab-cdef-0123456789ab)")
+        return uid
     if dtype == "sra":
         acc = url.upper()
         if "://" in url:

@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from atlasflow.acquire.cellxgene import schema_dataset
 from atlasflow.core.config import AtlasConfig
 from atlasflow.intake.manifest import Dataset
 from atlasflow.prep.genes import OrthologTable, Vocabulary, dataset_species, species_mapping_for
@@ -52,6 +53,7 @@ def process_dataset(
     """
     if not raw_dir.is_dir():
         raise DatasetQuarantined(f"{dataset.dataset_id}: nothing was downloaded to {raw_dir}")
+    dataset = schema_dataset(dataset, raw_dir)  # a CELLxGENE row: donor_id → batch, cell_type → labels, organism
     sources = []
     try:
         files = primary_files(raw_dir)

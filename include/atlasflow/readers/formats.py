@@ -236,6 +236,9 @@ def _open_h5ad(path: Path) -> CountSource:
         var = read_elem(f["raw/var"] if where == "raw.X" else f["var"])
         genes = list(map(str, var.index))
         gene_ids = next((list(map(str, var[c])) for c in ("gene_ids", "gene_id", "ensembl_id") if c in var.columns), None)
+        if gene_ids is None and "feature_name" in var.columns:
+            # the CELLxGENE schema: Ensembl ids index var, the symbols are in feature_name
+            gene_ids, genes = genes, list(map(str, var["feature_name"]))
         obs = f["obs"]
         cells = _LazyNames(obs[obs.attrs["_index"]])
         n_cells = matrix.shape[0]

@@ -40,6 +40,7 @@ from atlasflow.prep.genes import (
     Vocabulary,
     VocabularyMismatchError,
     dataset_species,
+    normalize_species,
     run_vocabulary,
     species_mapping_for,
     vocabulary_mismatch,
@@ -368,7 +369,8 @@ def download_dataset(config: AtlasConfig, batch_id: str, dataset_id: str, *, fin
     cap = int((dataset.expected_bytes or config.storage.unknown_size_gb * GB) * 1.25) + 1_000_000
     Ledger(config.storage).heartbeat(batch_id)
     try:
-        result = fetch_dataset(dataset, layout.raw_dir(dataset_id), config=config.download, max_bytes=cap)
+        result = fetch_dataset(dataset, layout.raw_dir(dataset_id), config=config.download, max_bytes=cap,
+                               accept_species=lambda organism: _refuse_species(config, organism))
     except TransientFetchError as exc:
         if not final_try:
             raise  # Airflow retries the task with exponential backoff
@@ -379,6 +381,15 @@ def download_dataset(config: AtlasConfig, batch_id: str, dataset_id: str, *, fin
     Ledger(config.storage).sample(f"downloaded {dataset_id}")
     return {"dataset_id": dataset_id, "status": StepStatus.OK, "bytes": result.bytes, "files": len(result.files),
             "seconds": round(result.seconds, 2)}
+
+
+def _refuse_species(config: AtlasConfig, organism: str) -> str | None:
+    """None when a GEO sample of ``organism`` can be processed (human, or mapped), else why not."""
+    species = normalize_species(organism) or "human"
+    if species == "human":
+        return None
+    table, why_not = species_mapping_for(species, config.genes.species_mapping)
+    return None if table is not None else f"not human ({organism}); {why_not}"
 
 
 def run_quant(config: AtlasConfig, batch_id: str, dataset_id: str) -> QuantOutcome:

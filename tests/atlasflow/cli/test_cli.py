@@ -39,7 +39,7 @@ def test_manifest_check_invalid_lists_every_error_one_per_line(manifest_csv, cap
     code, out = run("manifest", "check", str(path))
     err = capsys.readouterr().err.splitlines()
     assert code == 2 and out == ""
-    assert err[0] == f"{path}, row 2, column 'type': unknown type 'nope'; expected one of: geo, direct, sra"
+    assert err[0] == f"{path}, row 2, column 'type': unknown type 'nope'; expected one of: geo, direct, sra, cellxgene"
     assert err[1].startswith(f"{path}, row 4, column 'dataset_id': 'bad id' is not a valid id")
     assert err[2] == "2 problem(s); the manifest was not used."
 

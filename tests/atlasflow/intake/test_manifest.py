@@ -130,7 +130,7 @@ def test_duplicate_header_column(manifest_csv):
 
 def test_unknown_type_and_format(manifest_csv):
     found = problems_of(manifest_csv([["a", "https://h.org/x.h5ad", "ftp", "", ""], ["b", "https://h.org/x", "direct", "rdata", ""]]))
-    assert (2, "type", "unknown type 'ftp'; expected one of: geo, direct, sra") in found
+    assert (2, "type", "unknown type 'ftp'; expected one of: geo, direct, sra, cellxgene") in found
     assert any(r == 3 and c == "format" and "unknown format 'rdata'" in why for r, c, why in found)
 
 
@@ -233,7 +233,7 @@ def test_error_message_names_file_row_column(manifest_csv):
     path = manifest_csv([["a", "https://h.org/x.h5ad", "nope", "", ""]])
     with pytest.raises(ManifestError) as info:
         read_manifest(path)
-    assert info.value.lines() == [f"{path}, row 2, column 'type': unknown type 'nope'; expected one of: geo, direct, sra"]
+    assert info.value.lines() == [f"{path}, row 2, column 'type': unknown type 'nope'; expected one of: geo, direct, sra, cellxgene"]
 
 
 # ---- unreadable files ------------------------------------------------------------------------
