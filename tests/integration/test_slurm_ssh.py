@@ -141,6 +141,30 @@ def test_retry_after_worker_death_adopts_running_job(slurm_airflow, job_command,
     assert states[job_id] == "CANCELLED"
 
 
+def test_retry_never_adopts_another_users_job_with_our_tag(slurm_airflow, job_command, tmp_path):
+    """A job of another cluster user carrying this task's tag (held, so it stays live) is not adopted."""
+    from airflow.sdk.exceptions import TaskDeferred
+
+    from atlasflow.slurm import job_tag
+
+    dag_id = f"foreign_{uuid.uuid4().hex[:6]}"
+    tag = job_tag(dag_id, "r1", "train", 0)
+    foreign = ssh(slurm_airflow, f"sbatch --parsable --hold --uid=nobody --comment={tag} --output=/tmp/{tag}.out "
+                                 "--wrap='sleep 60'").stdout.strip()
+    try:
+        assert [row[1] for row in _squeue_all(slurm_airflow) if row[0] == foreign] == ["PENDING"]
+        op = _operator(job_command, tmp_path, "f1")
+        with pytest.raises(TaskDeferred) as deferred:
+            op.execute({"ti": _TI(dag_id, 2)})
+        ours = deferred.value.trigger.job_id
+        assert ours != foreign
+        owner = ssh(slurm_airflow, f"scontrol show job -o {ours}").stdout
+        assert " UserId=nobody(" not in owner
+        op.on_kill()
+    finally:
+        ssh(slurm_airflow, f"scancel {foreign}")
+
+
 def test_trigger_on_kill_cancels_job(slurm_airflow, job_command, tmp_path):
     import asyncio
 

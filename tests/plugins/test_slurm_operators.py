@@ -35,6 +35,9 @@ class FakeHook:
     def find_by_tag(self, tag: str) -> list[JobInfo]:
         return list(FakeHook.tagged)
 
+    def remote_user(self) -> str:
+        return "alice"
+
     def job_info(self, job_id: str) -> JobInfo | None:
         return FakeHook.details.get(job_id)
 
@@ -152,12 +155,44 @@ def test_train_retry_after_oom_scales_memory(config, hook):
     assert spec.time_limit == "01:00:00"
 
 
+def _our_output(config, suffix: str) -> str:
+    from atlasflow.steps.ingest import training_job
+
+    log_dir = training_job(config, "batch_0001", previous_checkpoint=None, python=None)["log_dir"]
+    tag = job_tag("atlas_ingest", "manual__1", "batch_0001.train", -1)
+    return f"{log_dir.rstrip('/')}/atlasflow-train-batch_0001.{tag}.try1.{suffix}"
+
+
 def test_train_retry_adopts_the_running_job(config, hook):
+    out, err = _our_output(config, "out"), _our_output(config, "err")
     hook.tagged = [JobInfo("17", JobState.RUNNING)]
-    hook.details = {"17": JobInfo("17", JobState.RUNNING, stdout="/logs/x.out", stderr="/logs/x.err")}
+    hook.details = {"17": JobInfo("17", JobState.RUNNING, stdout=out, stderr=err, user="alice")}
     trigger = _deferred(_train_op(), _train_ti(try_number=2))
     assert hook.submitted == []
-    assert _round_trip(trigger) == _expected_trigger(config.slurm, "17", "/logs/x.out", "/logs/x.err")
+    assert _round_trip(trigger) == _expected_trigger(config.slurm, "17", out, err)
+
+
+@pytest.mark.parametrize(("user", "stdout", "why"), [
+    ("mallory", None, "belongs to user 'mallory', not to the connection's user 'alice'"),
+    ("alice", "/home/mallory/x.out", "is not this task's"),
+])
+def test_train_retry_never_adopts_a_job_it_did_not_submit(config, hook, caplog, user, stdout, why):
+    """Another user's job (or one writing elsewhere) carrying our tag is left alone: a new job is submitted."""
+    hook.tagged = [JobInfo("17", JobState.RUNNING)]
+    hook.details = {"17": JobInfo("17", JobState.RUNNING, stdout=stdout or _our_output(config, "out"), user=user)}
+    trigger = _deferred(_train_op(), _train_ti(try_number=2))
+    (spec,) = hook.submitted
+    assert trigger.job_id == "4242" and spec.attempt == 2
+    # the runner says why (through the task's logger; a plain one here, so the test can read it)
+    import logging
+
+    from atlasflow_airflow.operators.slurm import slurm_job_runner
+
+    runner = slurm_job_runner(command=["x"], dataset_id="train", batch_id="batch_0001",
+                              output_dir=_our_output(config, "out").rpartition("/")[0], slurm=config.slurm)
+    with caplog.at_level(logging.WARNING):
+        assert runner.submit_or_adopt(_train_ti(try_number=2), logging.getLogger("task")).job_id == "4242"
+    assert f"not adopting SLURM job 17 tagged {spec.tag}" in caplog.text and why in caplog.text
 
 
 def test_train_completion_records_the_job_and_the_result(config, hook, monkeypatch):

@@ -35,11 +35,49 @@ def job_id_list(job_ids: str | Iterable[str]) -> str:
     return ",".join(str(j) for j in sorted({int(j) for j in ids}))
 
 
-def squeue_cmd(job_ids: Iterable[str] | None = None) -> str:
-    """squeue of the given jobs (all states, so jobs slurmctld still remembers as finished show), or of all."""
+_USER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.@-]*\$?")
+
+
+def user_name(text: str) -> str:
+    """A POSIX user name (what ``id -un`` printed), validated before it reaches a command line."""
+    name = text.strip()
+    if not _USER_NAME.fullmatch(name):
+        raise ValueError(f"not a user name: {name[:80]!r}")
+    return name
+
+
+def whoami_cmd() -> str:
+    """The cluster-side user the SSH connection runs as."""
+    return "id -un"
+
+
+def squeue_cmd(job_ids: Iterable[str] | None = None, *, user: str | None = None) -> str:
+    """squeue of the given jobs (all states, so jobs slurmctld still remembers as finished show), or of all;
+    only ``user``'s jobs when given."""
     ids = job_id_list(job_ids) if job_ids is not None else ""
     sel = f" --jobs={shlex.quote(ids)}" if ids else ""
+    if user is not None:
+        sel += f" --user={shlex.quote(user_name(user))}"
     return f"squeue -h -t all{sel} -o {shlex.quote(SQUEUE_FORMAT)}"
+
+
+def adoption_problem(info: JobInfo | None, *, user: str, output_dir: str, tag: str) -> str | None:
+    """Why a job carrying our tag must not be adopted, or None when it may.
+
+    The tag (``--comment``) is only a name: anyone may submit a job with it. A job is ours when
+    scontrol says its owner is the connection's user and it writes its output where this task
+    instance would have (``<output_dir>/<job name>.<tag>.try<N>.out``): only then may its result,
+    which names the checkpoint the next batch loads, be trusted.
+    """
+    if info is None:
+        return "scontrol does not know it (cannot check its owner)"
+    if info.user != user:
+        return f"it belongs to user {info.user or '(unknown)'!r}, not to the connection's user {user!r}"
+    out = info.stdout or ""
+    folder, _, name = out.rpartition("/")
+    if folder.rstrip("/") != output_dir.rstrip("/") or f".{tag}.try" not in name:
+        return f"its output {out or '(none)'!r} is not this task's ({output_dir.rstrip('/')}/*.{tag}.try*.out)"
+    return None
 
 
 def ping_cmd() -> str:

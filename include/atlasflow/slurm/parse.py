@@ -59,6 +59,7 @@ class JobInfo:
     comment: str | None = None
     stdout: str | None = None
     stderr: str | None = None
+    user: str | None = None  # the owner's user name (scontrol's ``UserId=name(uid)``)
 
     def describe(self) -> str:
         parts = [f"job {self.job_id} {self.state.value}"]
@@ -124,9 +125,10 @@ def parse_scontrol(out: str) -> dict[str, JobInfo]:
             continue
         kv = _kv(line)
         code, sig = _exit(kv.get("ExitCode"))
+        user = kv.get("UserId", "").partition("(")[0].strip() or None
         jobs[kv["JobId"]] = JobInfo(
             kv["JobId"], JobState.from_slurm(kv.get("JobState", "")), code, sig,
-            kv.get("Reason"), kv.get("Comment"), kv.get("StdOut"), kv.get("StdErr"),
+            kv.get("Reason"), kv.get("Comment"), kv.get("StdOut"), kv.get("StdErr"), user,
         )
     return jobs
 

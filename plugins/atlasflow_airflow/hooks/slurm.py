@@ -50,6 +50,7 @@ class SlurmHook(SSHHook):
     def __init__(self, ssh_conn_id: str = "slurm_ssh", *, transient_retries: int = 5, **kwargs: Any) -> None:
         super().__init__(ssh_conn_id=ssh_conn_id, **kwargs)
         self.transient_retries = transient_retries
+        self._remote_user: str | None = None
         self._load_known_hosts_extra()
 
     def _load_known_hosts_extra(self) -> None:
@@ -103,9 +104,15 @@ class SlurmHook(SSHHook):
         _, out, _ = self.run(C.submit_cmd(), stdin=render_sbatch(spec))
         return parse_sbatch(out)
 
+    def remote_user(self) -> str:
+        """The user the connection runs as on the cluster (``id -un``, asked once)."""
+        if self._remote_user is None:
+            self._remote_user = C.user_name(self.run(C.whoami_cmd())[1])
+        return self._remote_user
+
     def find_by_tag(self, tag: str) -> list[JobInfo]:
-        """Jobs in slurmctld's memory whose ``--comment`` is ``tag``, oldest first."""
-        _, out, _ = self.run(C.squeue_cmd())
+        """The connection user's jobs in slurmctld's memory whose ``--comment`` is ``tag``, oldest first."""
+        _, out, _ = self.run(C.squeue_cmd(user=self.remote_user()))
         jobs = [j for j in parse_squeue(out).values() if j.comment == tag]
         return sorted(jobs, key=lambda j: int(j.job_id))
 

@@ -123,8 +123,9 @@ class SlurmJobRunner:
     """Submit (or adopt) one task instance's SLURM job, defer its operator, and read the outcome.
 
     Submission is idempotent: the job carries ``--comment=<tag>`` where the tag is derived from
-    dag/run/task/map index. A (re)try first adopts a live or COMPLETED job with that tag; it submits
-    only when there is none. After an OUT_OF_MEMORY / TIMEOUT job, the retry scales ``--mem`` /
+    dag/run/task/map index. A (re)try first adopts a live or COMPLETED job with that tag, listed among
+    the connection user's jobs only and checked (:func:`atlasflow.slurm.commands.adoption_problem`)
+    to belong to that user and to write where this task would; it submits only when there is none. After an OUT_OF_MEMORY / TIMEOUT job, the retry scales ``--mem`` /
     ``--time`` by ``slurm.retry_mem_factor`` / ``retry_time_factor`` per such failure.
 
     Parameters
@@ -148,12 +149,19 @@ class SlurmJobRunner:
         tag = task_tag(ti)
         hook = self.hook()
         tagged = hook.find_by_tag(tag)
-        adopt = [j for j in tagged if not j.state.finished] or [j for j in tagged if j.state is JobState.COMPLETED]
-        if adopt:
-            job = adopt[-1]
-            info = hook.job_info(job.job_id)
-            stdout = (info.stdout if info else None) or ""
-            stderr = (info.stderr if info else None) or stdout
+        candidates = [j for j in tagged if not j.state.finished] or [j for j in tagged if j.state is JobState.COMPLETED]
+        adopted: tuple[JobInfo, JobInfo] | None = None
+        for candidate in reversed(candidates):
+            info = hook.job_info(candidate.job_id)
+            problem = C.adoption_problem(info, user=hook.remote_user(), output_dir=self.job.output_dir, tag=tag)
+            if problem is None and info is not None:
+                adopted = (candidate, info)
+                break
+            task_log.warning("not adopting SLURM job %s tagged %s: %s", candidate.job_id, tag, problem)
+        if adopted is not None:
+            job, info = adopted
+            stdout = info.stdout or ""
+            stderr = info.stderr or stdout
             task_log.info("adopting SLURM job %s (%s) tagged %s instead of submitting", job.job_id,
                           job.state.value, tag)
         else:

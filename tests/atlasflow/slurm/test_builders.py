@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+import dataclasses
 import shlex
 import subprocess
 
 import pytest
 
 from atlasflow.slurm import (
+    JobInfo,
     JobSpec,
     JobState,
     distributed_command,
@@ -105,6 +107,32 @@ def test_parse_scontrol():
     assert (j.state, j.exit_code, j.signal, j.reason) == (JobState.FAILED, 3, 0, "NonZeroExitCode")
     assert j.stdout == "/tmp/x.out" and j.comment == "af-x"
     assert "exit code 3" in j.describe() and "NonZeroExitCode" in j.describe()
+
+
+def test_squeue_lists_only_the_connection_users_jobs():
+    from atlasflow.slurm.commands import squeue_cmd, user_name
+
+    assert squeue_cmd(user="alice") == "squeue -h -t all --user=alice -o '%i|%T|%r|%k'"
+    assert user_name("svc.atlas-1\n") == "svc.atlas-1"
+    for bad in ("", "a b", "$(id)", "-x", "a;b"):
+        with pytest.raises(ValueError, match="not a user name"):
+            squeue_cmd(user=bad)
+
+
+def test_adoption_requires_our_user_and_our_output_folder():
+    from atlasflow.slurm.commands import adoption_problem
+
+    ours = JobInfo("5", JobState.RUNNING, stdout="/o/atlasflow-d-b.af-1.try1.out", user="alice")
+    assert adoption_problem(ours, user="alice", output_dir="/o/", tag="af-1") is None
+    assert "belongs to user 'bob'" in adoption_problem(dataclasses.replace(ours, user="bob"), user="alice",
+                                                       output_dir="/o", tag="af-1")
+    assert "(unknown)" in adoption_problem(dataclasses.replace(ours, user=None), user="alice", output_dir="/o",
+                                           tag="af-1")
+    for stdout in ("/elsewhere/atlasflow-d-b.af-1.try1.out", "/o/atlasflow-d-b.af-2.try1.out", None):
+        assert "is not this task's" in adoption_problem(dataclasses.replace(ours, stdout=stdout), user="alice",
+                                                        output_dir="/o", tag="af-1")
+    assert "cannot check its owner" in adoption_problem(None, user="alice", output_dir="/o", tag="af-1")
+    assert parse_scontrol(SCONTROL)["3"].user == "root"
 
 
 def test_parse_sacct():

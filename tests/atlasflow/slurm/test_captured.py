@@ -22,7 +22,7 @@ SCONTROL_22_05 = (
 def test_scontrol_captured():
     j = parse_scontrol(SCONTROL_22_05)["1"]
     assert (j.state, j.exit_code, j.reason, j.comment) == (JobState.FAILED, 3, "NonZeroExitCode", "af-x")
-    assert j.stdout == "/tmp/j1.out" and j.stderr == "/tmp/j1.out"
+    assert j.stdout == "/tmp/j1.out" and j.stderr == "/tmp/j1.out" and j.user == "root"
 
 
 def test_squeue_captured():
