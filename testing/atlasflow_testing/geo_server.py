@@ -5,6 +5,9 @@ does), and can misbehave on purpose, per path, to exercise the downloader:
 
 - ``fail``: answer the first N requests (``fail_times``) with a status (e.g. 503 twice), or every
   request from the N-th on (``fail_from``: a host that goes down mid-transfer),
+- ``retry_after``: with ``fail``, the ``Retry-After`` header value sent with the failure (any text),
+- ``redirect``: answer 302 to this URL (another host's, or the same one's),
+- ``no_validator``: send neither ETag nor Last-Modified (a server resume cannot be guarded against),
 - ``drop_after``: send only this many body bytes on the first N requests, then hang up,
 - ``lie_length``: announce this many bytes more than the file has,
 - ``no_length``: send no Content-Length,
@@ -80,7 +83,19 @@ class _Handler(BaseHTTPRequestHandler):
         fault, hit = self._fault(rel)
         failing = hit >= fault["fail_from"] if "fail_from" in fault else hit <= fault.get("fail_times", 1)
         if fault.get("fail") and failing:
-            self.send_error(int(fault["fail"]))
+            if "retry_after" in fault:
+                self.send_response(int(fault["fail"]))
+                self.send_header("Retry-After", str(fault["retry_after"]))
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+            else:
+                self.send_error(int(fault["fail"]))
+            return
+        if fault.get("redirect"):
+            self.send_response(HTTPStatus.FOUND)
+            self.send_header("Location", str(fault["redirect"]))
+            self.send_header("Content-Length", "0")
+            self.end_headers()
             return
         target = (self.server.root / rel.lstrip("/")).resolve()
         if not target.is_relative_to(self.server.root) or not target.exists():
@@ -120,8 +135,9 @@ class _Handler(BaseHTTPRequestHandler):
         if not fault.get("no_length"):
             self.send_header("Content-Length", str(body_len + int(fault.get("lie_length", 0))))
         self.send_header("Accept-Ranges", "bytes")
-        self.send_header("ETag", etag)
-        self.send_header("Last-Modified", modified)
+        if not fault.get("no_validator"):
+            self.send_header("ETag", etag)
+            self.send_header("Last-Modified", modified)
         self.send_header("Content-Type", "application/octet-stream")
         if fault.get("no_length"):
             self.send_header("Connection", "close")

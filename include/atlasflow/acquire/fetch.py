@@ -25,7 +25,15 @@ from atlasflow.acquire.geo import (
     sniff_table,
     text_prefix,
 )
-from atlasflow.acquire.http import FetchedFile, FetchError, TransientFetchError, download, safe_name
+from atlasflow.acquire.http import (
+    FetchedFile,
+    FetchError,
+    HttpPolicy,
+    TransientFetchError,
+    download,
+    open_url,
+    safe_name,
+)
 from atlasflow.core.config import DownloadConfig
 from atlasflow.core.fsutil import write_json_atomic
 from atlasflow.intake.manifest import Dataset
@@ -108,7 +116,7 @@ def _get_text(url: str, timeout_s: float, *, limit: int = 4 << 20, missing: str 
     gzip bodies are decompressed; at most ``limit`` bytes of text are read (bounded).
     """
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers={"User-Agent": "atlasflow/0.1"}),
+        with open_url(urllib.request.Request(url, headers={"User-Agent": "atlasflow/0.1"}),
                                     timeout=timeout_s) as resp:
             raw = resp.read(limit)
     except urllib.error.HTTPError as exc:
@@ -241,7 +249,7 @@ def fetch_dataset(dataset: Dataset, dest_dir: Path, *, config: DownloadConfig, m
             files, source = fetch_reads(dataset, dest_dir, config=config, max_bytes=max_bytes, **kw)
         elif dataset.type == "direct":
             files = [download(dataset.download_url, dest_dir, max_bytes=max_bytes, sha256=dataset.sha256,
-                              md5=dataset.md5, **kw)]
+                              md5=dataset.md5, policy=HttpPolicy.from_config(config), **kw)]
         elif dataset.type == "cellxgene":
             files, cellxgene = fetch_cellxgene(dataset, dest_dir, config=config, max_bytes=max_bytes,
                                                accept_species=accept_species, **kw)
@@ -301,7 +309,8 @@ def _fetch_geo(dataset: Dataset, dest_dir: Path, *, config: DownloadConfig, max_
         # a trio goes into its own folder (one sample, one 10x source); other files stay flat
         sub = safe_name(cand.sample) if cand.kind == "10x_mtx" else ""
         got = download(url, dest_dir / sub if sub else dest_dir, name=safe_name(cand.name), max_bytes=budget(),
-                       attempts=attempts, backoff_s=backoff_s, timeout_s=timeout_s)
+                       attempts=attempts, backoff_s=backoff_s, timeout_s=timeout_s,
+                       policy=HttpPolicy.from_config(config))
         rel = f"{sub}/{got.name}" if sub else got.name
         files.append(FetchedFile(rel, got.path, got.bytes, got.sha256, got.url, got.resumed_from))
         entry = samples.setdefault(_sample_key(accession, cand.sample), [])
@@ -382,7 +391,7 @@ def _sniff_remote(url: str, name: str, timeout_s: float, *, head_bytes: int = 1 
     """GEO rule 5 on a listed table, from its first ``head_bytes`` (a ranged GET) before it is fetched whole."""
     req = urllib.request.Request(url, headers={"User-Agent": "atlasflow/0.1", "Range": f"bytes=0-{head_bytes - 1}"})
     try:
-        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+        with open_url(req, timeout=timeout_s) as resp:
             head = resp.read(head_bytes)  # a server that ignores Range: read the start, hang up
     except urllib.error.HTTPError as exc:
         if exc.code >= 500 or exc.code == 429:

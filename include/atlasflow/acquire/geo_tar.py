@@ -34,7 +34,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from atlasflow.acquire.geo import GeoCandidate, GeoSkip, classify, sniff_table, text_prefix
-from atlasflow.acquire.http import CHUNK, FetchedFile, FetchError, TransientFetchError, safe_name
+from atlasflow.acquire.http import CHUNK, FetchedFile, FetchError, TransientFetchError, open_url, safe_name
 
 __all__ = ["TarExtraction", "stream_raw_tar"]
 
@@ -133,7 +133,7 @@ def stream_raw_tar(url: str, dest: Path, *, wanted: Mapping[str, GeoCandidate] |
 
 def _open(url: str, timeout_s: float) -> Any:
     try:
-        return urllib.request.urlopen(urllib.request.Request(url, headers={"User-Agent": "atlasflow/0.1"}),
+        return open_url(urllib.request.Request(url, headers={"User-Agent": "atlasflow/0.1"}),
                                       timeout=timeout_s)
     except urllib.error.HTTPError as exc:
         if exc.code in (408, 425, 429) or exc.code >= 500:

@@ -26,7 +26,16 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from atlasflow.acquire.http import FetchedFile, FetchError, TransientFetchError, _hash, download, safe_name
+from atlasflow.acquire.http import (
+    FetchedFile,
+    FetchError,
+    HttpPolicy,
+    TransientFetchError,
+    _hash,
+    download,
+    open_url,
+    safe_name,
+)
 from atlasflow.core.config import DownloadConfig
 from atlasflow.intake.manifest import SRA_RE, Dataset
 
@@ -80,7 +89,7 @@ def ena_files(accession: str, config: DownloadConfig) -> list[EnaFile]:
     url = ena_filereport_url(accession, config.ena_base_url)
     try:
         req = urllib.request.Request(url, headers={"User-Agent": "atlasflow/0.1"})
-        with urllib.request.urlopen(req, timeout=config.read_timeout_s) as resp:
+        with open_url(req, timeout=config.read_timeout_s) as resp:
             text = resp.read(16 << 20).decode("utf-8", "replace")
     except urllib.error.HTTPError as exc:
         if exc.code in (429,) or exc.code >= 500:
@@ -170,7 +179,7 @@ def fetch_reads(dataset: Dataset, dest: Path, *, config: DownloadConfig, max_byt
     ``max_bytes`` caps all files together (the reservation); ENA's listed sizes are checked
     against it before any byte is fetched.
     """
-    kw = {"attempts": attempts, "backoff_s": backoff_s, "timeout_s": timeout_s}
+    kw = {"attempts": attempts, "backoff_s": backoff_s, "timeout_s": timeout_s, "policy": HttpPolicy.from_config(config)}
     files: list[FetchedFile] = []
     if dataset.type == "direct":
         urls = dataset.urls()

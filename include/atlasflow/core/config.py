@@ -176,6 +176,14 @@ class DownloadConfig:
     attempts: int = _opt(4, "HTTP attempts per file inside one task (resets, 5xx, timeouts), with backoff.", min=1, max=20)
     backoff_s: float = _opt(2.0, "First in-task retry delay; doubles per attempt (a Retry-After header wins).", min=0)
     read_timeout_s: float = _opt(60.0, "Socket timeout for connecting and for each read.", min=1)
+    max_retry_after_s: float = _opt(
+        300.0, "Longest wait a server's Retry-After header may ask for, s (clamped; a negative, nan or garbage "
+        "value means the usual backoff).", min=1)
+    redirect_hosts: str = _opt(
+        "ncbi.nlm.nih.gov,ebi.ac.uk,ddbj.nig.ac.jp,cellxgene.cziscience.com",
+        "Comma-separated hosts (subdomains included) a download may be redirected to from another host; the hosts "
+        "of geo_base_url, geo_query_url, ena_base_url and ena_fastq_base_url are added; `*` allows any. A redirect "
+        "to the same host is always followed; a cross-host one is logged and recorded in fetch.json.")
     sra_command: str = _opt(
         "fasterq-dump --split-files --include-technical --outdir {outdir} {accession}",
         "Command run for sra rows; split like a shell line, then {accession}/{outdir} are filled in per "

@@ -17,6 +17,7 @@ from typing import Any, Literal, TypedDict
 from atlasflow.core.config import AtlasConfig
 from atlasflow.core.fsutil import write_json_atomic
 from atlasflow.core.layout import StorageLayout
+from atlasflow.core.redact import redact_text
 
 __all__ = [
     "BATCH_SCOPE",
@@ -146,8 +147,9 @@ def record_trained(config: AtlasConfig, batch_id: str, result: dict[str, Any]) -
 
 def record_quarantine(config: AtlasConfig, batch_id: str, dataset_id: str, stage: str, reason: str) -> QuarantineRecord:
     """Write (and return) the record that ``dataset_id`` is quarantined, with the stage and the reason."""
+    # a reason may quote a URL: its query string (a presigned link's token) never reaches the record
     info: QuarantineRecord = {"dataset_id": dataset_id, "batch_id": batch_id, "status": "quarantined", "stage": stage,
-                              "reason": reason}
+                              "reason": redact_text(reason)}
     write_json_atomic(quarantine_path(config.state_dir, dataset_id), info)
     return info
 
