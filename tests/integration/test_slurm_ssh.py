@@ -230,10 +230,8 @@ def test_wrong_host_key_is_refused(slurm_airflow, tmp_path, monkeypatch):
     import subprocess
 
     import asyncssh
-    import paramiko
 
-    from atlasflow_airflow.hooks.slurm import SlurmHook
-
+    from atlasflow_airflow.hooks.slurm import SlurmHook, SSHPermanentError
 
     other = tmp_path / "other"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
@@ -242,8 +240,8 @@ def test_wrong_host_key_is_refused(slurm_airflow, tmp_path, monkeypatch):
     bad.write_text(f"[127.0.0.1]:{slurm_airflow['port']} {kt} {key}\n")
     monkeypatch.setenv("AIRFLOW_CONN_SLURM_BAD", json.loads(json.dumps(conn_uri(slurm_airflow))).replace(
         slurm_airflow["known_hosts"], str(bad)))
-    with pytest.raises(paramiko.SSHException):
-        SlurmHook("slurm_bad", transient_retries=0).run("true")
+    with pytest.raises(SSHPermanentError, match="host key changed"):
+        SlurmHook("slurm_bad", transient_retries=5).run("true")  # permanent: not retried 5 times
 
     from airflow.providers.ssh.hooks.ssh import SSHHookAsync
 
@@ -251,6 +249,26 @@ def test_wrong_host_key_is_refused(slurm_airflow, tmp_path, monkeypatch):
         asyncio.run(SSHHookAsync(ssh_conn_id="slurm_bad").get_conn())
     # Control: the right known_hosts file connects (so the refusals above are about the key).
     assert SlurmHook("slurm_ssh").run("true")[0] == 0
+
+
+def test_authentication_failure_and_unknown_host_key_fail_at_once(slurm_airflow, tmp_path, monkeypatch):
+    import subprocess
+
+    from atlasflow_airflow.hooks.slurm import SlurmHook, SSHPermanentError
+
+    stranger = tmp_path / "stranger"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(stranger)], check=True)
+    monkeypatch.setenv("AIRFLOW_CONN_SLURM_NOAUTH", conn_uri(slurm_airflow, key_file=str(stranger)))
+    started = time.monotonic()
+    with pytest.raises(SSHPermanentError, match="authentication failed .*check the connection's login and key_file"):
+        SlurmHook("slurm_noauth", transient_retries=5).run("true")
+    assert time.monotonic() - started < 10, "an authentication failure was retried"
+    no_known = json.loads(conn_uri(slurm_airflow))
+    del no_known["extra"]["known_hosts"]
+    monkeypatch.setenv("AIRFLOW_CONN_SLURM_NOKEY", json.dumps(no_known))
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.ssh/known_hosts that might know the test sshd
+    with pytest.raises(SSHPermanentError, match="host key is not known .*ssh-keyscan"):
+        SlurmHook("slurm_nokey", transient_retries=5).run("true")
 
 
 def test_system_validation_reaches_slurm_and_refuses_a_wrong_host_key(slurm_airflow, tmp_path, monkeypatch):

@@ -306,3 +306,30 @@ def test_unexpected_poller_error_fails_every_waiting_trigger(cluster, monkeypatc
         assert not T._SharedPoller._registry
 
     asyncio.run(scenario())
+
+
+def test_permanent_ssh_error_fails_every_trigger_at_once_without_retrying(cluster):
+    """An authentication failure (asyncssh's own exception) is not retried transient_retries times."""
+    import asyncssh
+
+    cluster.jobs = {"1": "RUNNING"}
+    cluster.faults = [asyncssh.PermissionDenied("Permission denied")] * 10
+
+    async def scenario():
+        return await asyncio.wait_for(_start(_trigger("1")), 5)
+
+    event = asyncio.run(scenario()).payload
+    assert event["status"] == "error" and event["permanent"] is True
+    assert "authentication failed" in event["message"] and "may still be running" in event["message"]
+    assert len(cluster.of("squeue")) == 1  # failed on the first error, no backoff and retries
+
+
+def test_transient_ssh_error_is_retried(cluster):
+    cluster.jobs = {"1": "COMPLETED"}
+    cluster.faults = [ConnectionRefusedError(111, "Connection refused"), TimeoutError()]
+
+    async def scenario():
+        return await asyncio.wait_for(_start(_trigger("1")), 5)
+
+    event = asyncio.run(scenario()).payload
+    assert event["status"] == "success" and len(cluster.of("squeue")) == 3

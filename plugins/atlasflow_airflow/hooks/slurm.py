@@ -30,6 +30,38 @@ from atlasflow.slurm import commands as C
 log = logging.getLogger(__name__)
 
 
+class SSHPermanentError(RuntimeError):
+    """An SSH failure that no retry can cure (authentication, host key, unknown host): fail at once."""
+
+
+def permanent_ssh_problem(exc: BaseException) -> str | None:
+    """What is permanently wrong when ``exc`` ended an SSH attempt, or None when retrying may help.
+
+    Permanent: authentication refused, a host key that is unknown or changed, a host name that does
+    not resolve. Everything else (refused, reset, timed out, lost connection) is transient: the login
+    node may be restarting. Covers both clients in use: paramiko (workers) and asyncssh (triggerer).
+    """
+    import socket
+
+    import asyncssh
+    import paramiko
+
+    if isinstance(exc, paramiko.BadHostKeyException) or (
+            isinstance(exc, asyncssh.HostKeyNotVerifiable) and "mismatch" in str(exc).lower()):
+        return (f"the server's host key changed ({exc}); if the change is expected, replace its line in the "
+                "known_hosts file (ssh-keyscan), otherwise suspect a man-in-the-middle")
+    if isinstance(exc, asyncssh.HostKeyNotVerifiable) or (
+            isinstance(exc, paramiko.SSHException) and "not found in known_hosts" in str(exc)):
+        return (f"the server's host key is not known ({exc}): add it to the file named by the connection's "
+                "known_hosts extra (`ssh-keyscan -p PORT HOST >> FILE`; atlasflow validate-system prints it)")
+    if isinstance(exc, paramiko.AuthenticationException | asyncssh.PermissionDenied):
+        return f"authentication failed ({exc}): check the connection's login and key_file (or password)"
+    if isinstance(exc, socket.gaierror) and exc.errno in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", None)):
+        # EAI_AGAIN (the resolver did not answer) stays transient
+        return f"the host name does not resolve ({exc}): check the connection's host"
+    return None
+
+
 class SlurmCommandError(RuntimeError):
     def __init__(self, cmd: str, rc: int, stderr: str) -> None:
         super().__init__(f"`{cmd}` failed (rc {rc}): {stderr.strip()[:500]}")
@@ -48,6 +80,9 @@ class SlurmHook(SSHHook):
     hook_name = "SLURM over SSH"
 
     def __init__(self, ssh_conn_id: str = "slurm_ssh", *, transient_retries: int = 5, **kwargs: Any) -> None:
+        # one connect per attempt: run() classifies the error and backs off itself (SSHHook's own
+        # 3 attempts would retry an authentication failure too)
+        kwargs.setdefault("conn_retry_attempts", 1)
         super().__init__(ssh_conn_id=ssh_conn_id, **kwargs)
         self.transient_retries = transient_retries
         self._remote_user: str | None = None
@@ -80,15 +115,15 @@ class SlurmHook(SSHHook):
                 out = chan_out.read().decode()
                 err = chan_err.read().decode()
                 rc = chan_out.channel.recv_exit_status()
-            except (OSError, EOFError) as exc:  # paramiko.SSHException is an Exception; see below
-                rc, out, err = -1, "", f"Connection reset: {exc}"
-                self.client = None
             except Exception as exc:
                 import paramiko
 
-                if not isinstance(exc, paramiko.SSHException) or isinstance(exc, paramiko.BadHostKeyException):
+                if (problem := permanent_ssh_problem(exc)) is not None:
+                    raise SSHPermanentError(f"SSH connection {self.ssh_conn_id!r} to {self.remote_host}:{self.port}: "
+                                            f"{problem}") from exc
+                if not isinstance(exc, OSError | EOFError | paramiko.SSHException):
                     raise
-                rc, out, err = -1, "", f"Connection reset: {exc}"
+                rc, out, err = -1, "", f"Connection reset: {exc}"  # refused, reset, timed out: retried below
                 self.client = None
             if rc == 0 or not C.is_transient(err) or attempt >= self.transient_retries:
                 break
@@ -143,4 +178,4 @@ class SlurmHook(SSHHook):
         return self.run(C.tail_cmd(path), check=False)[1]
 
 
-__all__ = ["JobState", "SlurmCommandError", "SlurmHook"]
+__all__ = ["JobState", "SSHPermanentError", "SlurmCommandError", "SlurmHook", "permanent_ssh_problem"]

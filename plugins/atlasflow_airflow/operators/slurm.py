@@ -177,7 +177,14 @@ class SlurmJobRunner:
 
     def defer(self, operator: BaseOperator, context: Any, method_name: str = "execute_complete") -> NoReturn:
         """Submit or adopt, then defer ``operator`` to the trigger (no worker slot held while the job runs)."""
-        trigger = self.submit_or_adopt(context["ti"], operator.log)
+        from airflow.sdk.exceptions import AirflowFailException
+
+        from atlasflow_airflow.hooks.slurm import SSHPermanentError
+
+        try:
+            trigger = self.submit_or_adopt(context["ti"], operator.log)
+        except SSHPermanentError as exc:
+            raise AirflowFailException(str(exc)) from exc  # authentication, host key, host name: no retry
         operator.defer(trigger=trigger, method_name=method_name)
         raise AssertionError("BaseOperator.defer returned")  # it raises TaskDeferred; keeps NoReturn honest
 
@@ -189,6 +196,8 @@ class SlurmJobRunner:
         ------
         SlurmJobFailed
             The job did not complete, or completed without writing its result.
+        AirflowFailException
+            The trigger lost the cluster for good (authentication, host key, host name): no retry.
         """
         job_id = event.get("job_id")
         # A failed job's output is what the user needs first: log it at WARNING so it is never filtered.
@@ -196,6 +205,10 @@ class SlurmJobRunner:
         for key in ("stdout_tail", "stderr_tail"):
             if event.get(key):
                 task_log.log(level, "SLURM job %s %s:\n%s", job_id, key.replace("_tail", " (tail)"), event[key])
+        if event.get("permanent"):
+            from airflow.sdk.exceptions import AirflowFailException
+
+            raise AirflowFailException(f"SLURM job {job_id}: {event.get('message')}")
         if event.get("status") != "success":
             raise SlurmJobFailed(f"SLURM {event.get('message') or event}")
         if event.get("result") is None:

@@ -189,9 +189,14 @@ class _SharedPoller:
         try:
             conn = self._conn or await self._connect()
             res = await conn.run(cmd, check=False, timeout=COMMAND_TIMEOUT_S)
-        except asyncssh.HostKeyNotVerifiable:
-            raise  # not transient: a wrong host key must fail loudly
-        except (TimeoutError, OSError, asyncssh.Error) as exc:
+        except Exception as exc:
+            from atlasflow_airflow.hooks.slurm import SSHPermanentError, permanent_ssh_problem
+
+            if (problem := permanent_ssh_problem(exc)) is not None:
+                # not transient: a wrong host key, login or host name fails every waiting trigger at once
+                raise SSHPermanentError(f"SSH connection {self.conn_id!r}: {problem}") from exc
+            if not isinstance(exc, TimeoutError | OSError | asyncssh.Error):
+                raise
             if conn is not None:
                 self._drop(conn)  # reconnect on next use
             raise ConnectionError(str(exc)) from exc
@@ -363,6 +368,14 @@ class SlurmJobTrigger(BaseTrigger):
                 info = await watch.result
             except PollFailed as exc:
                 event = {"status": "error", "job_id": self.job_id, "message": str(exc)}
+            except Exception as exc:
+                from atlasflow_airflow.hooks.slurm import SSHPermanentError
+
+                if not isinstance(exc, SSHPermanentError):
+                    raise
+                # no retry can cure it: the task fails at once (the job itself may still be running)
+                event = {"status": "error", "job_id": self.job_id, "permanent": True,
+                         "message": f"{exc} (job {self.job_id} was not cancelled and may still be running)"}
             else:
                 event = await self._final_event(poller, info)
         finally:
