@@ -94,14 +94,19 @@ def cmd_plan(args: argparse.Namespace, out: TextIO) -> int:
         if state is None:
             raise ConfigError(["--save needs --state PATH or a config (the plan is saved as <base_dir>/state/plan.json)"])
         save_plan(plan, state)
+    sizes = _plan_sizes(config, manifest, probe=not args.no_probe, cache_file=state is not None)
     if args.json:
-        json.dump(plan.to_dict(), out, indent=1)
+        json.dump({**plan.to_dict(), "sizes": sizes}, out, indent=1)
         out.write("\n")
     else:
         for b in plan.batches:
             tag = "saved" if b.sealed else "new"
-            out.write(f"{b.batch_id}  {len(b.dataset_ids)} datasets  {_human_bytes(b.expected_bytes):>12}  "
+            known = [sizes[d] for d in b.dataset_ids if d in sizes]
+            guessed = any(s["source"] == "default" for s in known)
+            total = _human_bytes(sum(s["bytes"] for s in known)) + ("*" if guessed else " ")
+            out.write(f"{b.batch_id}  {len(b.dataset_ids)} datasets  {total:>13}  "
                       f"[{tag}]  {', '.join(b.dataset_ids)}\n")
+        _write_size_sources(out, sizes, config)
         sealed = len(plan.batches) - len(plan.new_batches)
         out.write(f"{len(plan.batches)} batches for {len(manifest)} datasets (batch size {batch_size}"
                   f"{'' if max_bytes is None else ', at most ' + _human_bytes(max_bytes)}); "
@@ -110,6 +115,37 @@ def cmd_plan(args: argparse.Namespace, out: TextIO) -> int:
     for change in plan.changes:
         _err(f"changed: {change}")
     return EXIT_PLAN_CHANGED if (args.strict and plan.changes) else 0
+
+
+def _plan_sizes(config: AtlasConfig, manifest: Any, *, probe: bool, cache_file: bool) -> dict[str, dict[str, Any]]:
+    """Each row's download size and where it comes from: manifest, its source (asked, cached), or the default."""
+    from atlasflow.acquire.sizes import known_sizes
+
+    found = known_sizes(config, manifest.datasets, probe=probe, cache_file=cache_file)
+    default = int(config.storage.unknown_size_gb * 1e9)
+    out: dict[str, dict[str, Any]] = {}
+    for d in manifest:
+        if d.expected_bytes is not None:
+            out[d.dataset_id] = {"bytes": d.expected_bytes, "source": "manifest"}
+        elif (p := found.get(d.dataset_id)) is not None and p.bytes:
+            out[d.dataset_id] = {"bytes": p.bytes, "source": p.source}
+        else:
+            why = p.error if p is not None else ("not asked (--no-probe)" if not probe else "download.size_probe off")
+            out[d.dataset_id] = {"bytes": default, "source": "default", "why": why}
+    return out
+
+
+def _write_size_sources(out: TextIO, sizes: dict[str, dict[str, Any]], config: AtlasConfig) -> None:
+    by_source: dict[str, int] = {}
+    for s in sizes.values():
+        by_source[s["source"]] = by_source.get(s["source"], 0) + 1
+    out.write("sizes: " + ", ".join(f"{n} from {src}" for src, n in sorted(by_source.items())) + "\n")
+    guessed = {k: s for k, s in sizes.items() if s["source"] == "default"}
+    if guessed:
+        out.write(f"* storage.unknown_size_gb ({config.storage.unknown_size_gb:g} GB) assumed for {len(guessed)} "
+                  "row(s); set expected_bytes for them:\n")
+        for k, s in guessed.items():
+            out.write(f"  {k}: {s['why']}\n")
 
 
 def cmd_config_show(args: argparse.Namespace, out: TextIO) -> int:
@@ -217,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--fresh", action="store_true", help="ignore the saved plan")
     plan.add_argument("--save", action="store_true", help="write the plan to the state file, sealing its batches")
     plan.add_argument("--strict", action="store_true", help="exit 3 when saved batches lost or changed rows")
+    plan.add_argument("--no-probe", action="store_true",
+                      help="do not ask sources for sizes (rows without expected_bytes use cached sizes or the default)")
     plan.set_defaults(func=cmd_plan)
 
     config = sub.add_parser("config", help="inspect the configuration")

@@ -198,6 +198,12 @@ class DownloadConfig:
         "`auto` (sra-tools when prefetch and fasterq-dump are installed, else ENA).")
     ena_base_url: str = _opt(
         "https://www.ebi.ac.uk/ena/portal/api", "ENA Portal API base; its filereport lists a run's FASTQ files.")
+    size_probe: bool = _opt(
+        True, "Ask a row's source for its size before admission when the manifest has no expected_bytes (HEAD or a "
+        "ranged GET, GEO's listing and filelist.txt, ENA's fastq_bytes); cached in state/sizes.json. Off: "
+        "storage.unknown_size_gb for every such row.")
+    size_probe_timeout_s: float = _opt(15.0, "Timeout of each size request (a server that does not answer leaves "
+                                       "the size unknown).", min=0.1, max=600)
     ena_fastq_base_url: str | None = _opt(
         None, "Fetch ENA's FASTQ links from this base URL instead of their own host (a mirror; tests use a local "
         "server); empty: https:// on the host ENA names.")

@@ -35,6 +35,7 @@ __all__ = [
     "rejected_path",
     "retrain_decisions_path",
     "retrain_triggered_path",
+    "sizes_path",
     "stage_path",
     "stages_dir",
     "tombstone_path",
@@ -72,6 +73,11 @@ def tombstone_path(state_dir: Path, dataset_id: str) -> Path:
 def batch_spec_path(state_dir: Path, batch_id: str) -> Path:
     """``state/batches/<batch>.json``: the batch's manifest rows, frozen when the batch first ran."""
     return state_dir / "batches" / f"{batch_id}.json"
+
+
+def sizes_path(state_dir: Path) -> Path:
+    """``state/sizes.json``: download sizes asked of the sources before admission (:mod:`atlasflow.acquire.sizes`)."""
+    return state_dir / "sizes.json"
 
 
 def pinned_vocab_path(state_dir: Path) -> Path:

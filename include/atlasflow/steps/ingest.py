@@ -19,7 +19,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NotRequired, TypedDict
 
-from atlasflow.core.config import GB, AtlasConfig
+from atlasflow.core.config import AtlasConfig
 from atlasflow.core.fsutil import write_json_atomic
 from atlasflow.core.records import (
     QuarantineRecord,
@@ -157,6 +157,7 @@ class Downloaded(TypedDict):
     bytes: NotRequired[int]
     files: NotRequired[int]
     seconds: NotRequired[float]
+    size_check: NotRequired[dict[str, Any]]  # expected (and from where) vs arrived
 
 
 DownloadResult = Downloaded | QuarantineRecord
@@ -329,9 +330,15 @@ def admit_batch(config: AtlasConfig, batch_id: str, *, owner: str) -> AdmitResul
     if (done := batch_trained(config, batch_id)) is not None:
         return {"admitted": True, "batch_id": batch_id, "bytes": 0, "already_trained": True,
                 "reason": f"{batch_id} was trained before ({done.get('checkpoint_dir')}): nothing to reserve"}
+    from atlasflow.acquire.sizes import known_sizes
+
     ledger = Ledger(config.storage)
     datasets = [Dataset.from_dict(d) for d in spec["datasets"]]
-    footprint = batch_footprint(datasets, ledger, quant=config.quant)
+    # rows without expected_bytes: the size their source names (cached; asked once), else unknown_size_gb
+    sizes = {k: p for k, p in known_sizes(config, datasets, probe=True).items() if p.bytes}
+    footprint = batch_footprint(datasets, ledger, quant=config.quant,
+                                content_lengths={k: int(p.bytes or 0) for k, p in sizes.items()},
+                                size_sources={k: p.source for k, p in sizes.items()})
     index = spec["index"]
     paths = [f"data/raw/{d.dataset_id}" for d in datasets] + [f"data/processed/{batch_id}",
                                                               f"models/checkpoints/{batch_id}",
@@ -366,7 +373,10 @@ def download_dataset(config: AtlasConfig, batch_id: str, dataset_id: str, *, fin
 
         if quantified(layout.raw_dir(dataset_id)) is not None:  # its FASTQ files are gone by design
             return {"dataset_id": dataset_id, "status": StepStatus.OK, "skipped": SkipReason.ALREADY_QUANTIFIED}
-    cap = int((dataset.expected_bytes or config.storage.unknown_size_gb * GB) * 1.25) + 1_000_000
+    from atlasflow.acquire.sizes import dataset_size, record_arrival
+
+    expected, _ = dataset_size(config, dataset)  # what admission reserved for it (manifest, probe or default)
+    cap = int(expected * 1.25) + 1_000_000
     Ledger(config.storage).heartbeat(batch_id)
     try:
         result = fetch_dataset(dataset, layout.raw_dir(dataset_id), config=config.download, max_bytes=cap,
@@ -380,7 +390,7 @@ def download_dataset(config: AtlasConfig, batch_id: str, dataset_id: str, *, fin
     # the fetched files are on disk and not yet processed: a peak worth sampling
     Ledger(config.storage).sample(f"downloaded {dataset_id}")
     return {"dataset_id": dataset_id, "status": StepStatus.OK, "bytes": result.bytes, "files": len(result.files),
-            "seconds": round(result.seconds, 2)}
+            "seconds": round(result.seconds, 2), "size_check": record_arrival(config, dataset, result.bytes)}
 
 
 def _refuse_species(config: AtlasConfig, organism: str) -> str | None:

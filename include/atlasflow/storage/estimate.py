@@ -18,12 +18,14 @@ def batch_footprint(
     ledger: Ledger,
     *,
     content_lengths: Mapping[str, int] | None = None,
+    size_sources: Mapping[str, str] | None = None,
     quant: QuantConfig | None = None,
 ) -> dict[str, Any]:
     """Estimate a batch's peak footprint.
 
-    Each dataset needs its download (``expected_bytes`` from the manifest, else the server's
-    ``Content-Length``, else ``storage.unknown_size_gb``) plus its processed output (download ×
+    Each dataset needs its download (``expected_bytes`` from the manifest, else ``content_lengths``:
+    the size asked of its source, :func:`atlasflow.acquire.sizes.known_sizes`, labelled by
+    ``size_sources``; else ``storage.unknown_size_gb``, labelled ``default``) plus its processed output (download ×
     the format's expansion factor, measured from earlier datasets when any). The batch adds one
     checkpoint + integration model (``storage.checkpoint_gb``). Raw files are deleted once
     processed, so this over-estimates a little: the budget is a hard limit, so err high.
@@ -45,7 +47,7 @@ def batch_footprint(
         if d.expected_bytes is not None:
             raw, source = d.expected_bytes, "manifest"
         elif lengths.get(d.dataset_id):
-            raw, source = int(lengths[d.dataset_id]), "content-length"
+            raw, source = int(lengths[d.dataset_id]), (size_sources or {}).get(d.dataset_id, "content-length")
         else:
             raw, source = int(config.unknown_size_gb * GB), "default"
         factor = ledger.expansion_factor("fastq" if d.is_reads else d.format)
