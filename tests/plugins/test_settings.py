@@ -22,6 +22,14 @@ def test_project_settings_file_declares_pools_connection_variables():
     (conn,) = s.connections
     assert conn.conn_id == "slurm_ssh" and conn.conn_type == "ssh" and conn.password is None
     assert conn.extra["no_host_key_check"] is False and "key_file" in conn.extra
+    # the host key is verified against a file the placeholder names; validate_system prints how to fill it
+    from atlasflow.ops.validate import known_hosts_check
+
+    check = known_hosts_check(conn.host, conn.port, conn.extra["known_hosts"], conn_id=conn.conn_id)
+    assert check.status == "fail" and (f"ssh-keyscan -p 22 login.cluster.example.org >> {conn.extra['known_hosts']}"
+                                       in check.detail)
+    assert f"ssh-keyscan -p 22 login.cluster.example.org >> {conn.extra['known_hosts']}" in (
+        REPO / "airflow_settings.yaml").read_text()
     assert {v.key for v in s.variables} == {"atlasflow_overrides"}
 
 

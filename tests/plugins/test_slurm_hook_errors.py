@@ -22,6 +22,7 @@ from atlasflow_airflow.hooks.slurm import (
     (paramiko.AuthenticationException("Authentication failed."), "authentication failed"),
     (paramiko.BadAuthenticationType("Bad authentication type", ["publickey"]), "authentication failed"),
     (paramiko.SSHException("Server '[127.0.0.1]:2222' not found in known_hosts"), "host key is not known"),
+    (paramiko.SSHException("No authentication methods available"), "authentication failed"),
     (asyncssh.PermissionDenied("Permission denied for user x on host y"), "authentication failed"),
     (asyncssh.HostKeyNotVerifiable("Host key is not trusted for host 127.0.0.1"), "host key is not known"),
     (socket.gaierror(socket.EAI_NONAME, "Name or service not known"), "does not resolve"),

@@ -36,6 +36,7 @@ __all__ = [
     "SystemValidationError",
     "apply_memory_strategy",
     "choose_memory_strategy",
+    "known_hosts_check",
     "recorded_memory_strategy",
     "run_checks",
     "summarize",
@@ -252,6 +253,60 @@ def _model_artifacts(config: AtlasConfig) -> Check:
         return Check("model_artifacts", "warn", f"{detail}: {need / mb:,.1f} MB > storage.checkpoint_gb "
                      f"({have / mb:,.1f} MB). Raise storage.checkpoint_gb or lower training.replay_cells")
     return Check("model_artifacts", "ok", f"{detail}; storage.checkpoint_gb reserves {have / mb:,.1f} MB")
+
+
+def _known_hosts_names(line: str) -> list[str]:
+    fields = line.split()
+    if len(fields) < 3 or line.startswith("#"):
+        return []
+    first = fields[1] if fields[0].startswith("@") else fields[0]  # @cert-authority / @revoked markers
+    return first.split(",")
+
+
+def _host_matches(pattern: str, entry: str) -> bool:
+    if pattern.startswith("|1|"):  # HashKnownHosts: |1|base64(salt)|base64(HMAC-SHA1(salt, name))
+        import base64
+        import hashlib
+        import hmac
+
+        try:
+            salt, digest = (base64.b64decode(part) for part in pattern[3:].split("|", 1))
+        except ValueError:
+            return False
+        return hmac.compare_digest(hmac.new(salt, entry.encode(), hashlib.sha1).digest(), digest)
+    return pattern == entry
+
+
+def known_hosts_check(host: str | None, port: int | None, known_hosts: str | None, *,
+                      conn_id: str = "slurm_ssh") -> Check:
+    """Whether the SSH connection's ``known_hosts`` extra names a file holding the login node's key;
+    when not, the exact step that fills it.
+
+    SLURM connections verify the login node's host key (never trust on first use): a first run with
+    an empty or missing file fails host-key verification. ``ssh-keyscan`` must run from a trusted
+    network; compare its fingerprint (``ssh-keygen -lf FILE``) with the one your admins publish.
+    """
+    port = int(port or 22)
+    entry = host if port == 22 else f"[{host}]:{port}"
+    target = known_hosts or "~/.ssh/atlasflow_known_hosts"
+    step = (f"run `ssh-keyscan -p {port} {host} >> {target}` from a trusted network, check the fingerprint "
+            f"(`ssh-keygen -lf {target}`) against the one your cluster's admins publish")
+    if not host:
+        return Check("ssh_known_hosts", "fail", f"connection {conn_id!r} has no host")
+    if not known_hosts:
+        return Check("ssh_known_hosts", "fail", f"connection {conn_id!r} has no known_hosts extra, so the login "
+                     f"node's host key cannot be verified: {step}, then set \"known_hosts\": \"{target}\" in "
+                     "the connection's extra")
+    path = Path(known_hosts).expanduser()
+    try:
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError as exc:
+        return Check("ssh_known_hosts", "fail", f"connection {conn_id!r}: known_hosts file {path} is not readable "
+                     f"({exc.strerror or exc}): {step}")
+    if not any(_host_matches(name, entry) for line in lines for name in _known_hosts_names(line.strip())):
+        return Check("ssh_known_hosts", "fail", f"connection {conn_id!r}: known_hosts file {path} has no key for "
+                     f"{entry}: {step}")
+    return Check("ssh_known_hosts", "ok", f"{path} holds a host key for {entry}")
 
 
 class SystemValidationError(RuntimeError):

@@ -54,7 +54,8 @@ def permanent_ssh_problem(exc: BaseException) -> str | None:
             isinstance(exc, paramiko.SSHException) and "not found in known_hosts" in str(exc)):
         return (f"the server's host key is not known ({exc}): add it to the file named by the connection's "
                 "known_hosts extra (`ssh-keyscan -p PORT HOST >> FILE`; atlasflow validate-system prints it)")
-    if isinstance(exc, paramiko.AuthenticationException | asyncssh.PermissionDenied):
+    if isinstance(exc, paramiko.AuthenticationException | asyncssh.PermissionDenied) or (
+            isinstance(exc, paramiko.SSHException) and "No authentication methods available" in str(exc)):
         return f"authentication failed ({exc}): check the connection's login and key_file (or password)"
     if isinstance(exc, socket.gaierror) and exc.errno in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", None)):
         # EAI_AGAIN (the resolver did not answer) stays transient

@@ -9,14 +9,33 @@ from airflow.sdk import BaseOperator
 
 
 def slurm_reachability(conn_id: str) -> Any:
-    """A check that the SSH connection opens (host key verified) and slurmctld answers ``scontrol ping``."""
-    from atlasflow.ops.validate import Check
+    """A check that the SSH connection opens (host key verified) and slurmctld answers ``scontrol ping``.
+
+    The connection's ``known_hosts`` extra is checked first: a missing file or host entry fails with
+    the exact ``ssh-keyscan`` step that fills it (:func:`atlasflow.ops.validate.known_hosts_check`).
+    """
+    from airflow.sdk import BaseHook
+
+    from atlasflow.ops.validate import Check, known_hosts_check
     from atlasflow_airflow.hooks.slurm import SlurmHook
 
     try:
+        conn = BaseHook.get_connection(conn_id)
+    except Exception as exc:
+        return Check("slurm", "fail", f"connection {conn_id!r}: {type(exc).__name__}: {exc}")
+    extra = conn.extra_dejson
+    known = None
+    if not extra.get("no_host_key_check") and not extra.get("host_key"):
+        known = known_hosts_check(conn.host, conn.port, extra.get("known_hosts"), conn_id=conn_id)
+        if known.status != "ok" and extra.get("known_hosts"):
+            return Check("slurm", known.status, known.detail)
+    try:
         up, reply = SlurmHook(ssh_conn_id=conn_id, transient_retries=1).ping()
     except Exception as exc:  # host key refused, connection missing, auth failure: all say the same thing
-        return Check("slurm", "fail", f"connection {conn_id!r}: {type(exc).__name__}: {exc}")
+        detail = f"connection {conn_id!r}: {type(exc).__name__}: {exc}"
+        if known is not None and known.status != "ok":  # no known_hosts extra: say how to add one
+            detail += f" ({known.detail})"
+        return Check("slurm", "fail", detail)
     if not up:
         return Check("slurm", "fail", f"connection {conn_id!r} opened but slurmctld did not answer: {reply[:300]}")
     return Check("slurm", "ok", f"{conn_id}: {reply.splitlines()[0] if reply else 'UP'}")

@@ -192,3 +192,30 @@ def test_model_artifacts_check_sizes_the_checkpoint_against_its_reservation():
     big = load_config(overrides={"storage.checkpoint_gb": 0.01, "training.replay_cells": 200_000})
     warn = _model_artifacts(big)
     assert warn.status == "warn" and "storage.checkpoint_gb" in warn.detail and "training.replay_cells" in warn.detail
+
+
+def test_known_hosts_check_prints_the_step_that_fills_it(tmp_path):
+    import subprocess
+
+    from atlasflow.ops.validate import known_hosts_check
+
+    step = f"ssh-keyscan -p 2222 login.example.org >> {tmp_path / 'kh'}"
+    missing = known_hosts_check("login.example.org", 2222, str(tmp_path / "kh"), conn_id="c")
+    assert missing.status == "fail" and "not readable" in missing.detail and step in missing.detail
+    assert f"ssh-keygen -lf {tmp_path / 'kh'}" in missing.detail
+    no_extra = known_hosts_check("login.example.org", 22, None, conn_id="c")
+    assert no_extra.status == "fail" and "has no known_hosts extra" in no_extra.detail
+    assert "`ssh-keyscan -p 22 login.example.org >> ~/.ssh/atlasflow_known_hosts`" in no_extra.detail
+    key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl"
+    (tmp_path / "kh").write_text(f"# a comment\nother.example.org {key}\n")
+    other = known_hosts_check("login.example.org", 2222, str(tmp_path / "kh"), conn_id="c")
+    assert other.status == "fail" and "has no key for [login.example.org]:2222" in other.detail and step in other.detail
+    (tmp_path / "kh").write_text(f"[login.example.org]:2222,[10.0.0.1]:2222 {key}\n")
+    assert known_hosts_check("login.example.org", 2222, str(tmp_path / "kh")).status == "ok"
+    assert known_hosts_check("login.example.org", 22, str(tmp_path / "kh")).status == "fail"  # another port
+    # a file hashed by `ssh-keygen -H` (HashKnownHosts) is read too
+    (tmp_path / "kh").write_text(f"login.example.org {key}\n")
+    subprocess.run(["ssh-keygen", "-q", "-H", "-f", str(tmp_path / "kh")], check=True, capture_output=True)
+    assert (tmp_path / "kh").read_text().startswith("|1|")
+    assert known_hosts_check("login.example.org", 22, str(tmp_path / "kh")).status == "ok"
+    assert known_hosts_check("login2.example.org", 22, str(tmp_path / "kh")).status == "fail"
