@@ -282,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     from atlasflow.cli.report import register as register_report
 
     register_report(sub)
+    from atlasflow.cli.dataset import register as register_dataset
+
+    register_dataset(sub)
     docs = csub.add_parser("docs", help="print the configuration reference as Markdown (docs/configuration.md)")
     docs.set_defaults(func=cmd_config_docs)
     return parser

@@ -320,8 +320,10 @@ def prepare_run(config: AtlasConfig) -> RunPrepared:
 
 
 @stage("admit")
-def admit_batch(config: AtlasConfig, batch_id: str, *, owner: str) -> AdmitResult:
+def admit_batch(config: AtlasConfig, batch_id: str, *, owner: str, bind_pid: bool = False) -> AdmitResult:
     """Try to reserve the batch's footprint; batches are admitted in plan order.
+
+    ``bind_pid`` ties the reservation to this process (runs outside Airflow: ``atlasflow dataset run``).
 
     Every attempt updates the batch's ``admit`` stage record, which spans the whole wait.
     Raises :class:`~atlasflow.storage.BudgetExceededError` when the batch can never fit.
@@ -344,7 +346,7 @@ def admit_batch(config: AtlasConfig, batch_id: str, *, owner: str) -> AdmitResul
                                                               f"models/checkpoints/{batch_id}",
                                                               f"models/integration/{batch_id}"]
     admission = ledger.try_admit(batch_id, footprint["bytes"], paths=paths, owner=owner,
-                                 after=make_batch_id(index - 1) if index > 0 else None)
+                                 after=make_batch_id(index - 1) if index > 0 else None, bind_pid=bind_pid)
     return {**admission.to_dict(), "footprint": footprint}  # type: ignore[typeddict-item]
 
 
