@@ -85,7 +85,7 @@ class FetchResult:
 
 def geo_suppl_path(accession: str) -> str:
     """GEO's supplementary-files folder, relative to its root: ``series/GSE123nnn/GSE123456/suppl``."""
-    m = re.fullmatch(r"(GSE|GSM)(\d+)", accession)
+    m = re.fullmatch(r"(GSE|GSM)([0-9]+)", accession)
     if not m:
         raise FetchError(f"{accession!r} is not a GEO series or sample accession")
     prefix, digits = m.groups()

@@ -64,11 +64,11 @@ _NOT_COUNTS = re.compile(
 )
 _RAW_TAR = re.compile(r"_RAW\.tar$", re.IGNORECASE)
 _TRIO = re.compile(r"(matrix\.mtx|barcodes\.tsv|(?:features|genes)\.tsv)(\.gz)?$", re.IGNORECASE)
-_GSM = re.compile(r"^(GSM\d+)(?=[_.-]|$)")
+_GSM = re.compile(r"^(GSM[0-9]+)(?=[_.-]|$)")
 _NORMALISED = re.compile(r"(norm|scaled|(^|[_.-])log|tpm|fpkm|rpkm|cpm|z-?score)", re.IGNORECASE)
-_ENSEMBL = re.compile(r"^ENS[A-Z]*G\d{6,}(\.\d+)?$")
+_ENSEMBL = re.compile(r"^ENS[A-Z]*G[0-9]{6,}(\.[0-9]+)?$")
 # a gene symbol as GEO tables spell them: CD3E, HLA-DRA, RP11-34P13.3, MT-CO1, C1orf112, Actb, mt-Co1
-_SYMBOL = re.compile(r"^(?:[A-Z][A-Za-z0-9]*(?:[.-][A-Za-z0-9]+)*|mt-[A-Za-z0-9]+|\d+[A-Z][A-Za-z0-9]*Rik)$")
+_SYMBOL = re.compile(r"^(?:[A-Z][A-Za-z0-9]*(?:[.-][A-Za-z0-9]+)*|mt-[A-Za-z0-9]+|[0-9]+[A-Z][A-Za-z0-9]*Rik)$")
 _BARCODE = re.compile(r"[ACGTN]{8,}")
 
 

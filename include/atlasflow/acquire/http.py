@@ -365,7 +365,7 @@ def _stream(
     except urllib.error.HTTPError as exc:
         if exc.code == 416 and have:
             # "range not satisfiable": fine only if the server's own total equals what we hold
-            total = re.match(r"bytes \*/(\d+)", exc.headers.get("Content-Range", "") if exc.headers else "")
+            total = re.match(r"bytes \*/([0-9]+)", exc.headers.get("Content-Range", "") if exc.headers else "")
             if total and int(total.group(1)) == have:
                 log.warning("%s: the server's total is %d bytes, which we already hold (its earlier "
                             "Content-Length was wrong)", url, have)
@@ -421,7 +421,7 @@ def _stream(
 
 
 def _range_start(value: str | None) -> int:
-    m = re.match(r"bytes (\d+)-", value or "")
+    m = re.match(r"bytes ([0-9]+)-", value or "")
     return int(m.group(1)) if m else -1
 
 

@@ -67,14 +67,14 @@ KNOWN_COLUMNS = REQUIRED_COLUMNS + OPTIONAL_COLUMNS
 
 # dataset_id becomes a folder name and part of a SLURM job name: no separators, no leading dot.
 DATASET_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-GEO_RE = re.compile(r"^(GSE|GSM)\d+$")
+GEO_RE = re.compile(r"^(GSE|GSM)[0-9]+$")
 # a CELLxGENE Discover dataset id (a UUID), resolved to its H5AD asset through the Curation API
 CELLXGENE_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
-SRA_RE = re.compile(r"^((SRR|ERR|DRR)\d+|(SRP|ERP|DRP)\d+|PRJ(NA|EB|DB)\d+)$")
+SRA_RE = re.compile(r"^((SRR|ERR|DRR)[0-9]+|(SRP|ERP|DRP)[0-9]+|PRJ(NA|EB|DB)[0-9]+)$")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 MD5_RE = re.compile(r"^[0-9a-f]{32}$")
 URL_SCHEMES = ("https", "http", "ftp")
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?(?:[eE][+-]?\d+)?)\s*([KMGTP]i?B|B)?\s*$", re.IGNORECASE)
+_SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?)\s*([KMGTP]i?B|B)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {
     "b": 1,
     "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "pb": 10**15,
@@ -436,6 +436,9 @@ def _validate_table(
         def bad(column: str, reason: str, _n: int = number, _p: list[Problem] = row_problems) -> None:
             _p.append(Problem(reason, _n, column))
 
+        def warn(message: str, _n: int = number) -> None:
+            warnings.append(f"row {_n}: {message}")
+
         dataset_id = get("dataset_id")
         if dataset_id is None:
             bad("dataset_id", "missing required value")
@@ -466,14 +469,15 @@ def _validate_table(
             if dtype == "direct" and ";" in url:
                 # several files of one sample: only FASTQ rows (R1;R2), each URL checked on its own
                 parts = url.split(";")
-                checked = [_check_source(u, dtype, root, lambda reason: bad("download_url", reason)) for u in parts]
+                checked = [_check_source(u, dtype, root, lambda reason: bad("download_url", reason), warn)
+                           for u in parts]
                 url = ";".join(checked)
                 if any(not u for u in parts):
                     bad("download_url", "empty URL between ';' separators")
                 elif (fmt or infer_format(parts[0])) != "fastq":
                     bad("download_url", "several URLs (separated by ';') are only allowed for FASTQ rows (R1;R2)")
             else:
-                url = _check_source(url, dtype, root, lambda reason: bad("download_url", reason))
+                url = _check_source(url, dtype, root, lambda reason: bad("download_url", reason), warn)
 
         inferred = False
         if fmt is not None and fmt not in FORMATS:
@@ -538,7 +542,7 @@ def _validate_table(
     return datasets, problems, warnings
 
 
-def _check_source(url: str, dtype: str, root: Path | None, bad: Any) -> str:
+def _check_source(url: str, dtype: str, root: Path | None, bad: Any, warn: Any = None) -> str:
     """Validate a ``download_url`` cell for its type; returns the normalised value."""
     if any(ch.isspace() or ord(ch) < 32 or ord(ch) == 127 for ch in url):
         bad("contains whitespace or control characters")
@@ -583,4 +587,11 @@ def _check_source(url: str, dtype: str, root: Path | None, bad: Any) -> str:
         return url
     if not parts.hostname:
         bad("URL has no host name")
+    elif not parts.hostname.isascii() and warn is not None:
+        # an internationalised name may imitate a known host letter for letter (a Cyrillic 'а' for 'a')
+        try:
+            puny = parts.hostname.encode("idna").decode()
+        except UnicodeError:
+            puny = "not a valid IDNA name"
+        warn(f"download_url host {parts.hostname!r} is not ASCII ({puny}): check it is the host you mean")
     return url

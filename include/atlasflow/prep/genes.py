@@ -70,7 +70,7 @@ BUILTIN_VOCABULARIES: dict[str, str] = {
 DEFAULT_VOCABULARY = BUILTIN_PREFIX + "human_grch38_ens100"  # what an empty genes.vocab_path means
 DEMO_VOCABULARY = BUILTIN_PREFIX + "pbmc68k"  # the demo's and the tests' small vocabulary
 
-_ENSEMBL = re.compile(r"^(ENS[A-Z]*G\d+)(\.\d+)?$", re.IGNORECASE)
+_ENSEMBL = re.compile(r"^(ENS[A-Z]*G[0-9]+)(\.[0-9]+)?$", re.IGNORECASE)
 
 
 def _norm_symbol(name: str) -> str:
@@ -299,7 +299,7 @@ _SPECIES_ALIASES = {
 # Ensembl gene-id prefixes: ENSG is human, ENSMUSG mouse, ENS<XXX>G another species
 _ENSEMBL_SPECIES = {"": "human", "MUS": "mouse"}
 # human open reading frames are the one mixed-case form of human symbols (C1orf112, CXorf21)
-_HUMAN_ORF = re.compile(r"^C(\d+|X|Y)orf\d+[A-Z]?$")
+_HUMAN_ORF = re.compile(r"^C([0-9]+|X|Y)orf[0-9]+[A-Z]?$")
 
 
 def normalize_species(value: str | None) -> str | None:

@@ -77,7 +77,7 @@ class SlurmOutputError(ValueError):
 def _exit(text: str | None) -> tuple[int | None, int | None]:
     if not text:
         return None, None
-    m = re.fullmatch(r"\s*(\d+):(\d+)\s*", text)
+    m = re.fullmatch(r"\s*([0-9]+):([0-9]+)\s*", text)
     if not m:
         return None, None
     return int(m.group(1)), int(m.group(2))
@@ -86,7 +86,7 @@ def _exit(text: str | None) -> tuple[int | None, int | None]:
 def parse_sbatch(out: str) -> str:
     """``sbatch --parsable`` prints ``ID`` or ``ID;cluster`` (possibly after warnings)."""
     for line in reversed(out.strip().splitlines()):
-        m = re.fullmatch(r"\s*(\d+)(?:_\d+)?(?:;\S+)?\s*", line)
+        m = re.fullmatch(r"\s*([0-9]+)(?:_[0-9]+)?(?:;\S+)?\s*", line)
         if m:
             return m.group(1)
     raise SlurmOutputError(f"no job id in sbatch output: {out.strip()[:200]!r}")

@@ -28,7 +28,7 @@ from atlasflow.storage.ledger import Ledger
 __all__ = ["Cleaner", "file_sha256"]
 
 log = logging.getLogger(__name__)
-_BATCH_DIR = re.compile(r"^batch_(\d{4,})$")
+_BATCH_DIR = re.compile(r"^batch_([0-9]{4,})$")
 
 
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:

@@ -354,3 +354,35 @@ def test_a_manifest_in_the_seed_format_is_valid(tmp_path):
     assert [(d.type, d.format, d.technology, d.is_reads) for d in m] == [
         ("geo", None, None, False), ("direct", "10x_h5", None, False), ("sra", None, None, True)]
     assert m.datasets[2].disease_status == "ALS" and m.datasets[2].tissue_type == "spinal_cord"
+
+
+# ---- issue 16 point 10: only ASCII digits; non-ASCII host names warned about ---------------------------------
+
+
+@pytest.mark.parametrize(("value", "dtype", "column"), [
+    ("GSE١٢٣", "geo", "download_url"),      # Arabic-Indic digits
+    ("GSM１２３", "geo", "download_url"),     # fullwidth digits
+    ("SRR٤٥٦", "sra", "download_url"),
+    ("PRJNA۷۸۹", "sra", "download_url"),     # extended Arabic-Indic
+])
+def test_unicode_digits_are_refused_at_validation(manifest_csv, value, dtype, column):
+    rows = [["ok", value, dtype, "", ""]]
+    with pytest.raises(ManifestError) as info:
+        read_manifest(manifest_csv(rows))
+    (problem,) = info.value.problems
+    assert problem.column == column and problem.row == 2 and repr(value) in problem.reason
+
+
+@pytest.mark.parametrize("value", ["1٠٠ MB", "٣GB", "１２"])
+def test_unicode_digits_in_sizes_are_refused(value):
+    with pytest.raises(ValueError):
+        parse_size(value)
+
+
+def test_a_non_ascii_host_name_is_warned_about(manifest_csv, caplog):
+    rows = [["idn", "https://exаmple.org/x.h5ad", "direct", "", ""],  # a Cyrillic 'а' in the host
+            ["plain", "https://example.org/y.h5ad", "direct", "", ""]]
+    manifest = read_manifest(manifest_csv(rows))
+    assert len(manifest.datasets) == 2
+    (warning,) = [w for w in manifest.warnings if "host" in w]
+    assert "row 2" in warning and "exаmple.org" in warning and "xn--" in warning
