@@ -62,3 +62,46 @@ def test_the_app_requires_a_logged_in_user_by_default():
 
     app = create_app()
     assert app.router.dependencies, "plugin apps are public unless they ask for a user"
+
+
+@pytest.fixture
+def tokens(airflow_db, monkeypatch):
+    """JWTs of Airflow's own (simple) auth manager, one per role; ``None``: logged in without a role."""
+    from airflow.api_fastapi.app import create_auth_manager
+    from airflow.api_fastapi.auth.managers.simple.user import SimpleAuthManagerUser
+
+    monkeypatch.setenv("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS", "False")
+    manager = create_auth_manager()
+    return {role: manager.generate_jwt(SimpleAuthManagerUser(username=f"u-{role}", role=role))
+            for role in (None, "viewer", "op", "admin")}
+
+
+def _status(app, token: str | None) -> int:
+    from fastapi.testclient import TestClient
+
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return TestClient(app).get("/api", headers=headers).status_code
+
+
+@pytest.mark.slow
+def test_the_page_requires_the_configured_permission(config, tokens, tmp_path, monkeypatch):
+    from atlasflow_airflow.ui.storage_view import create_app
+
+    default = create_app()  # storage.ui_permission from the config file: dag_run:GET
+    assert _status(default, None) == 401
+    assert _status(default, tokens[None]) == 403  # logged in, but may not read DAG runs
+    assert _status(default, tokens["viewer"]) == _status(default, tokens["op"]) == 200
+    # a stricter setting in the config file: variables are for Op and up under the simple auth manager
+    path = tmp_path / "strict.yaml"
+    path.write_text(json.dumps({"storage": {**config.to_dict()["storage"], "ui_permission": "variable:GET"}}))
+    monkeypatch.setenv("ATLASFLOW_CONFIG", str(path))
+    strict = create_app()
+    assert _status(strict, tokens["viewer"]) == 403 and _status(strict, tokens["op"]) == 200
+    assert _status(create_app(permission="authenticated"), tokens[None]) == 200
+
+
+def test_ui_permission_is_validated():
+    from atlasflow.core.config import ConfigError
+
+    with pytest.raises(ConfigError, match="storage.ui_permission: 'dag_run:GETX' is not one of"):
+        load_config(overrides={"storage.ui_permission": "dag_run:GETX"})

@@ -104,6 +104,11 @@ class StorageConfig:
     ledger_url_env: str | None = _opt(
         "ATLASFLOW_LEDGER_URL", "Environment variable read for the ledger URL when ledger_url is empty (keeps the "
         "password out of files).")
+    ui_permission: Literal["dag_run:GET", "dag_run:POST", "dag:GET", "pool:GET", "variable:GET", "connection:GET",
+                           "configuration:GET", "authenticated"] = _opt(
+        "dag_run:GET", "What the Airflow UI's storage page requires of a user, asked of Airflow's auth manager "
+        "(resource:method; with FAB, the roles holding that permission): by default reading DAG runs (Viewer and "
+        "up); `authenticated`: any logged-in user. Read by the api-server at start.")
 
     @property
     def max_storage_bytes(self) -> int:
@@ -777,6 +782,8 @@ def _resolve_relative(config: AtlasConfig, folder: Path) -> AtlasConfig:
 # Keys that shape a DAG (which batches exist, where the plan lives): read from the file at parse
 # time, so a run that overrode them would disagree with its own graph.
 PARSE_TIME_KEYS = ("manifest", "plan", "storage.base_dir", "retrain.schedule")
+# Read by the api-server when it starts, not by a run.
+SERVER_KEYS = ("storage.ui_permission",)
 # The only text keys a run may set: resource names and labels that name no program, path, URL,
 # connection or recipient. Every number, switch and fixed choice may be set too (not a parse-time key).
 RUN_TEXT_KEYS = frozenset({"slurm.partition", "slurm.account", "slurm.qos", "slurm.time_limit", "slurm.constraint",
@@ -800,7 +807,7 @@ def run_overridable_keys() -> tuple[str, ...]:
         cls = typing.get_type_hints(AtlasConfig)[section.name]
         for name, hint in typing.get_type_hints(cls).items():
             key = f"{section.name}.{name}"
-            if any(key == p or key.startswith(p + ".") for p in PARSE_TIME_KEYS):
+            if key in SERVER_KEYS or any(key == p or key.startswith(p + ".") for p in PARSE_TIME_KEYS):
                 continue
             if key in RUN_TEXT_KEYS or _is_plain_value(hint):
                 keys.append(key)
