@@ -88,10 +88,11 @@ def _sample_r1(files: Sequence[Path], n: int) -> tuple[Counter[str], int, int, i
         opener = gzip.open if path.name.endswith(".gz") else open
         with opener(path, "rb") as fh:  # type: ignore[operator]
             while taken < n:
-                header = fh.readline(4096)
-                seq = fh.readline(1 << 16).rstrip(b"\r\n")
-                fh.readline(4096)
-                fh.readline(1 << 16)
+                # check_fastq has read the whole file already (four-line records, line lengths capped)
+                header = fh.readline(1 << 20)
+                seq = fh.readline(1 << 20).rstrip(b"\r\n")
+                fh.readline(1 << 20)
+                fh.readline(1 << 20)
                 if not header:
                     break
                 taken += 1

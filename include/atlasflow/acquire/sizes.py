@@ -9,6 +9,10 @@ A manifest row's ``expected_bytes`` wins. Otherwise the size is asked of the sou
   ``filelist.txt``'s member sizes), a HEAD for each chosen file whose size the listing does not give;
   a ``_RAW.tar`` without ``filelist.txt`` counts the tar's size (its members are at most that).
 - ``sra`` rows: ENA's filereport ``fastq_bytes``.
+- ``cellxgene`` rows: the Curation API's ``filesize`` of the dataset's H5AD asset.
+
+Rows are asked in parallel (:data:`PARALLEL` at a time), so a long manifest's plan is not the sum of
+its slowest servers.
 
 Servers are untrusted: every request has a timeout, a length must be a plain decimal number no
 larger than :data:`MAX_BYTES`, at most :data:`MAX_REQUESTS` requests are made per dataset, and any
@@ -26,6 +30,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -42,6 +47,7 @@ log = logging.getLogger(__name__)
 MAX_BYTES = 100 * 10**12  # 100 TB: a larger "length" is a broken or hostile server, not a dataset
 MAX_REQUESTS = 200  # per dataset (a GEO folder of many files); beyond it the size stays unknown
 RETRY_UNKNOWN_S = 3600.0
+PARALLEL = 8  # rows asked at once
 _DIGITS = re.compile(r"^[0-9]{1,20}$")
 _CONTENT_RANGE = re.compile(r"^bytes\s+(?:[0-9]+-[0-9]+|\*)/([0-9]{1,20})$", re.IGNORECASE)
 
@@ -159,6 +165,19 @@ def _probe_ena(dataset: Dataset, config: DownloadConfig) -> int:
     return total
 
 
+def _probe_cellxgene(dataset: Dataset, config: DownloadConfig) -> int:
+    from atlasflow.acquire.cellxgene import FetchError, resolve_dataset
+
+    try:
+        found = resolve_dataset(dataset.download_url, base_url=config.cellxgene_api_url,
+                                timeout_s=config.size_probe_timeout_s)
+    except FetchError as exc:
+        raise _Unknown(str(exc)) from exc
+    if found.filesize is None or not 0 <= found.filesize <= MAX_BYTES:
+        raise _Unknown(f"CELLxGENE names no usable filesize for {dataset.download_url} ({found.filesize!r})")
+    return found.filesize
+
+
 def probe_dataset(dataset: Dataset, config: DownloadConfig) -> SizeProbe:
     """Ask the dataset's source for its size; never raises for a server's answer."""
     now = time.time()
@@ -168,6 +187,8 @@ def probe_dataset(dataset: Dataset, config: DownloadConfig) -> SizeProbe:
             n, how = _probe_geo(dataset, config), "geo"
         elif dataset.type == "sra":
             n, how = _probe_ena(dataset, config), "ena"
+        elif dataset.type == "cellxgene":
+            n, how = _probe_cellxgene(dataset, config), "cellxgene"
         else:
             urls = dataset.urls()[:MAX_REQUESTS]
             found = [probe_url(u, timeout_s=config.size_probe_timeout_s) for u in urls]
@@ -212,15 +233,17 @@ def known_sizes(config: AtlasConfig, datasets: Iterable[Dataset], *, probe: bool
     cache = _load(path) if cache_file else {}
     now = time.time()
     out: dict[str, SizeProbe] = {}
-    changed = False
-    for d in datasets:
-        if d.expected_bytes is not None:
-            continue
-        found = _cached(cache.get(d.dataset_id), d, now)
-        if found is None and probe and config.download.size_probe:
-            found = probe_dataset(d, config.download)
-            cache[d.dataset_id] = found.to_dict()
-            changed = True
+    rows = [d for d in datasets if d.expected_bytes is None]
+    hits = {d.dataset_id: _cached(cache.get(d.dataset_id), d, now) for d in rows}
+    ask = [d for d in rows if hits[d.dataset_id] is None] if probe and config.download.size_probe else []
+    if ask:
+        with ThreadPoolExecutor(max_workers=min(PARALLEL, len(ask)), thread_name_prefix="size-probe") as pool:
+            for d, found in zip(ask, pool.map(lambda d: probe_dataset(d, config.download), ask), strict=True):
+                hits[d.dataset_id] = found
+                cache[d.dataset_id] = found.to_dict()
+    changed = bool(ask)
+    for d in rows:
+        found = hits[d.dataset_id]
         if found is not None and found.bytes is None and found.arrived:
             found = replace(found, bytes=found.arrived, source="arrived")  # an earlier download's own size
         if found is not None:

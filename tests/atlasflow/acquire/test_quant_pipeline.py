@@ -161,3 +161,22 @@ def test_slurm_backend_runs_the_same_quantification_as_a_cpu_job(reads_demo, tmp
     assert len(list(raw.glob("*.fastq.gz"))) == 2  # the job leaves deletion to the Airflow side
     finished = P.finish_quant(config, "batch_0000", "fq0", outcome)
     assert finished["status"] == "ok" and list(raw.glob("*.fastq.gz")) == []
+
+
+@pytest.mark.slow
+def test_dataset_run_quantifies_a_reads_row_without_airflow(reads_demo):
+    """`atlasflow dataset run` on an sra row: ENA → kb count → QC, one JSON line, nothing left behind."""
+    import io
+
+    from atlasflow.cli.main import main
+
+    root, _, info = reads_demo
+    out = io.StringIO()
+    assert main(["dataset", "run", "fq0", "--config", str(root / "atlasflow.yaml")], out=out) == 0
+    line = json.loads(out.getvalue())
+    assert (line["status"], line["cells_before"]) == ("processed", 10)
+    assert line["download_bytes"] == info["fastq_bytes"]["fq0"] and line["size_source"] == "manifest"
+    assert (line["quant"]["technology"], line["quant"]["technology_source"]) == ("10xv3", "manifest")
+    config = load_config(root / "atlasflow.yaml")
+    assert not (config.base_dir / "data" / "raw" / "fq0").exists()
+    assert not (config.base_dir / "cache" / "quant" / "fq0").exists()

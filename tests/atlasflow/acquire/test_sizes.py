@@ -156,3 +156,18 @@ def test_sizes_are_cached_by_row_and_fingerprint(www, tmp_path):
         check = record_arrival(config, moved, 1200)
         assert check == {"expected": 999, "source": "head", "arrived": 1200, "ratio": round(1200 / 999, 4)}
         assert json.loads((config.state_dir / "sizes.json").read_text())["a"]["arrived"] == 1200
+
+
+def test_cellxgene_rows_take_the_curation_apis_filesize(tmp_path):
+    from atlasflow_testing.cellxgene_server import CellxgeneServer, PublishedDataset
+
+    root = tmp_path / "cxg"
+    (root / "assets").mkdir(parents=True)
+    (root / "assets" / "x.h5ad").write_bytes(b"c" * 5555)
+    d = PublishedDataset(root / "assets" / "x.h5ad", cell_count=1)
+    with CellxgeneServer(root) as server:
+        server.publish("0" * 8 + "-0000-4000-8000-" + "0" * 12, [d])
+        cfg = config_for(tmp_path, "http://127.0.0.1:1", **{"download.cellxgene_api_url": server.api_url}).download
+        found = probe_dataset(Dataset("c", d.dataset_id, "cellxgene", 2), cfg)
+        assert (found.bytes, found.source) == (5555, "cellxgene")
+        assert probe_dataset(Dataset("u", "1" * 8 + "-1111-4111-8111-" + "1" * 12, "cellxgene", 3), cfg).bytes is None
