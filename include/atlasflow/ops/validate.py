@@ -202,6 +202,18 @@ def _manifest(config: AtlasConfig) -> list[Check]:
                                                  f"{rows})"))
         else:
             checks.append(Check("quant", "ok", f"{kb} with {config.quant.index} for {len(reads)} FASTQ row(s)"))
+        if undetected := [d.dataset_id for d in m if d.is_reads and not d.technology]:
+            from atlasflow.acquire.chemistry import DETECTABLE, onlist_for
+
+            shown = ", ".join(undetected[:3]) + (" …" if len(undetected) > 3 else "")
+            lists = {c: onlist_for(c, config.quant) for c in DETECTABLE}
+            if missing := [c for c, p in lists.items() if not p or not Path(p).is_file()]:
+                checks.append(Check("chemistry", "warn", f"no barcode on-list for {', '.join(missing)} (set "
+                                    f"quant.onlist_<chemistry>): {len(undetected)} reads row(s) without a technology "
+                                    f"({shown}) cannot be detected as it"))
+            else:
+                checks.append(Check("chemistry", "ok", f"{len(undetected)} reads row(s) without a technology ({shown}): "
+                                    "detected from the reads against the 10x v2/v3 on-lists"))
     return checks
 
 

@@ -219,3 +219,14 @@ def test_known_hosts_check_prints_the_step_that_fills_it(tmp_path):
     assert (tmp_path / "kh").read_text().startswith("|1|")
     assert known_hosts_check("login.example.org", 22, str(tmp_path / "kh")).status == "ok"
     assert known_hosts_check("login2.example.org", 22, str(tmp_path / "kh")).status == "fail"
+
+
+def test_reads_rows_without_a_technology_need_the_on_lists(tmp_path, manifest_csv):
+    header = ["dataset_id", "download_url", "type", "disease_status", "tissue_type"]
+    base = {"storage.base_dir": str(tmp_path / "b"),
+            "manifest.path": str(manifest_csv([["srr1", "SRR000001", "sra", "ALS", "spinal_cord"]], header))}
+    found = by_name(run_checks(load_config(overrides=base), gpu=False))["chemistry"]
+    assert found.status == "ok" and "srr1" in found.detail  # kb-python's own 10x lists are installed
+    gone = by_name(run_checks(load_config(overrides={**base, "quant.onlist_10xv2": str(tmp_path / "no.txt")}),
+                              gpu=False))["chemistry"]
+    assert gone.status == "warn" and "no barcode on-list for 10xv2" in gone.detail
