@@ -84,11 +84,11 @@ class StorageConfig:
     unknown_size_gb: float = _opt(
         10.0, "Download size assumed for a dataset with no expected_bytes and no Content-Length, GB.", min=0
     )
-    checkpoint_gb: float = _opt(
-        1.0, "Disk reserved per batch for its model artifacts at their peak: the checkpoint (weights, optimizer, "
-        "gene statistics and the replay reservoir) twice (the intra-batch copy and the final one coexist while it "
-        "is saved) plus the integration model, GB. validate_system estimates it from the model and "
-        "training.replay_cells and warns when it does not fit.", min=0)
+    checkpoint_gb: float | None = _opt(
+        None, "Override of the disk reserved per batch for its model artifacts, GB. Empty (default): computed "
+        "from the model (atlasflow.model.sizing.model_artifacts): the checkpoint (weights, AdamW's two moments, "
+        "gene statistics, replay reservoir, held-out sets) twice (the new copy is written beside the previous "
+        "one) plus the scVI model, its scoring pool and latent.", min=0)
     default_expansion: float = _opt(
         2.0, "Processed bytes per downloaded byte assumed for a format until one has been measured.", min=0
     )
@@ -366,9 +366,13 @@ class SlurmConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The foundation model's shape. Presets: `cpu` (tests, laptops), `gpu` (real training)."""
+    """The foundation model's shape. Presets: `cpu` (tests, laptops), `gpu-small` (one GPU), `gpu-large` (a node)."""
 
-    preset: Literal["cpu", "gpu", "custom"] = _opt("cpu", "Size preset; `custom` uses the sizes below.")
+    preset: Literal["cpu", "gpu-small", "gpu-large", "gpu", "custom"] = _opt(
+        "cpu", "Size preset (docs/model.md#presets: parameters, memory, throughput): `cpu` (d 64, 2 layers, 128 "
+        "genes/cell), `gpu-small` (d 512, 8 layers, 1,200 genes/cell; ~46 M parameters with the human vocabulary, "
+        "one GPU), `gpu-large` (d 1024, 16 layers, 2,048 genes/cell; ~244 M, a node of GPUs); `gpu` is "
+        "`gpu-small`; `custom` uses the sizes below.")
     d_model: int = _opt(64, "custom: embedding width.", min=8)
     n_layers: int = _opt(2, "custom: transformer blocks.", min=1)
     n_heads: int = _opt(4, "custom: attention heads (must divide d_model).", min=1)
@@ -395,8 +399,10 @@ class ModelConfig:
     def sizes(self) -> dict[str, int]:
         presets = {
             "cpu": {"d_model": 64, "n_layers": 2, "n_heads": 4, "d_ff": 128, "max_genes": 128},
-            "gpu": {"d_model": 512, "n_layers": 12, "n_heads": 8, "d_ff": 2048, "max_genes": 1200},
+            "gpu-small": {"d_model": 512, "n_layers": 8, "n_heads": 8, "d_ff": 2048, "max_genes": 1200},
+            "gpu-large": {"d_model": 1024, "n_layers": 16, "n_heads": 16, "d_ff": 4096, "max_genes": 2048},
         }
+        presets["gpu"] = presets["gpu-small"]  # the name before there were two GPU sizes
         if self.preset in presets:
             return presets[self.preset]
         return {"d_model": self.d_model, "n_layers": self.n_layers, "n_heads": self.n_heads, "d_ff": self.d_ff,
@@ -430,6 +436,10 @@ class TrainingConfig:
         2000, "Held-out cells evaluated per batch: a seeded sample, read block by block (bounded memory).", min=10)
     mask_ratio: float = _opt(0.15, "Share of a cell's genes whose bin is masked and predicted.", min=0.01, max=0.9)
     checkpoint_every_steps: int = _opt(100, "Intra-batch checkpoint interval; an interrupted job resumes there.", min=1)
+    checkpoint_every_minutes: float | None = _opt(
+        None, "Also save the intra-batch checkpoint when this many minutes passed since the last save (whichever of "
+        "steps and minutes comes first); empty: steps only. Bounds the work a killed job loses when steps are slow "
+        "(large models).", min=0.01)
     block_cells: int = _opt(4096, "Contiguous cells read at once and shuffled together (block shuffle).", min=16)
     val_fraction: float = _opt(
         0.2, "Share of a batch's datasets held out for validation (whole datasets: no leakage).", min=0, max=0.9

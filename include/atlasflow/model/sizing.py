@@ -1,20 +1,35 @@
-"""How big a checkpoint gets, from the config alone (no torch import: ``validate_system`` uses it).
+"""How big a checkpoint gets and what a model costs, from the config alone (no torch import:
+``validate_system`` and admission use it).
 
 A checkpoint folder holds the weights, AdamW's two moments per weight, the per-gene bin counts
 and gene-median histograms, the replay reservoir and the held-out samples of every batch. The
 reservoir is the part a user sizes (``training.replay_cells``); its expression rows are sparse, so
 the estimate assumes ``expressed_genes`` non-zeros per cell (err high: the budget is a hard limit).
+
+:func:`model_artifacts` is what admission reserves per batch for its model artefacts (unless
+``storage.checkpoint_gb`` overrides it): the checkpoint twice (a save writes the new folder beside
+the previous one, then swaps them) plus the batch's integration output (the scVI model, its scoring
+pool and the latent). :func:`training_flops_per_cell` and :func:`training_memory` give the
+figures docs/model.md states for the presets.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
-from atlasflow.core.config import AtlasConfig
+from atlasflow.core.config import GB, AtlasConfig
 
-__all__ = ["CheckpointSize", "checkpoint_size", "n_parameters"]
+__all__ = ["CheckpointSize", "ModelArtifacts", "checkpoint_size", "model_artifacts", "n_parameters",
+           "training_flops_per_cell", "training_memory"]
 
 _HIST_BINS = 96  # atlasflow.model.genestats
+_VAL_SET_CELLS = 1000  # atlasflow.model.train.VAL_SET_CELLS
+_SCVI_HIDDEN = 128  # scvi-tools' default n_hidden (atlasflow.model.integrate keeps it)
+_SCORE_POOL_CELLS = 4000  # atlasflow.model.integrate.SCORE_POOL_CELLS
+# a processed cell takes at least this many bytes on disk (>= qc.min_genes stored counts, compressed):
+# the cells of a batch are estimated from its processed bytes with it, which errs towards more cells
+PROCESSED_BYTES_PER_CELL = 1000
 
 
 def n_parameters(config: AtlasConfig, n_genes: int) -> int:
@@ -58,4 +73,89 @@ def checkpoint_size(config: AtlasConfig, n_genes: int, *, expressed_genes: int |
     per_cell = seq * (4 + 2) + 4 + 4 + 8 + min(n_genes, expressed_genes) * (4 + 4)
     return CheckpointSize(parameters=params, weights=params * 4, optimizer=params * 8,
                           stats=n_genes * (config.model.n_bins + _HIST_BINS) * 8,
-                          replay=config.training.replay_cells * per_cell, val_sets_per_batch=1000 * (seq * 6 + 8))
+                          replay=config.training.replay_cells * per_cell,
+                          val_sets_per_batch=_VAL_SET_CELLS * (seq * 6 + 8))
+
+
+@dataclass(frozen=True)
+class ModelArtifacts:
+    """What one batch's model artefacts take on disk at their peak; see :func:`model_artifacts`."""
+
+    checkpoint: CheckpointSize
+    batches: int  # the checkpoint keeps this many batches' held-out sets
+    scvi_model: int
+    scoring_pool: int
+    latent_per_cell: int
+    override: int | None = None  # storage.checkpoint_gb, when set
+
+    def bytes(self, cells: int = 0) -> int:
+        """Bytes to reserve for a batch of ``cells`` cells (the override when one is set)."""
+        if self.override is not None:
+            return self.override
+        return 2 * self.checkpoint.total(self.batches) + self.scvi_model + self.scoring_pool + cells * self.latent_per_cell
+
+    def to_dict(self, cells: int = 0) -> dict[str, Any]:
+        return {"bytes": self.bytes(cells), "source": "storage.checkpoint_gb" if self.override is not None else "computed",
+                "checkpoint": self.checkpoint.total(self.batches), "checkpoint_copies": 2, "batches": self.batches,
+                "scvi_model": self.scvi_model, "scoring_pool": self.scoring_pool,
+                "latent": cells * self.latent_per_cell, "cells": cells, **asdict(self.checkpoint)}
+
+
+def _scvi_parameters(n_genes: int, n_latent: int, n_layers: int, n_batches: int) -> int:
+    """scVI's parameters (encoder, library encoder, decoder with scale/dropout heads and gene dispersion)."""
+    h = _SCVI_HIDDEN
+    hidden = (n_layers - 1) * (h * h + 3 * h)  # further layers with their layer norm
+    encoder = (n_genes + n_batches) * h + 3 * h + hidden + 2 * (h * n_latent + n_latent)
+    library = (n_genes + n_batches) * h + 3 * h + 2 * (h + 1)
+    decoder = (n_latent + n_batches) * h + 3 * h + hidden + 2 * (h * n_genes + n_genes) + n_genes
+    return encoder + library + decoder
+
+
+def model_artifacts(config: AtlasConfig, n_genes: int, *, batches: int = 1, datasets: int = 50) -> ModelArtifacts:
+    """A batch's model artefacts at their peak, from the model's parameter count and optimizer state.
+
+    Parameters
+    ----------
+    n_genes
+        The vocabulary's size.
+    batches
+        The batch's position in the plan + 1: the checkpoint keeps a held-out set of every batch.
+    datasets
+        Integration batches (datasets) scVI's covariates are sized for (err high).
+    """
+    override = None if config.storage.checkpoint_gb is None else int(config.storage.checkpoint_gb * GB)
+    integration = config.integration
+    scvi = pool = per_cell = 0
+    if integration.enabled:
+        scvi = 4 * _scvi_parameters(integration.n_genes, integration.n_latent, integration.n_layers, datasets)
+        pool = _SCORE_POOL_CELLS * integration.n_genes * (4 + 4)  # raw counts, stored sparse, before gzip
+        per_cell = integration.n_latent * 4 + 64  # the latent plus its obs row (ids, batch, label)
+    return ModelArtifacts(checkpoint_size(config, n_genes), max(batches, 1), scvi, pool, per_cell, override)
+
+
+def training_flops_per_cell(config: AtlasConfig, n_genes: int) -> int:
+    """Model FLOPs of one training step per cell (forward + backward = 3 × forward).
+
+    Per token: ``6 × L × (4 d² + 2 d f)`` (QKV + output projections, the feed-forward) + ``6 × d × n_bins``
+    (the bin head); attention: ``12 × L × s² × d`` per cell (QKᵀ and AV); per cell: the expression
+    decoder ``6 × (d² + d × n_genes)``. ``s`` is the full sequence (max_genes + 1): padded positions
+    are computed too. Embedding look-ups are not FLOPs.
+    """
+    sz = config.model.sizes()
+    d, f, layers, s = sz["d_model"], sz["d_ff"], sz["n_layers"], sz["max_genes"] + 1
+    per_token = 6 * layers * (4 * d * d + 2 * d * f) + 6 * d * config.model.n_bins
+    flops = per_token * s + 12 * layers * s * s * d
+    if config.model.cell_objective == "expression":
+        flops += 6 * (d * d + d * n_genes)
+    return flops
+
+
+def training_memory(config: AtlasConfig, n_genes: int, micro_batch_cells: int) -> dict[str, int]:
+    """Bytes on one device while training: ``state`` = 16 B per parameter (fp32 weights, gradients and
+    AdamW's two moments) and ``activations`` ≈ 34 × s × d bytes per layer per cell (Korthikanti et al.
+    2022, without the s² attention term: scaled_dot_product_attention's memory-efficient kernel keeps
+    no attention matrix), for ``micro_batch_cells`` cells per forward pass."""
+    sz = config.model.sizes()
+    state = 16 * n_parameters(config, n_genes)
+    activations = 34 * (sz["max_genes"] + 1) * sz["d_model"] * sz["n_layers"] * micro_batch_cells
+    return {"state": state, "activations": activations, "total": state + activations}

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from atlasflow.core.config import AtlasConfig
 from atlasflow.core.fsutil import write_json_atomic
+from atlasflow.model.checkpoint_clock import CheckpointClock
 from atlasflow.model.data import BatchData, CellBatch, HeldOutSample, log_normalise
 from atlasflow.model.genestats import GeneMedians
 from atlasflow.model.network import AtlasTransformer, no_decay
@@ -365,6 +366,7 @@ class Trainer:
         n_new = max(t.batch_cells - n_replay, 1)
         total_steps = t.epochs * math.ceil(max(data.n_train_cells, 1) / n_new)
         t0 = time.monotonic()
+        clock = CheckpointClock(t.checkpoint_every_steps, t.checkpoint_every_minutes)
         self.model.train()
         while p.epoch < t.epochs:
             for step, cells in data.batches(epoch=p.epoch, batch_cells=n_new, start_step=p.step_in_epoch):
@@ -384,7 +386,7 @@ class Trainer:
                 p.global_step += 1
                 p.step_in_epoch = step + 1
                 p.cells_seen += len(cells) - (len(rep) if rep is not None else 0)
-                if checkpoint is not None and p.global_step % t.checkpoint_every_steps == 0:
+                if checkpoint is not None and clock.due(p.global_step):
                     self.save(checkpoint)  # intra-batch: a killed job resumes here
             p.epoch += 1
             p.step_in_epoch = 0

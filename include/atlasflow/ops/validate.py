@@ -14,7 +14,7 @@ import platform
 import shutil
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -244,27 +244,30 @@ def _vocabulary(config: AtlasConfig) -> list[Check]:
 
 
 def _model_artifacts(config: AtlasConfig) -> Check:
-    """The checkpoint (weights, optimizer, stats, replay reservoir) fits what ``storage.checkpoint_gb`` reserves.
+    """What each batch reserves for its model artefacts (:func:`atlasflow.model.sizing.model_artifacts`).
 
-    The ledger reserves ``checkpoint_gb`` per batch for its model artefacts; a checkpoint is
-    written beside the previous copy, so two must fit. The estimate errs high (see
-    :mod:`atlasflow.model.sizing`), so exceeding it is a warning, not a refusal.
+    Computed from the model unless ``storage.checkpoint_gb`` overrides it; an override below the
+    computed figure is a warning (the estimate errs high), not a refusal.
     """
-    from atlasflow.model.sizing import checkpoint_size
+    from atlasflow.model.sizing import model_artifacts
     from atlasflow.prep.genes import Vocabulary
 
     n_genes = len(Vocabulary.load(config.genes.vocab_path))
-    size = checkpoint_size(config, n_genes)
-    need, have = 2 * size.total(), int(config.storage.checkpoint_gb * GB)
+    art = model_artifacts(config, n_genes)
+    size = art.checkpoint
+    computed = replace(art, override=None).bytes()
     mb = 1e6
     detail = (f"~{size.total() / mb:,.1f} MB per checkpoint ({size.parameters:,} parameters: weights "
               f"{size.weights / mb:,.1f} MB, optimizer {size.optimizer / mb:,.1f} MB; replay reservoir of "
               f"{config.training.replay_cells:,} cells {size.replay / mb:,.1f} MB; gene statistics "
-              f"{size.stats / mb:,.1f} MB); two copies coexist while one is saved")
-    if need > have:
-        return Check("model_artifacts", "warn", f"{detail}: {need / mb:,.1f} MB > storage.checkpoint_gb "
-                     f"({have / mb:,.1f} MB). Raise storage.checkpoint_gb or lower training.replay_cells")
-    return Check("model_artifacts", "ok", f"{detail}; storage.checkpoint_gb reserves {have / mb:,.1f} MB")
+              f"{size.stats / mb:,.1f} MB); two copies coexist while one is saved, plus the integration model "
+              f"({(art.scvi_model + art.scoring_pool) / mb:,.1f} MB): {computed / mb:,.1f} MB per batch")
+    if art.override is None:
+        return Check("model_artifacts", "ok", f"{detail}, reserved as computed")
+    if art.override < computed:
+        return Check("model_artifacts", "warn", f"{detail} > storage.checkpoint_gb ({art.override / mb:,.1f} MB). "
+                     "Raise or unset storage.checkpoint_gb, or lower training.replay_cells")
+    return Check("model_artifacts", "ok", f"{detail}; storage.checkpoint_gb reserves {art.override / mb:,.1f} MB")
 
 
 def _known_hosts_names(line: str) -> list[str]:

@@ -36,6 +36,7 @@ from atlasflow.core.runlog import RecordAlso, StageStatus, record_job, stage, st
 from atlasflow.intake.manifest import Dataset
 from atlasflow.intake.plan import batch_id as make_batch_id
 from atlasflow.intake.plan import freeze_plan, load_plan
+from atlasflow.model.sizing import ModelArtifacts, model_artifacts
 from atlasflow.prep.genes import (
     Vocabulary,
     VocabularyMismatchError,
@@ -336,18 +337,26 @@ def admit_batch(config: AtlasConfig, batch_id: str, *, owner: str, bind_pid: boo
 
     ledger = Ledger(config.storage)
     datasets = [Dataset.from_dict(d) for d in spec["datasets"]]
+    index = spec["index"]
     # rows without expected_bytes: the size their source names (cached; asked once), else unknown_size_gb
     sizes = {k: p for k, p in known_sizes(config, datasets, probe=True).items() if p.bytes}
     footprint = batch_footprint(datasets, ledger, quant=config.quant,
                                 content_lengths={k: int(p.bytes or 0) for k, p in sizes.items()},
-                                size_sources={k: p.source for k, p in sizes.items()})
-    index = spec["index"]
+                                size_sources={k: p.source for k, p in sizes.items()},
+                                model=_model_artifacts(config, index))
     paths = [f"data/raw/{d.dataset_id}" for d in datasets] + [f"data/processed/{batch_id}",
                                                               f"models/checkpoints/{batch_id}",
                                                               f"models/integration/{batch_id}"]
     admission = ledger.try_admit(batch_id, footprint["bytes"], paths=paths, owner=owner,
                                  after=make_batch_id(index - 1) if index > 0 else None, bind_pid=bind_pid)
     return {**admission.to_dict(), "footprint": footprint}  # type: ignore[typeddict-item]
+
+
+def _model_artifacts(config: AtlasConfig, index: int) -> ModelArtifacts:
+    """What batch ``index``'s model artefacts take (its checkpoint holds ``index + 1`` held-out sets)."""
+    pinned = pinned_vocab_path(config.state_dir)
+    vocab = Vocabulary.load(pinned if pinned.exists() else config.genes.vocab_path)
+    return model_artifacts(config, len(vocab), batches=index + 1)
 
 
 @stage("download")

@@ -8,6 +8,7 @@ from typing import Any
 
 from atlasflow.core.config import GB, QuantConfig
 from atlasflow.intake.manifest import Dataset
+from atlasflow.model.sizing import PROCESSED_BYTES_PER_CELL, ModelArtifacts
 from atlasflow.storage.ledger import Ledger
 
 __all__ = ["batch_footprint"]
@@ -20,6 +21,7 @@ def batch_footprint(
     content_lengths: Mapping[str, int] | None = None,
     size_sources: Mapping[str, str] | None = None,
     quant: QuantConfig | None = None,
+    model: ModelArtifacts | None = None,
 ) -> dict[str, Any]:
     """Estimate a batch's peak footprint.
 
@@ -27,7 +29,9 @@ def batch_footprint(
     the size asked of its source, :func:`atlasflow.acquire.sizes.known_sizes`, labelled by
     ``size_sources``; else ``storage.unknown_size_gb``, labelled ``default``) plus its processed output (download ×
     the format's expansion factor, measured from earlier datasets when any). The batch adds one
-    checkpoint + integration model (``storage.checkpoint_gb``). Raw files are deleted once
+    model's artefacts: ``model`` (:func:`atlasflow.model.sizing.model_artifacts`: the checkpoint
+    twice + the integration output, its latent sized for the batch's cells estimated from the
+    processed bytes), else ``storage.checkpoint_gb`` (0 when unset). Raw files are deleted once
     processed, so this over-estimates a little: the budget is a hard limit, so err high.
 
     A reads dataset (FASTQ) also needs kb count's working space while it runs (``quant.work_factor``
@@ -42,7 +46,7 @@ def batch_footprint(
     lengths = content_lengths or {}
     q = quant or QuantConfig()
     rows = []
-    total = int(config.checkpoint_gb * GB)
+    total = 0
     for d in datasets:
         if d.expected_bytes is not None:
             raw, source = d.expected_bytes, "manifest"
@@ -59,7 +63,13 @@ def batch_footprint(
             total += row["quant_work"]
         total += raw + processed
         rows.append(row)
-    out: dict[str, Any] = {"bytes": total, "datasets": rows}
+    cells = sum(r["processed"] for r in rows) // PROCESSED_BYTES_PER_CELL
+    if model is not None:
+        artifacts = model.to_dict(cells)
+    else:
+        artifacts = {"bytes": int((config.checkpoint_gb or 0) * GB), "source": "storage.checkpoint_gb"}
+    total += artifacts["bytes"]
+    out: dict[str, Any] = {"bytes": total, "datasets": rows, "model_artifacts": artifacts}
     if any("quant_work" in r for r in rows):
         index = Path(q.index) if q.index else None
         out["index"] = index.stat().st_size if index is not None and index.is_file() else int(q.index_gb * GB)
