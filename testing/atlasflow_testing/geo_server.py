@@ -19,6 +19,8 @@ does), and can misbehave on purpose, per path, to exercise the downloader:
 
 A folder holding ``<ACCESSION>.tsv`` answers ``GET folder?accession=<ACCESSION>&…`` with that file:
 ENA's Portal API ``filereport`` stand-in (see :func:`atlasflow_testing.reads.publish_ena`).
+A folder holding ``<ACC>.soft`` answers ``GET folder?acc=<ACC>&…``: GEO's ``acc.cgi`` SOFT records
+(see :mod:`atlasflow_testing.geo_corpus`).
 
 Every body transfer is recorded (path, start, end, bytes): tests and benchmarks read how many
 downloads ran at once from ``transfers()`` or from the ``--transfer-log`` JSON-lines file.
@@ -101,9 +103,10 @@ class _Handler(BaseHTTPRequestHandler):
         if not target.is_relative_to(self.server.root) or not target.exists():
             self.send_error(HTTPStatus.NOT_FOUND)
             return
-        accession = parse_qs(urlsplit(self.path).query).get("accession", [""])[0]
-        if target.is_dir() and accession:  # an API answer keyed by ?accession= (ENA's filereport)
-            keyed = target / f"{accession}.tsv"
+        query = parse_qs(urlsplit(self.path).query)
+        accession = query.get("accession", [""])[0] or query.get("acc", [""])[0]
+        if target.is_dir() and accession:  # an API answer keyed by ?accession= (ENA) or ?acc= (GEO's acc.cgi)
+            keyed = target / f"{accession}.{'tsv' if 'accession' in query else 'soft'}"
             if not re.fullmatch(r"[A-Za-z0-9]{1,32}", accession) or not keyed.is_file():
                 self.send_error(HTTPStatus.NOT_FOUND)
                 return

@@ -192,7 +192,8 @@ def geo_metadata_url(accession: str, config: DownloadConfig) -> str:
 def parse_soft_organisms(text: str) -> dict[str, str]:
     """GSM id → organism from SOFT text (``^SAMPLE = GSM…`` then ``!Sample_organism_ch1`` / ``_taxid_ch1``).
 
-    The taxid wins when both are given (``9606``); the first channel's organism names the sample.
+    The organism's name wins when both are given (it reads better in a reason; both normalise the
+    same), the taxid stands in when it is alone; the first channel's organism names the sample.
     """
     out: dict[str, str] = {}
     taxid: dict[str, str] = {}
@@ -206,7 +207,7 @@ def parse_soft_organisms(text: str) -> dict[str, str]:
             out.setdefault(sample, value)
         elif sample and key == "!Sample_taxid_ch1" and value.isdigit():
             taxid.setdefault(sample, value)
-    return {s: taxid.get(s) or out[s] for s in out} | {s: t for s, t in taxid.items() if s not in out}
+    return {**taxid, **out}
 
 
 def _geo_organisms(accession: str, config: DownloadConfig) -> dict[str, str] | None:

@@ -155,6 +155,7 @@ def collect_run(config: AtlasConfig) -> dict[str, Any]:
                 # reads rows: the chemistry kb count used, "10xv2, detected" when the manifest left it empty
                 "technology": ", ".join(str(x) for x in ((tomb or {}).get("technology"),
                                                          (tomb or {}).get("technology_source")) if x) or None,
+                "skipped_files": download.get("skipped_files") or [],
             })
     samples = ledger.samples()
     budget = next((s["budget"] for s in reversed(samples) if s.get("budget")), None) or config.storage.max_storage_bytes

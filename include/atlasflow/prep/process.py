@@ -7,6 +7,7 @@ with its other datasets.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,8 @@ from atlasflow.intake.manifest import Dataset
 from atlasflow.prep.genes import OrthologTable, Vocabulary, dataset_species, species_mapping_for
 from atlasflow.prep.memory import apply_memory_strategy, recorded_memory_strategy
 from atlasflow.prep.qc import DatasetQuarantined, run_qc
-from atlasflow.readers.formats import CountSource, FormatError, open_counts, primary_files
+from atlasflow.readers.formats import CountSource, FormatError, open_counts
+from atlasflow.readers.select import dataset_files, disk_bytes
 
 __all__ = ["DatasetQuarantined", "process_dataset", "species_gate"]
 
@@ -56,14 +58,20 @@ def process_dataset(
     dataset = schema_dataset(dataset, raw_dir)  # a CELLxGENE row: donor_id → batch, cell_type → labels, organism
     sources = []
     try:
-        files = primary_files(raw_dir)
+        found = dataset_files(raw_dir)
+        files = [spec.path for spec in found.sources]
+        if not (dataset.species or "").strip() and found.organism:
+            # no species in the manifest: GEO's records for the samples say it
+            dataset = dataclasses.replace(dataset, species=found.organism)
         symbols = vocab.symbol_set() | set(vocab.synonyms)  # for telling genes from cells in tables
-        for path in files:
+        for spec in found.sources:
             # a reads dataset arrives here as kb count's 10x folder, whatever its manifest format says
             fmt = dataset.format if len(files) == 1 and dataset.format and not dataset.is_reads else None
-            sources.append(open_counts(path, fmt=fmt, cache=cache_dir / dataset.dataset_id, vocabulary=symbols,
-                                       max_bytes=max_bytes))
-        raw_bytes = sum(p.stat().st_size for p in files)
+            src = open_counts(spec.path, fmt=fmt, cache=cache_dir / dataset.dataset_id, vocabulary=symbols,
+                              max_bytes=max_bytes)
+            src.sample = spec.sample
+            sources.append(src)
+        raw_bytes = sum(disk_bytes(p) for p in files)
         orthologs = species_gate(dataset, sources, config)
         meta = {"disease_status": dataset.disease_status, "tissue_type": dataset.tissue_type, "species": dataset.species}
         qc = apply_memory_strategy(config.qc, recorded_memory_strategy(config))

@@ -310,8 +310,11 @@ def _write(sources: Sequence[CountSource], maps: Sequence[np.ndarray], masks: Se
 
     batch_cols = [column(s, batch_key) for s in sources]
     type_cols = [column(s, cell_type_key) for s in sources]
+    # a source without the batch_key column: its GEO sample (GSM id), else the dataset, is its batch
+    default_batch = [s.sample or dataset_id for s in sources]
     batch_cats = sorted({str(c) for col in batch_cols if col is not None for c in col.categories} |
-                        ({dataset_id} if any(c is None for c in batch_cols) else set()))
+                        {default_batch[k] for k, col in enumerate(batch_cols) if col is None})
+    sample_cats = sorted({s.sample or dataset_id for s in sources}) if any(s.sample for s in sources) else []
     type_cats = sorted({str(c) for col in type_cols if col is not None for c in col.categories})
     constants = {"dataset_id": dataset_id, **{k: v for k, v in obs_meta.items() if v is not None}}
 
@@ -330,13 +333,15 @@ def _write(sources: Sequence[CountSource], maps: Sequence[np.ndarray], masks: Se
             indptr = _Appender(X, "indptr", np.int64)
             indptr.append(np.zeros(1, dtype=np.int64))
             obs = f.create_group("obs")
-            order = ["dataset_id", "batch"] + (["cell_type"] if type_cats else []) + \
+            order = ["dataset_id", "batch"] + (["sample"] if sample_cats else []) + \
+                (["cell_type"] if type_cats else []) + \
                 ["n_counts", "n_genes", "pct_mito"] + [k for k in constants if k != "dataset_id"]
             obs.attrs.update({"encoding-type": "dataframe", "encoding-version": "0.2.0", "_index": "_index",
                               "column-order": np.array(order, dtype=object)})
             index = _Appender(obs, "_index", str, "string-array")
             const_cols = {k: _categorical(obs, k, [v]) for k, v in constants.items()}
             batch_col = _categorical(obs, "batch", batch_cats)
+            sample_col = _categorical(obs, "sample", sample_cats) if sample_cats else None
             type_col = _categorical(obs, "cell_type", type_cats) if type_cats else None
             numeric = {"n_counts": _Appender(obs, "n_counts", np.float32), "n_genes": _Appender(obs, "n_genes", np.int32),
                        "pct_mito": _Appender(obs, "pct_mito", np.float32)}
@@ -365,8 +370,10 @@ def _write(sources: Sequence[CountSource], maps: Sequence[np.ndarray], masks: Se
                     if batch_cols[k] is not None:
                         codes = np.searchsorted(batch_cats, np.asarray(batch_cols[k][start:stop])[rows].astype(str))
                     else:
-                        codes = np.full(n, batch_cats.index(dataset_id))
+                        codes = np.full(n, batch_cats.index(default_batch[k]))
                     batch_col.append(codes.astype(batch_col.ds.dtype))
+                    if sample_col is not None:
+                        sample_col.append(np.full(n, sample_cats.index(s.sample or dataset_id), sample_col.ds.dtype))
                     if type_col is not None:
                         if type_cols[k] is not None:
                             tcodes = np.searchsorted(type_cats, np.asarray(type_cols[k][start:stop])[rows].astype(str))

@@ -55,6 +55,7 @@ class CountSource:
     _close: Any = None
     obs_table: dict[str, Any] | None = None  # per-cell columns read_counts copies to obs (RDS colData)
     var_table: dict[str, Any] | None = None  # per-gene columns read_counts copies to var (RDS rowData)
+    sample: str | None = None  # the GEO sample (GSM id) its cells come from: obs['sample'] and the default batch
 
     def chunks(self, size: int = 10_000) -> Iterator[tuple[int, sp.csr_matrix]]:
         """Yield ``(first_row, csr_block)`` over all cells, ``size`` cells at a time."""

@@ -159,6 +159,7 @@ class Downloaded(TypedDict):
     files: NotRequired[int]
     seconds: NotRequired[float]
     size_check: NotRequired[dict[str, Any]]  # expected (and from where) vs arrived
+    skipped_files: NotRequired[list[str]]  # GEO: "<file>: <reason>" for each listed file not fetched
 
 
 DownloadResult = Downloaded | QuarantineRecord
@@ -400,8 +401,12 @@ def download_dataset(config: AtlasConfig, batch_id: str, dataset_id: str, *, fin
         return _quarantine(config, batch_id, dataset_id, "download", str(exc))
     # the fetched files are on disk and not yet processed: a peak worth sampling
     Ledger(config.storage).sample(f"downloaded {dataset_id}")
-    return {"dataset_id": dataset_id, "status": StepStatus.OK, "bytes": result.bytes, "files": len(result.files),
-            "seconds": round(result.seconds, 2), "size_check": record_arrival(config, dataset, result.bytes)}
+    done: Downloaded = {"dataset_id": dataset_id, "status": StepStatus.OK, "bytes": result.bytes,
+                        "files": len(result.files), "seconds": round(result.seconds, 2),
+                        "size_check": record_arrival(config, dataset, result.bytes)}
+    if result.skip_reasons:  # GEO files not fetched, and why (also in fetch.json): for the run report
+        done["skipped_files"] = [f"{s.name}: {s.reason}" for s in result.skip_reasons]
+    return done
 
 
 def _refuse_species(config: AtlasConfig, organism: str) -> str | None:

@@ -96,5 +96,6 @@ def test_sniffing_tells_counts_from_metadata():
 
 def test_soft_organisms():
     soft = ("^SERIES = GSE9\n!Series_sample_id = GSM1\n^SAMPLE = GSM1\n!Sample_organism_ch1 = Homo sapiens\n"
-            "!Sample_taxid_ch1 = 9606\n^SAMPLE = GSM2\n!Sample_organism_ch1 = Mus musculus\n")
-    assert parse_soft_organisms(soft) == {"GSM1": "9606", "GSM2": "Mus musculus"}
+            "!Sample_taxid_ch1 = 9606\n^SAMPLE = GSM2\n!Sample_organism_ch1 = Mus musculus\n"
+            "^SAMPLE = GSM3\n!Sample_taxid_ch1 = 10090\n")
+    assert parse_soft_organisms(soft) == {"GSM1": "Homo sapiens", "GSM2": "Mus musculus", "GSM3": "10090"}
