@@ -92,3 +92,13 @@ def test_unknown_rows_and_bad_configs_exit_2_and_a_full_budget_exits_1(seed, tmp
     (tmp_path / "small.yaml").write_text(text)  # 1 MB: less than the row's reservation, ever
     code, refused = run("dataset", "run", "seed_direct", "--config", str(tmp_path / "small.yaml"))
     assert code == 1 and refused["status"] == "not_admitted" and "can never be admitted" in refused["reason"]
+
+
+def test_a_dataset_being_fetched_is_not_tried_at_once(seed):
+    cfg, _, _ = seed
+    raw = load_config(cfg).base_dir / "data" / "raw" / "seed_direct"
+    raw.mkdir(parents=True)
+    (raw / "seed_direct.h5ad.part").write_bytes(b"half")  # a pipeline download in flight
+    code, busy = run("dataset", "run", "seed_direct", "--config", cfg)
+    assert code == 1 and busy["status"] == "busy" and "is fetching seed_direct" in busy["reason"]
+    assert (raw / "seed_direct.h5ad.part").read_bytes() == b"half"  # untouched
