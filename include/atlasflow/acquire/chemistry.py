@@ -35,6 +35,7 @@ DETECTABLE: dict[str, int] = {"10xv2": 16 + 10, "10xv3": 16 + 12}
 # kb-python's own lists (installed with it by ngs_tools), used when the config names none
 _KB_LISTS = {"10xv2": "10x_version2_whitelist.txt.gz", "10xv3": "10x_version3_whitelist.txt.gz"}
 _MAX_LINE = 256  # an on-list line longer than this is not a barcode: the file is not an on-list
+_BLOCK = 4 << 20
 
 
 class UndecidableChemistry(ValueError):
@@ -105,21 +106,24 @@ def _sample_r1(files: Sequence[Path], n: int) -> tuple[Counter[str], int, int, i
 
 
 def _on_list(barcodes: Counter[str], onlist: str) -> int:
-    """How many sampled reads carry a barcode on ``onlist`` (the list is streamed, never held)."""
-    wanted = set(barcodes)
-    hits = 0
+    """How many sampled reads carry a barcode on ``onlist`` (the list is streamed in blocks, never held)."""
+    wanted = {bc.encode("ascii", "replace") for bc in barcodes}
+    found: set[bytes] = set()
+    pending = b""
     opener = gzip.open if onlist.endswith(".gz") else open
-    with opener(onlist, "rt", encoding="ascii", errors="replace") as fh:  # type: ignore[operator]
-        while line := fh.readline(_MAX_LINE + 1):
-            if len(line) > _MAX_LINE:
+    with opener(onlist, "rb") as fh:  # type: ignore[operator]
+        while block := fh.read(_BLOCK):
+            lines = (pending + block).split(b"\n")
+            pending = lines.pop()
+            if len(pending) > _MAX_LINE:
                 raise ValueError(f"{onlist}: a line longer than {_MAX_LINE} characters; not a barcode on-list")
-            bc = line.strip()
-            if bc in wanted:
-                hits += barcodes[bc]
-                wanted.discard(bc)
-                if not wanted:
-                    break
-    return hits
+            # set.intersection walks the block's lines in C: the 6.8 M-line v3 list in about a second
+            found |= wanted.intersection(x.rstrip(b"\r") for x in lines) if b"\r" in block else \
+                wanted.intersection(lines)
+            if found == wanted:
+                break
+    found |= wanted.intersection([pending.strip()])
+    return sum(barcodes[bc.decode("ascii")] for bc in found)
 
 
 def detect_chemistry(r1_files: Sequence[Path], config: QuantConfig) -> Detection:
