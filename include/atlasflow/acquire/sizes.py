@@ -36,9 +36,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from atlasflow.acquire.http import FetchError, HttpPolicy, open_url
 from atlasflow.core.config import GB, AtlasConfig, DownloadConfig
 from atlasflow.core.fsutil import write_json_atomic
 from atlasflow.core.records import sizes_path
+from atlasflow.core.redact import redact_url
 from atlasflow.intake.manifest import Dataset
 
 __all__ = ["MAX_BYTES", "SizeProbe", "dataset_size", "known_sizes", "probe_dataset", "probe_url", "record_arrival"]
@@ -80,8 +82,13 @@ def _length(value: str | None) -> int | None:
     return n if n <= MAX_BYTES else None
 
 
-def probe_url(url: str, *, timeout_s: float) -> tuple[int, str]:
-    """``(bytes, how)`` for one URL: HEAD, else a ranged GET; raises ``_Unknown`` with the reason."""
+def probe_url(url: str, *, timeout_s: float, policy: HttpPolicy | None = None) -> tuple[int, str]:
+    """``(bytes, how)`` for one URL: HEAD, else a ranged GET; raises ``_Unknown`` with the reason.
+
+    Redirects follow the downloads' policy (:class:`~atlasflow.acquire.http.HttpPolicy`); URLs in
+    reasons are redacted (no query string or user info), as they end up in ``state/sizes.json``.
+    """
+    shown = redact_url(url)
     parts = urlsplit(url)
     if parts.scheme == "file":
         path = Path(unquote(parts.path))
@@ -93,20 +100,22 @@ def probe_url(url: str, *, timeout_s: float) -> tuple[int, str]:
     headers = {"User-Agent": "atlasflow/0.1"}
     why = "no Content-Length"
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD", headers=headers),
-                                    timeout=timeout_s) as resp:
+        with open_url(urllib.request.Request(url, method="HEAD", headers=headers), timeout=timeout_s,
+                      policy=policy) as resp:
             encoded = (resp.headers.get("Content-Encoding") or "identity").lower() != "identity"
             if (n := _length(resp.headers.get("Content-Length"))) is not None and not encoded:
                 return n, "head"
     except urllib.error.HTTPError as exc:
         if exc.code == 404:
-            raise _Unknown(f"HTTP 404 for {url}") from exc
+            raise _Unknown(f"HTTP 404 for {shown}") from exc
         why = f"HEAD answered HTTP {exc.code}"  # 403/405/501: servers that refuse HEAD; try a ranged GET
+    except FetchError as exc:  # a redirect the policy refuses
+        raise _Unknown(str(exc)) from exc
     except (urllib.error.URLError, OSError, ValueError) as exc:
-        raise _Unknown(f"HEAD {url}: {getattr(exc, 'reason', exc)}") from exc
+        raise _Unknown(f"HEAD {shown}: {getattr(exc, 'reason', exc)}") from exc
     try:
         req = urllib.request.Request(url, headers={**headers, "Range": "bytes=0-0"})
-        with urllib.request.urlopen(req, timeout=timeout_s) as resp:  # the body is never read
+        with open_url(req, timeout=timeout_s, policy=policy) as resp:  # the body is never read
             if resp.status == 206:
                 m = _CONTENT_RANGE.match((resp.headers.get("Content-Range") or "").strip())
                 if m and (n := _length(m.group(1))) is not None:
@@ -115,13 +124,15 @@ def probe_url(url: str, *, timeout_s: float) -> tuple[int, str]:
                 return n, "range"  # the server ignored the range: its full length, unread
     except urllib.error.HTTPError as exc:
         raise _Unknown(f"{why}; ranged GET answered HTTP {exc.code}") from exc
+    except FetchError as exc:
+        raise _Unknown(str(exc)) from exc
     except (urllib.error.URLError, OSError, ValueError) as exc:
-        raise _Unknown(f"{why}; ranged GET {url}: {getattr(exc, 'reason', exc)}") from exc
+        raise _Unknown(f"{why}; ranged GET {shown}: {getattr(exc, 'reason', exc)}") from exc
     raise _Unknown(f"{why}, and the ranged GET named no total size")
 
 
 def _probe_geo(dataset: Dataset, config: DownloadConfig) -> int:
-    from atlasflow.acquire.fetch import FetchError, geo_listing_url, plan_geo
+    from atlasflow.acquire.fetch import geo_listing_url, plan_geo
 
     try:
         selection = plan_geo(dataset.download_url, config)
@@ -135,7 +146,8 @@ def _probe_geo(dataset: Dataset, config: DownloadConfig) -> int:
             asked += 1
             if asked > MAX_REQUESTS:
                 raise _Unknown(f"more than {MAX_REQUESTS} files without a listed size")
-            total += probe_url(listing + c.name, timeout_s=config.size_probe_timeout_s)[0]
+            total += probe_url(listing + c.name, timeout_s=config.size_probe_timeout_s,
+                               policy=HttpPolicy.from_config(config))[0]
         else:
             total += c.size
     if selection.tar:
@@ -144,21 +156,22 @@ def _probe_geo(dataset: Dataset, config: DownloadConfig) -> int:
         elif selection.tar_size is not None:
             total += selection.tar_size  # members are chosen while streaming: at most the tar
         else:
-            total += probe_url(listing + selection.tar, timeout_s=config.size_probe_timeout_s)[0]
+            total += probe_url(listing + selection.tar, timeout_s=config.size_probe_timeout_s,
+                               policy=HttpPolicy.from_config(config))[0]
     if total > MAX_BYTES:
         raise _Unknown(f"sizes add up to {total} bytes, more than {MAX_BYTES}")
     return total
 
 
 def _probe_ena(dataset: Dataset, config: DownloadConfig) -> int:
-    from atlasflow.acquire.reads import FetchError, ena_files
+    from atlasflow.acquire.reads import ena_files
 
     try:
         files = ena_files(dataset.download_url, config)
     except FetchError as exc:
         raise _Unknown(str(exc)) from exc
     if any(f.bytes is None for f in files):
-        raise _Unknown(f"ENA lists no fastq_bytes for {', '.join(f.url for f in files if f.bytes is None)}")
+        raise _Unknown(f"ENA lists no fastq_bytes for {', '.join(redact_url(f.url) for f in files if f.bytes is None)}")
     total = sum(f.bytes or 0 for f in files)
     if total > MAX_BYTES:
         raise _Unknown(f"ENA's fastq_bytes add up to {total}, more than {MAX_BYTES}")
@@ -166,7 +179,7 @@ def _probe_ena(dataset: Dataset, config: DownloadConfig) -> int:
 
 
 def _probe_cellxgene(dataset: Dataset, config: DownloadConfig) -> int:
-    from atlasflow.acquire.cellxgene import FetchError, resolve_dataset
+    from atlasflow.acquire.cellxgene import resolve_dataset
 
     try:
         found = resolve_dataset(dataset.download_url, base_url=config.cellxgene_api_url,
@@ -191,7 +204,8 @@ def probe_dataset(dataset: Dataset, config: DownloadConfig) -> SizeProbe:
             n, how = _probe_cellxgene(dataset, config), "cellxgene"
         else:
             urls = dataset.urls()[:MAX_REQUESTS]
-            found = [probe_url(u, timeout_s=config.size_probe_timeout_s) for u in urls]
+            policy = HttpPolicy.from_config(config)
+            found = [probe_url(u, timeout_s=config.size_probe_timeout_s, policy=policy) for u in urls]
             n, how = sum(x[0] for x in found), found[0][1]
     except _Unknown as exc:
         log.info("%s: download size unknown: %s", dataset.dataset_id, exc)

@@ -171,3 +171,30 @@ def test_cellxgene_rows_take_the_curation_apis_filesize(tmp_path):
         found = probe_dataset(Dataset("c", d.dataset_id, "cellxgene", 2), cfg)
         assert (found.bytes, found.source) == (5555, "cellxgene")
         assert probe_dataset(Dataset("u", "1" * 8 + "-1111-4111-8111-" + "1" * 12, "cellxgene", 3), cfg).bytes is None
+
+
+class _Redirector(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *a):
+        pass
+
+    def do_HEAD(self):  # noqa: N802
+        self.send_response(302)
+        self.send_header("Location", "http://internal.example/secret.h5ad")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_GET = do_HEAD
+
+
+def test_redirects_follow_the_download_policy_and_urls_are_redacted(tmp_path):
+    hop = ThreadingHTTPServer(("127.0.0.1", 0), _Redirector)
+    threading.Thread(target=hop.serve_forever, daemon=True).start()
+    try:
+        cfg = config_for(tmp_path, "http://127.0.0.1:1").download
+        found = probe_dataset(direct(f"http://127.0.0.1:{hop.server_port}/x.h5ad?token=s3cret"), cfg)
+        assert found.bytes is None and "download.redirect_hosts does not allow" in found.error
+        assert "s3cret" not in found.error
+    finally:
+        hop.shutdown()
