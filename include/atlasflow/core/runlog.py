@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 # here because cleanup prunes the integration folders that hold result.json
 _KEEP = ("bytes", "files", "cells_before", "cells_after", "genes_after", "format", "raw_bytes", "processed_bytes",
          "reason", "skipped", "admitted", "checkpoint_dir", "global_step", "train_loss", "val_loss", "trained",
-         "released", "integration", "skipped_files")
+         "released", "integration", "skipped_files", "size_check")
 
 
 class StageStatus(StrEnum):

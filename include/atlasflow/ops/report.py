@@ -144,7 +144,10 @@ def collect_run(config: AtlasConfig) -> dict[str, Any]:
             coverage = (tomb or {}).get("coverage") or {}
             datasets.append({
                 "dataset_id": did, "batch_id": bid, "type": row.get("type"), "format": (tomb or {}).get("format")
-                or row.get("format"), "expected_bytes": row.get("expected_bytes"), "status": status,
+                or row.get("format"), "status": status,
+                # the size the row was reserved with (manifest, asked of its source, or the default) and from where
+                "expected_bytes": row.get("expected_bytes") or (download.get("size_check") or {}).get("expected"),
+                "size_source": "manifest" if row.get("expected_bytes") else (download.get("size_check") or {}).get("source"),
                 "downloaded": tomb is not None or download.get("status") == "ok", "download_bytes": down_bytes,
                 "cells_before": (tomb or {}).get("cells_before"), "cells_after": (tomb or {}).get("cells_after"),
                 "genes_after": (tomb or {}).get("genes_after"), "vocab_fraction": coverage.get("vocab_fraction"),

@@ -57,3 +57,18 @@ def test_a_file_that_grew_past_its_reservation_is_refused(seed, tmp_path):
     fetched = P.download_dataset(config, "batch_0000", "seed_direct", final_try=True)
     assert fetched["status"] == "quarantined" and fetched["stage"] == "download"
     assert "more than" in fetched["reason"]
+
+
+def test_the_report_says_where_a_size_came_from(seed):
+    from atlasflow.ops.report import collect_run
+
+    config, _, info = seed
+    P.prepare_run(config)
+    write_batch_spec(config, "batch_0000")
+    assert P.admit_batch(config, "batch_0000", owner="test")["admitted"]
+    for d in ("seed_direct", "seed_geo"):
+        assert P.download_dataset(config, "batch_0000", d, final_try=True)["status"] == "ok"
+    rows = {d["dataset_id"]: d for d in collect_run(config)["datasets"]}
+    assert (rows["seed_direct"]["expected_bytes"], rows["seed_direct"]["size_source"]) == (
+        info["bytes"]["seed_direct"], "head")
+    assert rows["seed_geo"]["size_source"] == "geo"
