@@ -1,10 +1,11 @@
-"""atlas_ingest: manifest → stable batches → admit → download → quant → process → integrate → train → cleanup.
+"""atlas_ingest: manifest → stable batches → admit → download → quant → process → (integrate ∥ train) → cleanup.
 
 Wiring only: every task calls one library function (``atlasflow.steps.ingest``), heavy imports
 happen inside tasks, and the batches are laid out at parse time from the configured manifest
 and the saved plan (a local file read; no Variables, Connections or network). Batch *i+1* is
 admitted after batch *i* and trains after it, so it downloads and processes while *i* trains,
-as far as the disk budget allows.
+as far as the disk budget allows. A batch's ``integrate`` (scVI, for evaluation) and ``train`` run
+side by side; each chains to the previous batch's own step (scArches surgery, checkpoint resume).
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def process(batch_id: str, fetched: dict) -> dict:
     return process_dataset_step(run_config(), batch_id, fetched)
 
 
-@task
+@task(trigger_rule="none_failed")  # after the previous batch's integrate, which skips for an empty batch
 def integrate(batch_id: str, processed: list[dict]) -> dict:
     """scVI on the batch (scArches surgery onto the previous batch's model); skips an empty batch."""
     from atlasflow.steps.ingest import integrate_batch_step
@@ -109,7 +110,7 @@ def atlas_ingest() -> None:
     SystemValidationOperator(task_id="validate_system", retries=1) >> prepared
     reported = report().as_teardown()
     cleanups = []
-    previous_admit = previous_train = previous_cleanup = None
+    previous_admit = previous_train = previous_cleanup = previous_integrate = None
     previous_train_id: str | None = None
     for batch in PLAN.batches if PLAN else ():
         bid = batch.batch_id
@@ -127,18 +128,23 @@ def atlas_ingest() -> None:
                                                 execution_timeout=QUANT_TIMEOUT).expand(fetched=fetched).output
             processed = process.partial(batch_id=bid).expand(fetched=counts)
             integrated = integrate(bid, processed)
-            trained = TrainBatchOperator(task_id="train", batch_id=bid, previous_train_task_id=previous_train_id)
+            # training reads the processed files, not the integration (its latent is for evaluation):
+            # the two run side by side, and cleanup (which deletes the processed files) waits for both
+            trained = TrainBatchOperator(task_id="train", batch_id=bid, previous_train_task_id=previous_train_id,
+                                         processed=processed)
             done = cleanup(bid)
             prepared >> admit >> fetched
-            integrated >> trained >> done
+            [integrated, trained] >> done
             done.as_teardown(setups=admit)
             cleanups.append(done)
         if previous_admit is not None:
             previous_admit >> admit  # admission in plan order: no batch starves
             previous_train >> trained  # training in plan order, each resuming the last checkpoint
+            previous_integrate >> integrated  # scArches surgery onto the previous batch's scVI model
             if not PIPELINING:
                 previous_cleanup >> admit
         previous_admit, previous_train, previous_cleanup, previous_train_id = admit, trained, done, f"{bid}.train"
+        previous_integrate = integrated
     if previous_train is not None:
         published = publish(previous_train_id)
         previous_train >> published

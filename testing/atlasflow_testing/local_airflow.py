@@ -59,7 +59,8 @@ class LocalAirflow:
         self.db_url = db_url or f"sqlite:///{self.db}"
         self.env = {**os.environ, "AIRFLOW_HOME": str(home), "ATLASFLOW_CONFIG": str(config),
                     "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": self.db_url, "AIRFLOW__CORE__EXECUTOR": executor,
-                    "PYTHONPATH": str(REPO / "plugins"), "AIRFLOW__CORE__PARALLELISM": str(parallelism),
+                    # this checkout's library too: the venv's editable install may point at another checkout
+                    "PYTHONPATH": f"{REPO / 'plugins'}:{REPO / 'include'}", "AIRFLOW__CORE__PARALLELISM": str(parallelism),
                     "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
                     # this checkout's DAGs and plugins, also when not run under pytest (benchmarks)
                     "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),

@@ -59,9 +59,15 @@ def test_batches_are_laid_out_from_the_manifest(monkeypatch, tmp_path):
     # no raw reads in this manifest, so no batch has a quant step
     assert per_batch == ["admit", "cleanup", "download", "integrate", "process", "train"]
     assert dag.get_task("batch_0000.admit").upstream_task_ids == {"prepare"}
-    # pipelining: admission and training chain batch to batch, nothing else does
+    # pipelining: admission, integration and training chain batch to batch, nothing else does
     assert dag.get_task("batch_0001.admit").upstream_task_ids == {"prepare", "batch_0000.admit"}
-    assert dag.get_task("batch_0001.train").upstream_task_ids == {"batch_0001.integrate", "batch_0000.train"}
+    # train runs beside integrate (it reads the processed files, not the scVI latent); each chains to the
+    # previous batch's own step, and cleanup, which deletes the processed files, waits for both
+    assert dag.get_task("batch_0001.train").upstream_task_ids == {"batch_0001.process", "batch_0000.train"}
+    assert dag.get_task("batch_0001.integrate").upstream_task_ids == {"batch_0001.process", "batch_0000.integrate"}
+    assert dag.get_task("batch_0001.integrate").trigger_rule == "none_failed"  # an empty batch 0 skips its integrate
+    assert dag.get_task("batch_0001.cleanup").upstream_task_ids == {"batch_0001.integrate", "batch_0001.train",
+                                                                    "batch_0001.admit"}
     assert dag.get_task("batch_0001.download").pool == "downloads"
     assert dag.get_task("batch_0001.train").pool == "gpu"
     assert dag.get_task("batch_0001.process").upstream_task_ids == {"batch_0001.download"}
@@ -79,7 +85,8 @@ def test_batches_are_laid_out_from_the_manifest(monkeypatch, tmp_path):
     assert report.is_teardown and report.trigger_rule == "all_done_setup_success"
     assert not any(t.is_setup for t in report.upstream_list)  # so all_done_setup_success acts as all_done
     assert report.retries >= 1
-    # Airflow's own rule for the run's state: a failed batch still fails the run (publish is the leaf)
+    # Airflow's own rule for the run's state: a failed batch still fails the run (the leaves are publish, at
+    # the end of the training chain, and the last integrate, at the end of the integration chain)
     from typing import NamedTuple
 
     from airflow.models.dagrun import DagRun
@@ -89,7 +96,7 @@ def test_batches_are_laid_out_from_the_manifest(monkeypatch, tmp_path):
         state: None
 
     tis = [TI(t.task_id, None) for t in dag.tasks]
-    assert {ti.task_id for ti in DagRun._tis_for_dagrun_state(None, dag=dag, tis=tis)} == {"publish"}
+    assert {ti.task_id for ti in DagRun._tis_for_dagrun_state(None, dag=dag, tis=tis)} == {"publish", "batch_0002.integrate"}
 
 
 def test_pipelining_off_chains_each_batch_after_the_previous_cleanup(monkeypatch, tmp_path):

@@ -46,7 +46,7 @@ def local_airflow(request, tmp_path):
     server = GeoServer(root / "www").__enter__()
     build_demo(root, server.url, integration_epochs=1)
     env = {**os.environ, "AIRFLOW_HOME": str(home), "ATLASFLOW_CONFIG": str(root / "atlasflow.yaml"),
-           "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": db, "PYTHONPATH": str(REPO / "plugins"),
+           "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": db, "PYTHONPATH": f"{REPO / 'plugins'}:{REPO / 'include'}",
            "AIRFLOW__CORE__PARALLELISM": "4", "AIRFLOW__CORE__LOAD_EXAMPLES": "False"}
 
     def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:

@@ -118,23 +118,22 @@ def _round_trip(trigger) -> tuple[str, dict]:
     return path, kwargs
 
 
-def _train_op():
+def _train_op(processed=({"dataset_id": "ds1", "status": "ok", "path": "/p/ds1.h5ad", "cells_after": 5},)):
     from atlasflow_airflow.operators.train import TrainBatchOperator
 
     return TrainBatchOperator(task_id="batch_0001.train", batch_id="batch_0001",
-                              previous_train_task_id="batch_0000.train")
+                              previous_train_task_id="batch_0000.train", processed=processed)
 
 
 def _train_ti(**kwargs) -> FakeTI:
-    return FakeTI("batch_0001.train", xcom={"batch_0001.integrate": {"status": "ok"},
-                                            "batch_0000.train": {"checkpoint_dir": None}}, **kwargs)
+    return FakeTI("batch_0001.train", xcom={"batch_0000.train": {"checkpoint_dir": None}}, **kwargs)
 
 
 def test_train_operator_submits_the_training_job_and_defers(config, hook):
     from atlasflow.steps.ingest import training_job
 
     op = _train_op()
-    assert (op.pool, op.trigger_rule, op.template_fields) == ("gpu", "none_failed", ())
+    assert (op.pool, op.trigger_rule, op.template_fields) == ("gpu", "none_failed", ("processed",))
     trigger = _deferred(op, _train_ti())
     job = training_job(config, "batch_0001", previous_checkpoint=None, python=config.slurm.remote_python)
     tag = job_tag("atlas_ingest", "manual__1", "batch_0001.train", -1)
@@ -218,11 +217,13 @@ def test_train_failed_job_is_recorded_then_raises(config, hook, monkeypatch):
     assert seen == ["OUT_OF_MEMORY"]
 
 
-def test_train_skips_without_an_integrated_batch(config, hook):
+def test_train_skips_without_a_usable_processed_dataset(config, hook):
     from airflow.sdk.exceptions import AirflowSkipException
 
-    with pytest.raises(AirflowSkipException):
-        _train_op().execute({"ti": FakeTI("batch_0001.train"), "params": {}})
+    quarantined = {"dataset_id": "ds1", "status": "quarantined", "stage": "process", "reason": "no cells"}
+    for processed in ((quarantined, None), ()):  # None: a mapped process instance that left no XCom
+        with pytest.raises(AirflowSkipException, match="batch_0001 has no usable dataset"):
+            _train_op(processed).execute({"ti": _train_ti(), "params": {}})
     assert hook.submitted == []
 
 

@@ -14,7 +14,7 @@ import logging
 import shutil
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NotRequired, TypedDict
@@ -89,6 +89,7 @@ __all__ = [
     "slurm_training_submitted",
     "train_batch_step",
     "training_job",
+    "usable_datasets",
 ]
 
 log = logging.getLogger(__name__)
@@ -573,6 +574,14 @@ def _previous(root: Path, batch_id: str) -> Path | None:
     return done[-1] if done else None
 
 
+def usable_datasets(processed: Sequence[ProcessResult | None]) -> list[str]:
+    """The ids of a batch's processed datasets that can be integrated and trained on (not quarantined).
+
+    ``processed`` holds one result per dataset; a mapped task that left no XCom gives None.
+    """
+    return [p["dataset_id"] for p in processed if p and p["status"] == StepStatus.OK]
+
+
 @stage("integrate")
 def integrate_batch_step(config: AtlasConfig, batch_id: str, processed: list[ProcessResult | None]) -> Integrated:
     """Integrate the batch's usable datasets (scVI, or scArches onto the previous batch's model).
@@ -580,20 +589,23 @@ def integrate_batch_step(config: AtlasConfig, batch_id: str, processed: list[Pro
     ``processed`` holds one result per dataset; a mapped task that left no XCom gives None.
     """
     done_ok = [p for p in processed if p]
-    ok = [p["dataset_id"] for p in done_ok if p["status"] == StepStatus.OK]
+    ok = usable_datasets(processed)
     quarantined = {p["dataset_id"]: p.get("reason") for p in done_ok if p["status"] != StepStatus.OK}
     base = {"batch_id": batch_id, "datasets": ok, "quarantined": quarantined}
     if not ok:
         return {**base, "status": StepStatus.SKIPPED,  # type: ignore[typeddict-item]
                 "reason": f"no usable dataset in {batch_id}: " + "; ".join(f"{k}: {v}" for k, v in quarantined.items())}
-    if (done := batch_trained(config, batch_id)) is not None:
+    layout = _layout(config)
+    # train runs beside integrate, so "trained" alone does not say this batch was integrated: only a batch
+    # whose processed cells are gone (an earlier run trained and cleaned it up) has nothing left to integrate
+    if ((done := batch_trained(config, batch_id)) is not None
+            and not any(layout.processed_dir(batch_id).glob("*.h5ad"))):
         return {**base, "status": StepStatus.OK, "integration": None,  # type: ignore[typeddict-item]
                 "skipped": trained_skip(batch_id), "checkpoint_dir": done.get("checkpoint_dir")}
     if not config.integration.enabled:
         return {**base, "status": StepStatus.OK, "integration": None}  # type: ignore[typeddict-item]
     from atlasflow.model.integrate import integrate_batch
 
-    layout = _layout(config)
     result = integrate_batch(layout.processed_dir(batch_id), layout.integration / batch_id, config=config.integration,
                              previous=_previous(layout.integration, batch_id))
     return {**base, "status": StepStatus.OK,  # type: ignore[typeddict-item]

@@ -17,25 +17,31 @@ class TrainBatchOperator(BaseOperator):
     The SLURM side is a :class:`SlurmJobRunner` built from :func:`atlasflow.steps.ingest.training_job`.
     The previous batch's checkpoint comes from ``previous_train_task_id``'s XCom; the XCom of this
     task is the training result (checkpoint path and lineage). A batch trained by any earlier run is
-    not trained again.
+    not trained again. Training reads the processed files only, never the integration's output (the
+    scVI latent is for evaluation), so it runs beside ``integrate`` rather than after it.
 
     Parameters
     ----------
     batch_id
-        The batch to train (its ``<batch_id>.integrate`` XCom must exist, else the task skips).
+        The batch to train.
     previous_train_task_id
         The previous batch's train task, or ``None`` for the first batch.
+    processed
+        The batch's process results (an ``XComArg`` of the mapped process task, which also makes it
+        upstream); with no usable dataset among them the task skips.
     """
 
-    template_fields = ()
+    template_fields = ("processed",)
     ui_color = "#f5e6c8"
 
-    def __init__(self, *, batch_id: str, previous_train_task_id: str | None, **kwargs: Any) -> None:
+    def __init__(self, *, batch_id: str, previous_train_task_id: str | None, processed: Any,
+                 **kwargs: Any) -> None:
         kwargs.setdefault("pool", "gpu")
         kwargs.setdefault("trigger_rule", "none_failed")
         super().__init__(**kwargs)
         self.batch_id = batch_id
         self.previous_train_task_id = previous_train_task_id
+        self.processed = processed
         self.runner: SlurmJobRunner | None = None
 
     @property
@@ -50,11 +56,12 @@ class TrainBatchOperator(BaseOperator):
             slurm_training_submitted,
             train_batch_step,
             training_job,
+            usable_datasets,
         )
         from atlasflow_airflow.runtime import task_config
 
         ti = context["ti"]
-        if ti.xcom_pull(task_ids=f"{self.batch_id}.integrate") is None:
+        if not usable_datasets(list(self.processed or ())):
             raise AirflowSkipException(f"{self.batch_id} has no usable dataset; nothing to train")
         previous = ti.xcom_pull(task_ids=self.previous_train_task_id) if self.previous_train_task_id else None
         checkpoint = (previous or {}).get("checkpoint_dir")

@@ -75,6 +75,26 @@ def test_batches_chain_checkpoints_and_rerun_does_no_work(demo):
     assert third["trained"]["global_step"] > second["trained"]["global_step"]
 
 
+@pytest.mark.slow
+def test_integrate_after_train_of_the_same_run_still_integrates(demo):
+    # train runs beside integrate, so it may finish first: "trained" must not make integrate skip while the
+    # batch's processed cells are there; once cleanup has deleted them (an earlier run's batch), it does
+    config, _ = demo
+    P.prepare_run(config)
+    ids = [d["dataset_id"] for d in json.loads(Path(write_batch_spec(config, "batch_0000")).read_text())["datasets"]]
+    assert P.admit_batch(config, "batch_0000", owner="test")["admitted"]
+    processed = [P.process_dataset_step(config, "batch_0000", P.download_dataset(config, "batch_0000", d, final_try=True))
+                 for d in ids]
+    assert P.usable_datasets([*processed, None]) == ["pbmc_1"]
+    trained = P.train_batch_step(config, "batch_0000", previous_checkpoint=None)
+    integrated = P.integrate_batch_step(config, "batch_0000", processed)
+    assert integrated["status"] == "ok" and "skipped" not in integrated
+    P.cleanup_batch(config, "batch_0000")
+    again = P.integrate_batch_step(config, "batch_0000", processed)
+    assert again["skipped"] == "batch_0000 already trained"
+    assert again["checkpoint_dir"] == trained["checkpoint_dir"]
+
+
 def test_a_pruned_previous_checkpoint_is_a_clear_error(demo):
     config, _ = demo
     P.prepare_run(config)
