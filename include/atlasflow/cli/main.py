@@ -156,8 +156,10 @@ def cmd_config_show(args: argparse.Namespace, out: TextIO) -> int:
         return 0
     values = config.to_dict()
     for row in config_reference():
-        section, key = row["key"].split(".")
-        out.write(f"{row['key']} = {values[section][key]!r}    # {row['help']}\n")
+        value: Any = values
+        for part in row["key"].split("."):  # nested sections too (tracking.mlflow.enabled)
+            value = value[part]
+        out.write(f"{row['key']} = {value!r}    # {row['help']}\n")
     return 0
 
 

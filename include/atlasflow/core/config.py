@@ -30,6 +30,7 @@ __all__ = [
     "GenesConfig",
     "IntegrationConfig",
     "ManifestConfig",
+    "MlflowConfig",
     "ModelConfig",
     "NotifyConfig",
     "PlanConfig",
@@ -38,6 +39,7 @@ __all__ = [
     "RetrainConfig",
     "SlurmConfig",
     "StorageConfig",
+    "TrackingConfig",
     "TrainingConfig",
     "config_reference",
     "load_config",
@@ -518,6 +520,32 @@ class NotifyConfig:
 
 
 @dataclass(frozen=True)
+class MlflowConfig:
+    """Opt-in MLflow tracking of training (atlasflow.model.tracking), over MLflow's REST API."""
+
+    enabled: bool = _opt(
+        False, "Log each batch's training as an MLflow run: per-step loss and learning rate, the batch's evaluation "
+        "with its baselines, the checkpoint's path and lineage as tags (referenced, never uploaded).")
+    tracking_uri: str | None = _opt(
+        None, "The MLflow tracking server (http:// or https://); empty: $MLFLOW_TRACKING_URI. scripts/local-mlflow "
+        "runs one on 127.0.0.1 whose store is <base_dir>/outputs/mlflow. Credentials come from MLflow's own "
+        "variables (MLFLOW_TRACKING_TOKEN, or MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD), never from here.")
+    experiment: str = _opt("atlasflow", "MLflow experiment the runs go to; created when missing.")
+    flush_every_steps: int = _opt(
+        50, "Per-step metrics are sent in one request every this many steps (and at the end of the batch).", min=1)
+    timeout_s: float = _opt(
+        10.0, "Time limit of one request to the tracking server. A server that fails or does not answer stops the "
+        "tracking of that batch with a warning; training goes on.", min=0.1)
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """Experiment tracking (training's figures sent to a tool users already have)."""
+
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+
+
+@dataclass(frozen=True)
 class AtlasConfig:
     """The whole pipeline configuration."""
 
@@ -534,6 +562,7 @@ class AtlasConfig:
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     retrain: RetrainConfig = field(default_factory=RetrainConfig)
     notify: NotifyConfig = field(default_factory=NotifyConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -857,13 +886,18 @@ def run_override_problems(overrides: Mapping[str, Any], source: str) -> list[str
 def config_reference() -> list[dict[str, Any]]:
     """Every option as ``{"key", "type", "default", "help", "min", "max"}``, for docs and ``config show``."""
     rows: list[dict[str, Any]] = []
-    for section in dataclasses.fields(AtlasConfig):
-        cls = typing.get_type_hints(AtlasConfig)[section.name]
+    sections = [(section.name, typing.get_type_hints(AtlasConfig)[section.name])
+                for section in dataclasses.fields(AtlasConfig)]
+    while sections:
+        prefix, cls = sections.pop(0)
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(hints[f.name]):  # a nested section, e.g. tracking.mlflow
+                sections.append((f"{prefix}.{f.name}", hints[f.name]))
+                continue
             rows.append(
                 {
-                    "key": f"{section.name}.{f.name}",
+                    "key": f"{prefix}.{f.name}",
                     "type": _type_name(hints[f.name]),
                     "default": f.default,
                     "help": f.metadata.get("help", ""),

@@ -26,6 +26,7 @@ import pickle
 import random
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ from atlasflow.model.genestats import GeneMedians
 from atlasflow.model.network import AtlasTransformer, no_decay
 from atlasflow.model.pseudo import PseudoLabels, apply_pseudo_labels
 from atlasflow.model.tokenizer import N_SPECIAL, Tokenizer
+from atlasflow.model.tracking import BatchTracker
 from atlasflow.prep.genes import Vocabulary
 
 __all__ = ["Trainer", "embed_file", "linear_probe_accuracy", "log_normalised_pca", "per_gene_baseline_accuracy",
@@ -163,6 +165,7 @@ class Trainer:
                                             {"params": kept, "weight_decay": 0.0}], lr=t.lr)
         self.generator = torch.Generator().manual_seed(t.seed + 1)
         self.progress = Progress()
+        self.on_step: Callable[[int, float, float], None] | None = None  # (global step, loss, lr): tracking's hook
         # each gene's bin counts over every training token: the per-gene baseline of masked-bin accuracy
         self.gene_bins = np.zeros((self.n_genes, config.model.n_bins), dtype=np.int64)
         self.medians = GeneMedians(self.n_genes)
@@ -384,6 +387,8 @@ class Trainer:
                 self.optimizer.step()
                 p.losses.append(float(loss.detach()))
                 p.global_step += 1
+                if self.on_step is not None:
+                    self.on_step(p.global_step, p.losses[-1], t.lr * factor)
                 p.step_in_epoch = step + 1
                 p.cells_seen += len(cells) - (len(rep) if rep is not None else 0)
                 if checkpoint is not None and clock.due(p.global_step):
@@ -631,6 +636,8 @@ def train_batch(config: AtlasConfig, vocab: Vocabulary, batch_dir: Path, out: Pa
         table = PseudoLabels.read(pseudo_labels)
     elif pseudo_labels is not None:
         log.info("no retraining set at %s yet: %s trains without pseudo-labels", pseudo_labels, batch_dir.name)
+    tracker = BatchTracker.start(config, batch_id=batch_dir.name, checkpoint_dir=out, parent=resume_from)
+    trainer.on_step = tracker.step  # opt-in MLflow run (tracking.mlflow); a no-op when off
     metrics = trainer.run_batch(batch_dir, checkpoint=partial, pseudo_labels=table)
     trainer.save(out)
     shutil.rmtree(partial, ignore_errors=True)
@@ -653,6 +660,7 @@ def train_batch(config: AtlasConfig, vocab: Vocabulary, batch_dir: Path, out: Pa
         "seconds": round(time.monotonic() - t0, 3),
     }
     write_json_atomic(out / "result.json", result)
+    tracker.finish(result)
     return result
 
 
