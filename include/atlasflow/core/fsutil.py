@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any, BinaryIO
 
-__all__ = ["DecompressionLimit", "GzipDamaged", "fsync_dir", "fsync_tree", "gunzip_blocks", "open_bounded", "owner_alive",
+__all__ = ["DecompressionLimit", "GzipDamaged", "discard_dir", "fsync_dir", "fsync_tree", "gunzip_blocks", "open_bounded", "owner_alive",
            "owner_tag", "partial_path", "prune_stale_temps", "write_json_atomic", "write_text_atomic"]
 
 log = logging.getLogger(__name__)
@@ -231,3 +231,18 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def discard_dir(path: Path) -> None:
+    """Delete a folder so that no kill leaves it half-deleted under its own name.
+
+    It is first renamed to an owner-named temporary sibling (atomic), then removed; a kill during
+    the removal leaves only that temporary, which :func:`prune_stale_temps` deletes later, never a
+    half folder that a reader would take for a whole one.
+    """
+    if not path.exists():
+        return
+    trash = path.with_name(f".{path.name}.{owner_tag()}.tmp")
+    shutil.rmtree(trash, ignore_errors=True)
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from atlasflow.core.config import AtlasConfig
-from atlasflow.core.fsutil import write_json_atomic
+from atlasflow.core.fsutil import discard_dir, fsync_dir, fsync_tree, owner_tag, write_json_atomic
 from atlasflow.model.checkpoint_clock import CheckpointClock
 from atlasflow.model.data import BatchData, CellBatch, HeldOutSample, log_normalise
 from atlasflow.model.genestats import GeneMedians
@@ -51,6 +51,8 @@ __all__ = ["Trainer", "embed_file", "linear_probe_accuracy", "log_normalised_pca
 
 log = logging.getLogger(__name__)
 CHECKPOINT_VERSION = 3  # 3: no pickled Python objects (state.pt holds tensors only, RNG states in rng.json)
+# what every checkpoint folder holds (replay.npz and val_sets.npz only when there is something to keep)
+CHECKPOINT_FILES = ("model.pt", "state.pt", "rng.json", "stats.npz", "progress.json")
 PROBE_C = 0.1  # fixed inverse regularisation of every probe: no tuning that could favour one representation
 VAL_SET_CELLS = 1000  # held-out cells per batch kept in the checkpoint for forgetting and atlas_retrain
 
@@ -182,7 +184,7 @@ class Trainer:
 
     def save(self, path: Path) -> Path:
         """Write a complete checkpoint folder atomically (temp folder + rename)."""
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp = path.with_name(f".{path.name}.{owner_tag()}.tmp")  # pruned by its owner's death if killed
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         torch.save(self.model.state_dict(), tmp / "model.pt")
@@ -205,14 +207,17 @@ class Trainer:
             np.savez_compressed(tmp / "val_sets.npz", **arrays)
         write_json_atomic(tmp / "progress.json", {"version": CHECKPOINT_VERSION, "vocab_version": self.vocab.version,
                                                   "config": self.config.to_dict(), **asdict(self.progress)})
+        fsync_tree(tmp)  # on disk before it is published: a crash after the rename finds whole files
         # the previous checkpoint is moved aside, not deleted, until the new one is in place: a kill
-        # at any moment leaves one complete checkpoint under ``path`` or its ``.old`` name
+        # at any moment leaves one complete checkpoint under ``path`` or its ``.old`` name (and
+        # discard_dir renames before deleting, so neither is ever seen half-deleted)
         old = path.with_name(f".{path.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
+        discard_dir(old)
         if path.exists():
             os.replace(path, old)
         os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
+        fsync_dir(path.parent)
+        discard_dir(old)
         self._replay_saved = (path, self.progress.replay_version)
         return path
 
@@ -616,12 +621,18 @@ def train_batch(config: AtlasConfig, vocab: Vocabulary, batch_dir: Path, out: Pa
         raise ValueError("pseudo-labels train the cell-type head, and model.cell_types is empty: list the labels there "
                          "(or turn retrain.train_on_pseudo_labels off)")
     partial = out.with_name(out.name + ".partial")
+    aside = partial.with_name(f".{partial.name}.old")
     if (out / "result.json").exists():
         log.info("%s already trained: %s", batch_dir.name, out)
+        discard_dir(partial)  # killed after the result was written, before its intra-batch copy went
+        discard_dir(aside)
         return json.loads((out / "result.json").read_text())
-    aside = partial.with_name(f".{partial.name}.old")
     if not partial.exists() and (aside / "progress.json").exists():
         os.replace(aside, partial)  # killed between the two renames of Trainer.save
+    if partial.exists() and (missing := [f for f in CHECKPOINT_FILES if not (partial / f).exists()]):
+        # only an older release's kill mid-rmtree leaves this (saves and deletions are renames now)
+        log.warning("%s: discarding an incomplete intra-batch checkpoint (no %s)", partial, ", ".join(missing))
+        discard_dir(partial)
     if partial.exists():
         trainer = Trainer.load(partial, config, vocab)
         log.info("resuming %s from its intra-batch checkpoint at step %d", batch_dir.name, trainer.progress.global_step)
@@ -640,7 +651,6 @@ def train_batch(config: AtlasConfig, vocab: Vocabulary, batch_dir: Path, out: Pa
     trainer.on_step = tracker.step  # opt-in MLflow run (tracking.mlflow); a no-op when off
     metrics = trainer.run_batch(batch_dir, checkpoint=partial, pseudo_labels=table)
     trainer.save(out)
-    shutil.rmtree(partial, ignore_errors=True)
     p = trainer.progress
     used = metrics["pseudo_labels"]
     if pseudo_labels is not None and table is None:  # asked for, not built yet: say so rather than nothing
@@ -660,6 +670,8 @@ def train_batch(config: AtlasConfig, vocab: Vocabulary, batch_dir: Path, out: Pa
         "seconds": round(time.monotonic() - t0, 3),
     }
     write_json_atomic(out / "result.json", result)
+    # only now: a kill before the result is written resumes from it instead of training the batch again
+    discard_dir(partial)
     tracker.finish(result)
     return result
 
@@ -698,7 +710,7 @@ def embed_file(checkpoint: Path, input_path: Path, out_path: Path, *, config: At
     adata.varm["X_atlas_gene"] = gene_emb
     adata.uns["atlasflow_embedding"] = {"checkpoint": str(checkpoint), "vocab_version": vocab.version,
                                         "genes_in_vocab": int(known.sum())}
-    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
+    tmp = out_path.with_name(f".{out_path.name}.{owner_tag()}.tmp")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     adata.write_h5ad(tmp)
     os.replace(tmp, out_path)

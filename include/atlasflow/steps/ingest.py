@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NotRequired, TypedDict
 
 from atlasflow.core.config import AtlasConfig
-from atlasflow.core.fsutil import write_json_atomic
+from atlasflow.core.fsutil import prune_stale_temps, write_json_atomic
 from atlasflow.core.records import (
     QuarantineRecord,
     batch_spec_path,
@@ -337,6 +337,8 @@ def admit_batch(config: AtlasConfig, batch_id: str, *, owner: str, bind_pid: boo
                 "reason": f"{batch_id} was trained before ({done.get('checkpoint_dir')}): nothing to reserve"}
     from atlasflow.acquire.sizes import known_sizes
 
+    # what killed tasks left (extractions, saves) would count against the budget for ever
+    prune_stale_temps(Path(config.storage.base_dir))
     ledger = Ledger(config.storage)
     datasets = [Dataset.from_dict(d) for d in spec["datasets"]]
     index = spec["index"]
@@ -564,7 +566,13 @@ def _process_dataset(config: AtlasConfig, batch_id: str, fetched: Downloaded | Q
 def _reserved_bytes(config: AtlasConfig, dataset: Dataset) -> int:
     """What admission reserved for the dataset (download + processed output, + kb count's work space):
     the most any of its files may extract or decompress to."""
-    row = batch_footprint([dataset], Ledger(config.storage), quant=config.quant)["datasets"][0]
+    from atlasflow.acquire.sizes import known_sizes
+
+    # the size admission used (state/sizes.json; no network here), else the manifest's / the default
+    size = known_sizes(config, [dataset], probe=False).get(dataset.dataset_id)
+    lengths = {dataset.dataset_id: int(size.bytes)} if size is not None and size.bytes else None
+    row = batch_footprint([dataset], Ledger(config.storage), quant=config.quant,
+                          content_lengths=lengths)["datasets"][0]
     return int(row["raw"] + row["processed"] + row.get("quant_work", 0))
 
 

@@ -268,3 +268,65 @@ def test_pca_probe_baseline_on_pbmc68k_bulk_labels():
     # and a probe on shuffled labels is near chance (10 classes, the largest ~0.14): the probe is not trivially high
     shuffled = np.random.default_rng(0).permutation(labels)
     assert linear_probe_accuracy(log_normalised_pca(pbmc.X), shuffled) < 0.3
+
+
+# ---- issue 16 point 11: no kill leaves a half-deleted checkpoint that a retry would load ----------------------
+
+_KILL_IN_RMTREE = """
+import os, shutil, signal, sys
+from pathlib import Path
+from atlasflow.core.config import load_config
+from atlasflow.model.train import train_batch
+from atlasflow.prep.genes import Vocabulary
+
+cfg, batch, out = map(Path, sys.argv[1:4])
+real = shutil.rmtree
+
+def rmtree_then_killed(path, *args, **kwargs):
+    p = Path(path)
+    # deleting the intra-batch checkpoint once the batch's own checkpoint is written: a file goes, then SIGKILL
+    if "batch_0000.partial" in p.name and (out / "progress.json").exists() and (p / "model.pt").exists():
+        (p / "model.pt").unlink()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(path, *args, **kwargs)
+
+shutil.rmtree = rmtree_then_killed
+train_batch(load_config(cfg), Vocabulary.builtin("pbmc68k"), batch, out)
+"""
+
+
+@pytest.mark.slow
+def test_a_kill_while_the_intra_batch_checkpoint_is_deleted_leaves_a_retry_that_works(batches, tmp_path):
+    from atlasflow.core.fsutil import prune_stale_temps
+
+    cfg = _write_config(tmp_path)
+    out = tmp_path / "models" / "batch_0000"
+    done = subprocess.run([sys.executable, "-c", _KILL_IN_RMTREE, str(cfg), str(batches / "batch_0000"), str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == -signal.SIGKILL, done.stderr[-3000:]
+    partial = out.with_name("batch_0000.partial")
+    assert not partial.exists() or (partial / "model.pt").exists()  # never half-deleted under its own name
+    # the retry finishes (or finds the batch done) without training it again from scratch
+    retry = subprocess.run(_cli(cfg, batches / "batch_0000", out), capture_output=True, text=True, timeout=300)
+    assert retry.returncode == 0, retry.stderr[-3000:]
+    result = json.loads(retry.stdout)
+    assert result["global_step"] > 0 and (out / "result.json").exists()
+    # what the kill left is a temporary of a dead owner: pruned, and then nothing else is left over
+    prune_stale_temps(tmp_path / "models")
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["batch_0000"]
+
+
+def test_a_half_deleted_intra_batch_checkpoint_is_discarded_not_loaded(batches, tmp_path, caplog):
+    """What an older release's kill during rmtree(partial) left: the retry discards it and trains."""
+    config = config_for(tmp_path)
+    vocab = Vocabulary.builtin("pbmc68k")
+    out = tmp_path / "models" / "batch_0000"
+    trainer = Trainer(config, vocab)
+    partial = out.with_name("batch_0000.partial")
+    trainer.save(partial)
+    (partial / "model.pt").unlink()
+    (partial / "stats.npz").unlink()
+    result = train_batch(config, vocab, batches / "batch_0000", out)
+    assert result["global_step"] > 0 and not partial.exists()
+    assert "discarding an incomplete intra-batch checkpoint (no model.pt, stats.npz)" in caplog.text
+    assert sorted(p.name for p in out.parent.iterdir()) == ["batch_0000"]

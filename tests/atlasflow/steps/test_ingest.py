@@ -138,3 +138,27 @@ def test_a_row_whose_species_is_not_human_is_quarantined_before_download(demo):
     assert got["reason"].startswith("pbmc_1: not human: the manifest's species is 'Mus musculus' (manifest ")
     assert "no genes.species_mapping is configured" in got["reason"]
     assert not server.transfers()  # nothing fetched for it
+
+
+def test_admission_prunes_temporaries_that_dead_tasks_left(demo):
+    """A killed task's extraction/save temporaries stop counting against the budget at the next admission."""
+    import socket
+    import subprocess
+    import sys
+
+    from atlasflow.core.fsutil import partial_path
+
+    config, _ = demo
+    plan = P.prepare_run(config)
+    write_batch_spec(config, plan["batches"][0])
+    base = Path(config.storage.base_dir)
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    stale = base / "cache" / "pbmc_1" / f"pbmc_1.tar.gz.extracted.{proc.pid}@{socket.gethostname()}.partial"
+    stale.mkdir(parents=True)
+    (stale / "matrix.mtx").write_bytes(bytes(2 * 10**6))
+    live = partial_path(base / "cache" / "pbmc_2" / "x.tar.gz.extracted")  # this process's own: kept
+    live.mkdir(parents=True)
+    admission = P.admit_batch(config, plan["batches"][0], owner="test")
+    assert admission["admitted"], admission["reason"]
+    assert not stale.exists() and live.is_dir()
