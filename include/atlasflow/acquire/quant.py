@@ -24,6 +24,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -33,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from atlasflow.core.config import QuantConfig
-from atlasflow.core.fsutil import GzipDamaged, gunzip_blocks, write_json_atomic
+from atlasflow.core.fsutil import GzipDamaged, gunzip_blocks, owner_alive, write_json_atomic
 
 __all__ = [
     "CHEMISTRIES",
@@ -273,12 +274,46 @@ def reference_problems(config: QuantConfig) -> list[str]:
     return problems
 
 
-def _run(argv: list[str], *, timeout_s: float, log_path: Path, cwd: Path | None = None) -> None:
-    """Run ``argv`` in its own process group; on timeout, TERM then KILL the whole group."""
+LOCK_NAME = "kb.lock.json"  # in a quantification's work folder: who runs there (see reap_stale_run)
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _die_with_parent() -> Any:
+    """A ``preexec_fn``: the child gets SIGKILL when the process that started it dies (Linux
+    ``PR_SET_PDEATHSIG``), so a killed task takes its ``kb count`` with it. None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved before the fork, not in the child
+    parent = os.getpid()
+
+    def preexec() -> None:
+        os.setsid()  # its own process group, so a timeout can stop kb and everything it started
+        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before the signal was armed
+            os._exit(1)
+
+    return preexec
+
+
+def _run(argv: list[str], *, timeout_s: float, log_path: Path, cwd: Path | None = None,
+         lock: Path | None = None) -> None:
+    """Run ``argv`` in its own process group; on timeout, TERM then KILL the whole group.
+
+    The child dies with this process (parent-death signal); ``lock`` records its process group,
+    this process and host, so a retry after a kill can stop what is left (:func:`reap_stale_run`):
+    kb count's own children do not inherit the parent-death signal.
+    """
     log.info("running %s", argv)
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    preexec = _die_with_parent()
     with log_path.open("wb") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=cwd, start_new_session=True)
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=cwd, preexec_fn=preexec,  # noqa: PLW1509
+                                start_new_session=preexec is None)
+        if lock is not None:
+            write_json_atomic(lock, {"pgid": proc.pid, "parent_pid": os.getpid(), "host": socket.gethostname(),
+                                     "program": Path(argv[0]).name, "started": time.time()})
         try:
             rc = proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
@@ -288,6 +323,8 @@ def _run(argv: list[str], *, timeout_s: float, log_path: Path, cwd: Path | None 
         except BaseException:
             _kill_group(proc)  # the task itself was killed: leave no kallisto behind
             raise
+    if lock is not None:
+        lock.unlink(missing_ok=True)
     if rc != 0:
         tail = log_path.read_text(errors="replace").strip()[-1500:]
         raise QuantError(f"{Path(argv[0]).name} {argv[1] if len(argv) > 1 else ''} exited {rc}: {tail}")
@@ -304,6 +341,67 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
             return
         except subprocess.TimeoutExpired:
             continue
+
+
+def _group_members(pgid: int) -> list[int]:
+    """The processes of process group ``pgid`` (from /proc; empty where there is none)."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if len(fields) > 2 and fields[2] == str(pgid) and fields[0] != "Z":
+            members.append(int(stat.parent.name))
+    return members
+
+
+def _runs_in(pid: int, work_dir: Path) -> bool:
+    """Whether process ``pid`` works in ``work_dir`` (its command line names it): a recycled PID does not."""
+    try:
+        return str(work_dir).encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def reap_stale_run(work_dir: Path, *, wait_s: float = 10.0) -> int | None:
+    """Stop what a killed earlier try left running in ``work_dir``; returns the process group stopped.
+
+    The try's lock (``kb.lock.json``) names its process group. It is stopped (TERM, then KILL) only
+    when its task is gone and a process of that group still names ``work_dir`` on its command line
+    (never a process picked by name, never a recycled PID). A lock of another host is left alone.
+
+    Raises
+    ------
+    QuantError
+        The task that wrote the lock is alive and its kb count still runs: two tries at once.
+    """
+    lock = work_dir / LOCK_NAME
+    try:
+        info = json.loads(lock.read_text())
+        pgid, parent, host = int(info["pgid"]), int(info["parent_pid"]), str(info["host"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if host != socket.gethostname():
+        log.warning("%s: recorded by a try on %s; its processes cannot be checked from here", lock, host)
+        return None
+    ours = [pid for pid in _group_members(pgid) if _runs_in(pid, work_dir)]
+    if not ours:
+        return None
+    if parent != os.getpid() and owner_alive(parent, host):
+        raise QuantError(f"{work_dir}: another task (pid {parent}) is still quantifying here (process group {pgid})")
+    log.warning("%s: stopping process group %d left running by a killed earlier try", work_dir, pgid)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline and _group_members(pgid):
+            time.sleep(0.05)
+        if not _group_members(pgid):
+            break
+    return pgid
 
 
 def _reads_bytes(files: Sequence[Path]) -> int:
@@ -368,6 +466,7 @@ def quantify(raw_dir: Path, *, technology: str | None, config: QuantConfig, work
     stats = [checked[f] for f in files]
     _check_lengths(stats, technology)
     chem = CHEMISTRIES[technology]
+    reap_stale_run(work_dir)  # a killed earlier try's kb count must not write beside this one
     shutil.rmtree(work_dir, ignore_errors=True)  # a killed earlier try leaves half-written BUS files
     work_dir.mkdir(parents=True, exist_ok=True)
     argv = [kb_executable(), "count", "-i", str(config.index), "-g", str(config.t2g), "-x", chem.kb_name,
@@ -379,7 +478,7 @@ def quantify(raw_dir: Path, *, technology: str | None, config: QuantConfig, work
     if chem.barcode_umi_bp is None:
         argv += ["--parity", "paired" if len(files) % 2 == 0 and len(files) > 1 else "single"]
     argv += [str(f) for f in files]
-    _run(argv, timeout_s=config.timeout_s, log_path=work_dir / "kb.log")
+    _run(argv, timeout_s=config.timeout_s, log_path=work_dir / "kb.log", lock=work_dir / LOCK_NAME)
     out = work_dir / "out"
     run_info = json.loads((out / "run_info.json").read_text()) if (out / "run_info.json").exists() else {}
     processed = int(run_info.get("n_processed", 0))
