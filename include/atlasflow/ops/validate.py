@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from packaging.markers import Marker
+
 from atlasflow.core.config import GB, AtlasConfig
 from atlasflow.core.fsutil import write_json_atomic
 from atlasflow.prep.memory import (
@@ -63,9 +65,9 @@ class Check:
 
 def _python() -> Check:
     v = sys.version_info
-    if (v.major, v.minor) == (3, 11):
+    if (3, 11) <= (v.major, v.minor) <= (3, 13):
         return Check("python", "ok", f"Python {platform.python_version()}")
-    return Check("python", "fail", f"Python {platform.python_version()}; the pinned science stack needs 3.11")
+    return Check("python", "fail", f"Python {platform.python_version()}; the pinned stack is tested on 3.11, 3.12 and 3.13")
 
 
 def _pinned_versions(requirements: Path | None) -> dict[str, str]:
@@ -73,7 +75,9 @@ def _pinned_versions(requirements: Path | None) -> dict[str, str]:
         return {}
     pins: dict[str, str] = {}
     for line in requirements.read_text().splitlines():
-        line = line.split("#", 1)[0].strip()
+        line, _, marker = line.split("#", 1)[0].strip().partition(";")
+        if marker.strip() and not Marker(marker.strip()).evaluate():
+            continue  # a pin for another Python
         if "==" in line:
             name, version = line.split("==", 1)
             pins[name.strip().lower().replace("_", "-")] = version.strip()
@@ -147,6 +151,48 @@ def _writable(config: AtlasConfig) -> Check:
     except OSError as exc:
         return Check("base_dir", "fail", f"{base} is not writable: {exc.strerror or exc}")
     return Check("base_dir", "ok", f"{base} is writable")
+
+
+# Filesystems shared between hosts: SQLite's WAL index (shared memory) does not work across them.
+NETWORK_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "lustre", "gpfs", "ceph", "fuse.cephfs", "glusterfs",
+                       "fuse.glusterfs", "beegfs", "9p")
+
+
+def filesystem_type(path: Path, mounts: str | None = None) -> str | None:
+    """The type of the filesystem holding ``path`` (the longest mount point above it in /proc/mounts)."""
+    if mounts is None:
+        try:
+            mounts = Path("/proc/mounts").read_text()
+        except OSError:
+            return None
+    resolved, best, kind = path.resolve(), "", None
+    for line in mounts.splitlines():
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = fields[1].replace("\\040", " ")
+        if (resolved == Path(point) or Path(point) in resolved.parents) and len(point) > len(best):
+            best, kind = point, fields[2]
+    return kind
+
+
+def _ledger(config: AtlasConfig, mounts: str | None = None) -> Check:
+    """The ledger opens (a server one answers), and SQLite is not used on a filesystem shared between hosts."""
+    from atlasflow.storage import Ledger
+
+    try:
+        ledger = Ledger(config.storage, lock_timeout_s=10)
+        active = len(ledger.reservations())
+    except Exception as exc:  # a server that refuses, a bad URL: the reason, never the password
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return Check("ledger", "fail", f"the storage ledger does not open: {type(exc).__name__}: {detail}")
+    detail = f"{ledger.location}: {active} active reservation(s)"
+    if not ledger.server:
+        kind = filesystem_type(Path(config.storage.base_dir), mounts)
+        if kind in NETWORK_FILESYSTEMS:
+            return Check("ledger", "warn", detail + f"; base_dir is on {kind}: if workers on other hosts share it, "
+                                                     "set storage.ledger_url (PostgreSQL, docs/deploy.md)")
+    return Check("ledger", "ok", detail)
 
 
 def _memory() -> Check:
@@ -344,6 +390,7 @@ def run_checks(config: AtlasConfig, *, requirements: Path | None = None, gpu: bo
         lambda: _packages(requirements),
         lambda: _writable(config),
         lambda: _disk(config),
+        lambda: _ledger(config),
         _memory,
         lambda: _manifest(config),
         lambda: _vocabulary(config),

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 
@@ -230,3 +231,21 @@ def test_reads_rows_without_a_technology_need_the_on_lists(tmp_path, manifest_cs
     gone = by_name(run_checks(load_config(overrides={**base, "quant.onlist_10xv2": str(tmp_path / "no.txt")}),
                               gpu=False))["chemistry"]
     assert gone.status == "warn" and "no barcode on-list for 10xv2" in gone.detail
+
+
+def test_the_ledger_check_names_where_it_lives_and_warns_on_a_shared_filesystem(tmp_path):
+    from atlasflow.ops.validate import _ledger, filesystem_type
+
+    base = tmp_path / "base"
+    config = load_config(overrides={"storage.base_dir": str(base), "storage.ledger_url_env": None})
+    check = _ledger(config)
+    assert check.status == "ok" and check.detail.startswith(str(base / "state" / "ledger.sqlite")), check
+    mounts = f"/dev/vda / ext4 rw 0 0\nfiler:/export {tmp_path} nfs4 rw 0 0\n"
+    assert filesystem_type(base, mounts) == "nfs4" and filesystem_type(Path("/usr"), mounts) == "ext4"
+    shared = _ledger(config, mounts)
+    assert shared.status == "warn" and "storage.ledger_url" in shared.detail
+    # a server ledger that does not answer: failed with the reason, the password never shown
+    down = load_config(overrides={"storage.base_dir": str(base),
+                                  "storage.ledger_url": "postgresql+psycopg2://u:s3cret@127.0.0.1:9/x"})
+    failed = _ledger(down)
+    assert failed.status == "fail" and "OperationalError" in failed.detail and "s3cret" not in failed.detail
