@@ -131,6 +131,10 @@ def safe_extract(archive: Path, dest: Path, *, max_member_bytes: int = MAX_MEMBE
         raise
     except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError) and exc.errno is not None:
+            # our disk, not the archive (full, quota, read-only, file-size limit): the task fails and is
+            # retried; a FormatError would quarantine the dataset and delete a good download
+            raise
         raise FormatError(f"{archive.name}: not a readable tar archive ({type(exc).__name__}: {exc})") from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -141,3 +141,26 @@ def test_fastq_check_memory_is_bounded_on_a_bomb(tmp_path):
         tracemalloc.stop()
     assert peak < 24 * 2**20, f"peak {peak / 2**20:.0f} MiB"
 
+
+
+def test_a_full_disk_is_not_blamed_on_the_archive(pbmc, tmp_path):
+    """A write error of our own (here EFBIG at a file-size limit; ENOSPC alike) fails the task for a retry;
+    it is never a FormatError, which would quarantine the dataset and delete its good download."""
+    archive = write_format(pbmc, "10x_mtx_tar", tmp_path / "raw")
+    child = (
+        "import errno, resource, sys\n"
+        "from pathlib import Path\n"
+        "from atlasflow.readers.formats import FormatError, open_counts\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))  # SIGXFSZ is ignored: writes fail with EFBIG\n"
+        "try:\n"
+        "    open_counts(Path(sys.argv[1]), cache=Path(sys.argv[2]))\n"
+        "except FormatError as exc:\n"
+        "    sys.exit(f'FormatError: {exc}')\n"
+        "except OSError as exc:\n"
+        "    sys.exit(0 if exc.errno == errno.EFBIG else f'errno {exc.errno}')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(REPO / p) for p in ("include", "testing"))}
+    done = subprocess.run([sys.executable, "-c", child, str(archive), str(tmp_path / "cache")], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert not list((tmp_path / "cache").iterdir())  # its partial extraction removed
