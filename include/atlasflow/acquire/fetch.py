@@ -400,4 +400,4 @@ def _sniff_remote(url: str, name: str, timeout_s: float, *, head_bytes: int = 1 
         raise FetchError(f"{url}: HTTP {exc.code}") from exc
     except (urllib.error.URLError, OSError) as exc:
         raise TransientFetchError(f"{url}: {getattr(exc, 'reason', exc)}") from exc
-    return sniff_table(text_prefix(head, name), name)
+    return sniff_table(text_prefix(head, name))

@@ -362,7 +362,7 @@ def _numeric(value: str) -> float | None:
         return None
 
 
-def sniff_table(text: str, name: str, *, max_rows: int = 200) -> str | None:
+def sniff_table(text: str, *, max_rows: int = 200) -> str | None:
     """None when the start of a delimited table looks like counts; else why it is not (GEO rule 5).
 
     Counts: every value after the first column is a non-negative number, and the header or the first
@@ -374,7 +374,7 @@ def sniff_table(text: str, name: str, *, max_rows: int = 200) -> str | None:
         lines = lines[:-1]
     lines = [ln for ln in lines[: max_rows + 1] if ln.strip() and not ln.startswith("#")]
     if len(lines) < 2:
-        return f"{name}: no data rows (a table of counts has a header and rows)"
+        return "no data rows (a table of counts has a header and rows)"
     sep = "\t" if "\t" in lines[0] else "," if "," in lines[0] else None
     rows = [ln.split(sep) for ln in lines]
     header, body = rows[0], rows[1:]
@@ -383,10 +383,10 @@ def sniff_table(text: str, name: str, *, max_rows: int = 200) -> str | None:
             number = _numeric(value)
             column = header[col] if len(header) == len(row) and col < len(header) else f"#{col + 1}"
             if number is None:
-                return (f"{name}: metadata, not counts: column {column.strip()!r} holds text "
+                return (f"metadata, not counts: column {column.strip()!r} holds text "
                         f"({value.strip()[:40]!r})")
             if number < 0:
-                return f"{name}: not counts: negative values ({value.strip()} in column {column.strip()!r})"
+                return f"not counts: negative values ({value.strip()} in column {column.strip()!r})"
     labels_top = [h for h in header[1:] if h.strip()] if len(header) == len(body[0]) else \
         [h for h in header if h.strip()]
     labels_side = [r[0] for r in body]
@@ -397,5 +397,5 @@ def sniff_table(text: str, name: str, *, max_rows: int = 200) -> str | None:
     if genes(labels_top) or genes(labels_side):
         return None
     shown = ", ".join(h.strip().strip('"') for h in labels_top[:4])
-    return (f"{name}: metadata, not counts: neither its header ({shown}{', …' if len(labels_top) > 4 else ''}) "
+    return (f"metadata, not counts: neither its header ({shown}{', …' if len(labels_top) > 4 else ''}) "
             "nor its first column names genes")

@@ -194,7 +194,7 @@ def _stream_once(url: str, work: Path, dest: Path, wanted: Mapping[str, GeoCandi
                 src = tar.extractfile(member)
                 assert src is not None
                 first = src.read(min(SNIFF_BYTES, member.size) if member.size else 0)
-                if cand.kind == "table" and (why := sniff_table(text_prefix(first, name), where)):
+                if cand.kind == "table" and (why := sniff_table(text_prefix(first, name))):
                     skipped.append(GeoSkip(where, why))
                     continue  # the rest of the member is read past by the next iteration
                 sample_dir = safe_name(cand.sample) if cand.sample else "series"
