@@ -102,12 +102,14 @@ class ModelArtifacts:
 
 
 def _scvi_parameters(n_genes: int, n_latent: int, n_layers: int, n_batches: int) -> int:
-    """scVI's parameters (encoder, library encoder, decoder with scale/dropout heads and gene dispersion)."""
+    """scVI's parameters as atlasflow.model.integrate builds it (layer norms without affine weights,
+    covariates into the first layer only): encoder, one-layer library encoder, and a decoder with the
+    scale, dispersion and dropout heads plus the gene dispersion."""
     h = _SCVI_HIDDEN
-    hidden = (n_layers - 1) * (h * h + 3 * h)  # further layers with their layer norm
-    encoder = (n_genes + n_batches) * h + 3 * h + hidden + 2 * (h * n_latent + n_latent)
-    library = (n_genes + n_batches) * h + 3 * h + 2 * (h + 1)
-    decoder = (n_latent + n_batches) * h + 3 * h + hidden + 2 * (h * n_genes + n_genes) + n_genes
+    hidden = (n_layers - 1) * (h * h + h)
+    encoder = (n_genes + n_batches) * h + h + hidden + 2 * (h * n_latent + n_latent)
+    library = (n_genes + n_batches) * h + h + 2 * (h + 1)
+    decoder = (n_latent + n_batches) * h + h + hidden + 3 * (h * n_genes + n_genes) + n_genes
     return encoder + library + decoder
 
 

@@ -103,3 +103,22 @@ def test_checkpoint_clock_steps_minutes_and_agreement():
     asked = []
     assert not timed.due(101, agree=lambda mine: asked.append(mine) or False)  # the other ranks said no
     assert asked == [True]
+
+
+@pytest.mark.slow
+def test_scvi_parameter_count_matches_scvi_tools():
+    """The integration model's share of the reservation counts scVI's real parameters (as integrate builds it)."""
+    import anndata as ad
+    import numpy as np
+    import scipy.sparse as sp
+    import scvi
+
+    from atlasflow.model.sizing import _scvi_parameters
+
+    rng = np.random.default_rng(0)
+    adata = ad.AnnData(X=sp.csr_matrix(rng.poisson(1, (40, 300)).astype(np.float32)))
+    adata.obs["dataset_id"] = [f"d{i % 4}" for i in range(40)]
+    scvi.model.SCVI.setup_anndata(adata, batch_key="dataset_id")
+    model = scvi.model.SCVI(adata, n_latent=10, n_layers=2, encode_covariates=True, use_layer_norm="both",
+                            use_batch_norm="none", deeply_inject_covariates=False)
+    assert sum(p.numel() for p in model.module.parameters()) == _scvi_parameters(300, 10, 2, 4)
