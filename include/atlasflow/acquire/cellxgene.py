@@ -256,8 +256,8 @@ def fetch_cellxgene(
             raise FetchError(f"{where}: CELLxGENE lists {len(found.organism)} organisms "
                              f"({', '.join(found.organism) or 'none'}); set the row's species to use it")
         if (why := accept_species(found.organism[0])) is not None:
-            raise FetchError(f"{where}: CELLxGENE lists organism {found.organism[0]!r} "
-                             f"({found.organism_ontology_term_id[0]}): {why}")
+            raise FetchError(f"{where}: not human: CELLxGENE lists organism {found.organism[0]!r} "
+                             f"({found.organism_ontology_term_id[0]}); {why}")
     cap = max_bytes
     if found.filesize is not None:
         if max_bytes is not None and found.filesize > max_bytes:

@@ -128,7 +128,7 @@ def test_a_mouse_dataset_is_refused_before_a_byte_is_fetched(tmp_path, discover)
     before = len([t for t in server._server.transfers if t["path"] == "/assets/mouse.h5ad"])
     got = P.download_dataset(config, "batch_0000", "cxg_mouse", final_try=True)
     assert got["status"] == "quarantined" and got["stage"] == "download"
-    assert "CELLxGENE lists organism 'Mus musculus' (NCBITaxon:10090): not human (Mus musculus)" in got["reason"]
+    assert "not human: CELLxGENE lists organism 'Mus musculus' (NCBITaxon:10090); " in got["reason"]
     assert "no genes.species_mapping is configured" in got["reason"]
     assert len([t for t in server._server.transfers if t["path"] == "/assets/mouse.h5ad"]) == before
 
