@@ -13,6 +13,7 @@ Already proven elsewhere, not repeated here:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import json
 import os
@@ -171,18 +172,23 @@ def test_identifier_columns_refuse_shell_metacharacters(tmp_path, value):
 
 def test_sbatch_script_passes_hostile_values_to_the_program_literally(tmp_path):
     """Every value in the rendered script is quoted: bash hands each one to the program unchanged and runs
-    nothing else. (The train job's argv holds paths, not manifest text; this is the worst case.)"""
+    nothing else. (The train job's argv holds paths, not manifest text; this is the worst case.) A value with a
+    control character is refused before rendering (tests/atlasflow/slurm/test_builders.py); the rest pass."""
+    printable = [value for value in HOSTILE if value.isprintable()]
+    assert len(printable) == len(HOSTILE) - 1
     out = tmp_path / "argv.json"
     recorder = ["python3", "-c", "import json, sys; json.dump(sys.argv[1:], open(sys.argv[1], 'w'))", str(out)]
-    spec = JobSpec(dataset_id="x; touch PWNED", batch_id="$(touch PWNED)", command=(*recorder, *HOSTILE),
+    spec = JobSpec(dataset_id="x; touch PWNED", batch_id="$(touch PWNED)", command=(*recorder, *printable),
                    output_dir=str(tmp_path / "logs $(touch PWNED)"), tag="t", workdir=str(tmp_path),
                    env={"NOTES": "$(touch PWNED)`touch PWNED`"}, partition="gpu; touch PWNED")
     script = tmp_path / "job.sh"
     script.write_text(render_sbatch(spec))
     done = subprocess.run(["bash", str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=30)
     assert done.returncode == 0, done.stderr
-    assert json.loads(out.read_text())[1:] == HOSTILE
+    assert json.loads(out.read_text())[1:] == printable
     assert not list(tmp_path.rglob("PWNED"))
+    with pytest.raises(ValueError, match="control character U\\+000A"):
+        render_sbatch(dataclasses.replace(spec, command=(*recorder, *HOSTILE)))
 
 
 def test_sra_accession_is_one_argument_never_shell_parsed(tmp_path):
