@@ -122,3 +122,38 @@ def test_scvi_parameter_count_matches_scvi_tools():
     model = scvi.model.SCVI(adata, n_latent=10, n_layers=2, encode_covariates=True, use_layer_norm="both",
                             use_batch_norm="none", deeply_inject_covariates=False)
     assert sum(p.numel() for p in model.module.parameters()) == _scvi_parameters(300, 10, 2, 4)
+
+
+@pytest.mark.parametrize(("minutes", "saves"), [(None, 0), (1.0, "every step")])
+def test_training_saves_the_intra_batch_checkpoint_by_the_minutes(tmp_path, monkeypatch, minutes, saves):
+    """The minutes reach the training loop: with a clock that moves a minute per step, every step saves."""
+    import atlasflow.model.train as train_module
+    from atlasflow.intake.manifest import Dataset
+    from atlasflow.model.train import Trainer
+    from atlasflow.prep.process import process_dataset
+    from atlasflow_testing.realdata import pbmc_counts, write_format
+
+    config = load_config(overrides={
+        "model.preset": "custom", "model.d_model": 16, "model.n_layers": 1, "model.n_heads": 2, "model.d_ff": 32,
+        "model.max_genes": 32, "training.batch_cells": 32, "training.block_cells": 64, "training.val_fraction": 0,
+        "training.checkpoint_every_steps": 10**6, "training.checkpoint_every_minutes": minutes, "qc.min_genes": 10,
+        "genes.vocab_path": "builtin:pbmc68k", "training.replay_cells": 0})
+    vocab = Vocabulary.builtin("pbmc68k")
+    write_format(pbmc_counts()[:128].copy(), "h5ad", tmp_path / "raw")
+    process_dataset(tmp_path / "raw", Dataset("d0", "https://h/x.h5ad", "direct", 2), config=config,
+                    out_path=tmp_path / "batch_0000" / "d0.h5ad", vocab=vocab, cache_dir=tmp_path / "cache")
+    ticks = iter(range(0, 10**6, 61))  # each look at the clock: 61 s later
+
+    class FastClock(CheckpointClock):
+        def __init__(self, every_steps: int, every_minutes: float | None) -> None:
+            super().__init__(every_steps, every_minutes, now=lambda: float(next(ticks)))
+
+    monkeypatch.setattr(train_module, "CheckpointClock", FastClock)
+    saved: list[int] = []
+    trainer = Trainer(config, vocab)
+    real_save = trainer.save
+    monkeypatch.setattr(trainer, "save", lambda path: saved.append(trainer.progress.global_step) or real_save(path))
+    metrics = trainer.run_batch(tmp_path / "batch_0000", checkpoint=tmp_path / "ckpt")
+    steps = metrics["steps"]
+    assert steps >= 3
+    assert saved == ([] if saves == 0 else list(range(1, steps + 1)))
