@@ -84,20 +84,25 @@ class ModelArtifacts:
     checkpoint: CheckpointSize
     batches: int  # the checkpoint keeps this many batches' held-out sets
     scvi_model: int
-    scoring_pool: int
+    pool_per_cell: int  # one scoring-pool cell (its sparse raw counts)
     latent_per_cell: int
     override: int | None = None  # storage.checkpoint_gb, when set
+
+    def scoring_pool(self, cells: int) -> int:
+        """The scoring pool: at most 4,000 cells, this batch's or, after the first, earlier ones' too."""
+        return min(_SCORE_POOL_CELLS, cells if self.batches == 1 else _SCORE_POOL_CELLS) * self.pool_per_cell
 
     def bytes(self, cells: int = 0) -> int:
         """Bytes to reserve for a batch of ``cells`` cells (the override when one is set)."""
         if self.override is not None:
             return self.override
-        return 2 * self.checkpoint.total(self.batches) + self.scvi_model + self.scoring_pool + cells * self.latent_per_cell
+        return (2 * self.checkpoint.total(self.batches) + self.scvi_model + self.scoring_pool(cells)
+                + cells * self.latent_per_cell)
 
     def to_dict(self, cells: int = 0) -> dict[str, Any]:
         return {"bytes": self.bytes(cells), "source": "storage.checkpoint_gb" if self.override is not None else "computed",
                 "checkpoint": self.checkpoint.total(self.batches), "checkpoint_copies": 2, "batches": self.batches,
-                "scvi_model": self.scvi_model, "scoring_pool": self.scoring_pool,
+                "scvi_model": self.scvi_model, "scoring_pool": self.scoring_pool(cells),
                 "latent": cells * self.latent_per_cell, "cells": cells, **asdict(self.checkpoint)}
 
 
@@ -130,7 +135,8 @@ def model_artifacts(config: AtlasConfig, n_genes: int, *, batches: int = 1, data
     scvi = pool = per_cell = 0
     if integration.enabled:
         scvi = 4 * _scvi_parameters(integration.n_genes, integration.n_latent, integration.n_layers, datasets)
-        pool = _SCORE_POOL_CELLS * integration.n_genes * (4 + 4)  # raw counts, stored sparse, before gzip
+        # raw counts stored sparse (value + index) before gzip, 30 % of the genes expressed (as the reservoir)
+        pool = int(0.3 * integration.n_genes) * (4 + 4)
         per_cell = integration.n_latent * 4 + 64  # the latent plus its obs row (ids, batch, label)
     return ModelArtifacts(checkpoint_size(config, n_genes), max(batches, 1), scvi, pool, per_cell, override)
 

@@ -306,8 +306,9 @@ def _model_artifacts(config: AtlasConfig) -> Check:
     detail = (f"~{size.total() / mb:,.1f} MB per checkpoint ({size.parameters:,} parameters: weights "
               f"{size.weights / mb:,.1f} MB, optimizer {size.optimizer / mb:,.1f} MB; replay reservoir of "
               f"{config.training.replay_cells:,} cells {size.replay / mb:,.1f} MB; gene statistics "
-              f"{size.stats / mb:,.1f} MB); two copies coexist while one is saved, plus the integration model "
-              f"({(art.scvi_model + art.scoring_pool) / mb:,.1f} MB): {computed / mb:,.1f} MB per batch")
+              f"{size.stats / mb:,.1f} MB); two copies coexist while one is saved, plus the scVI model "
+              f"({art.scvi_model / mb:,.1f} MB): {computed / mb:,.1f} MB per batch before the latent and scoring "
+              "pool, which grow with its cells")
     if art.override is None:
         return Check("model_artifacts", "ok", f"{detail}, reserved as computed")
     if art.override < computed:

@@ -42,8 +42,11 @@ def test_the_reservation_follows_the_model_not_a_fixed_figure():
     assert b.bytes() > 2 * 12 * n_parameters(large, len(HUMAN))
     # each later batch keeps one more held-out set; the latent grows with the cells
     later = model_artifacts(small, len(HUMAN), batches=5)
-    assert later.bytes() - a.bytes() == 2 * 4 * a.checkpoint.val_sets_per_batch
-    assert a.bytes(cells=1000) - a.bytes() == 1000 * a.latent_per_cell > 0
+    assert later.bytes() - a.bytes() == 2 * 4 * a.checkpoint.val_sets_per_batch + later.scoring_pool(0)
+    assert a.bytes(cells=1000) - a.bytes() == 1000 * (a.latent_per_cell + a.pool_per_cell) > 0
+    # the scoring pool stops at 4,000 cells; after the first batch it holds earlier batches' cells too
+    assert a.bytes(cells=10**6) - a.bytes(cells=10**6 - 1) == a.latent_per_cell
+    assert later.scoring_pool(0) == 4000 * a.pool_per_cell
     no_scvi = model_artifacts(load_config(overrides={"integration.enabled": False}), len(HUMAN))
     assert no_scvi.bytes() == 2 * a.checkpoint.total() and a.scvi_model > 0
     # storage.checkpoint_gb stays as an explicit override
