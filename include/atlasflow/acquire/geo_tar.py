@@ -35,6 +35,7 @@ from typing import Any
 
 from atlasflow.acquire.geo import GeoCandidate, GeoSkip, classify, sniff_table, text_prefix
 from atlasflow.acquire.http import CHUNK, FetchedFile, FetchError, TransientFetchError, open_url, safe_name
+from atlasflow.core.redact import redact_url
 
 __all__ = ["TarExtraction", "stream_raw_tar"]
 
@@ -103,7 +104,7 @@ def stream_raw_tar(url: str, dest: Path, *, wanted: Mapping[str, GeoCandidate] |
     if done.is_file():
         meta = json.loads(done.read_text())
         if meta.get("url") == url:
-            log.info("%s already extracted into %s", url, dest)
+            log.info("%s already extracted into %s", redact_url(url), dest)
             return TarExtraction.from_dict(meta)
     work = dest.with_name(f".{dest.name}.extracting")
     failures = 0
@@ -119,7 +120,7 @@ def stream_raw_tar(url: str, dest: Path, *, wanted: Mapping[str, GeoCandidate] |
                 shutil.rmtree(work, ignore_errors=True)
                 raise TransientFetchError(f"{url}: gave up after {failures} attempts: {exc}") from exc
             delay = backoff_s * 2 ** (failures - 1)
-            log.warning("%s: attempt %d failed (%s); streaming again in %.1f s", url, failures, exc, delay)
+            log.warning("%s: attempt %d failed (%s); streaming again in %.1f s", redact_url(url), failures, exc, delay)
             time.sleep(delay)
         except FetchError:
             shutil.rmtree(work, ignore_errors=True)
@@ -234,6 +235,6 @@ def _stream_once(url: str, work: Path, dest: Path, wanted: Mapping[str, GeoCandi
     if wanted is not None and (missing := sorted(set(wanted) - seen)):
         raise FetchError(f"{url}: filelist.txt lists {', '.join(missing[:3])}{' …' if len(missing) > 3 else ''}, "
                          "which the tar does not hold")
-    log.info("%s: %d members (%d bytes) extracted while streaming %d bytes", url, len(files), written_total,
+    log.info("%s: %d members (%d bytes) extracted while streaming %d bytes", redact_url(url), len(files), written_total,
              reader.read_bytes)
     return TarExtraction(tuple(files), {k: tuple(v) for k, v in samples.items()}, tuple(skipped), reader.read_bytes)

@@ -389,7 +389,7 @@ def _stream(
             mode = "ab"
         else:
             if have:
-                log.info("%s: the server sent the whole file (no range support, or it changed); starting over", url)
+                log.info("%s: the server sent the whole file (no range support, or it changed); starting over", shown)
             have, mode = 0, "wb"
             for name in list(hashers):
                 hashers[name] = hashlib.new(name)
