@@ -167,7 +167,9 @@ def parse_dataset(entry: Any, *, where: str) -> CellxgeneDataset:
         disease, _ = _labels(entry, "disease")
     except ValueError as exc:
         raise FetchError(f"{where}: dataset {dataset_id}: {exc}") from exc
-    text = lambda key: str(entry[key]) if isinstance(entry.get(key), str) else None  # noqa: E731
+    def text(key: str) -> str | None:
+        return str(entry[key]) if isinstance(entry.get(key), str) else None
+
     return CellxgeneDataset(
         dataset_id=dataset_id, url=url, filesize=None if size is None else int(size),
         dataset_version_id=text("dataset_version_id"), collection_id=text("collection_id"), title=text("title"),
