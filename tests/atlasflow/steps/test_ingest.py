@@ -162,3 +162,33 @@ def test_admission_prunes_temporaries_that_dead_tasks_left(demo):
     admission = P.admit_batch(config, plan["batches"][0], owner="test")
     assert admission["admitted"], admission["reason"]
     assert not stale.exists() and live.is_dir()
+
+
+def test_an_archive_bomb_is_quarantined_with_its_figures_by_the_reservation(demo):
+    """A row whose manifest says 64 KB: the archive would extract to 64 MB; the process step refuses it
+    while streaming, quarantines it with the figures, and leaves nothing in the cache."""
+    import io
+    import tarfile
+
+    config, server = demo
+    P.prepare_run(config)
+    bomb = Path(config.storage.base_dir).parent / "www" / "files" / "bomb.tar.gz"
+    with tarfile.open(bomb, "w:gz") as tar:
+        for i in range(8):
+            info = tarfile.TarInfo(f"filtered_feature_bc_matrix/part{i}.bin")
+            info.size = 8 * 2**20
+            tar.addfile(info, io.BytesIO(bytes(info.size)))
+    spec = config.state_dir / "batches" / "batch_0000.json"
+    write_batch_spec(config, "batch_0000")
+    data = json.loads(spec.read_text())
+    data["datasets"][0].update({"download_url": f"{server.url}/files/bomb.tar.gz", "format": "10x_mtx",
+                                "expected_bytes": bomb.stat().st_size, "sha256": None, "md5": None})
+    spec.write_text(json.dumps(data))
+    fetched = P.download_dataset(config, "batch_0000", "pbmc_1", final_try=True)
+    assert fetched["status"] == "ok", fetched
+    got = P.process_dataset_step(config, "batch_0000", fetched)
+    assert got["status"] == "quarantined" and got["stage"] == "process"
+    assert got["reason"].startswith("bomb.tar.gz: extracting it needs over ")
+    assert f"from a {bomb.stat().st_size}-byte archive" in got["reason"] and "the dataset may use" in got["reason"]
+    cache = Path(config.storage.base_dir) / "cache"
+    assert not [p for p in cache.rglob("*") if p.is_file()]
