@@ -16,12 +16,11 @@ import hashlib
 import logging
 import os
 import re
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from atlasflow.core.fsutil import write_json_atomic
+from atlasflow.core.fsutil import discard_dir, write_json_atomic
 from atlasflow.core.layout import StorageLayout, tree_bytes
 from atlasflow.storage.ledger import Ledger
 
@@ -59,8 +58,9 @@ class Cleaner:
             raise ValueError("refusing to delete the whole base dir")
         nbytes = tree_bytes(target)
         if target.is_dir():
+            # renamed aside first (a kill leaves no half-deleted checkpoint or dataset under its name);
             # rmtree does not follow symlinks inside the tree; it unlinks them
-            shutil.rmtree(target)
+            discard_dir(target)
         else:
             target.unlink()
         self.ledger.record_deletion(str(target.relative_to(self.layout.base_dir)), nbytes, reason,
@@ -108,7 +108,7 @@ class Cleaner:
     def clear_cache(self) -> int:
         freed = 0
         if self.layout.cache.is_dir():
-            for entry in self.layout.cache.iterdir():
+            for entry in sorted(self.layout.cache.iterdir()):  # a list: removal renames entries
                 freed += self.remove(entry, "cache cleared between batches")
         return freed
 

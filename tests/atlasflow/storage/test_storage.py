@@ -285,3 +285,29 @@ def test_monitor_cli_text_json_and_watch(tmp_path):
     report = json.loads(lines[0])
     assert report["reservations"][0]["batch_id"] == "batch_0000"
     assert report["areas"]["cache"]["used"] >= 2 * KB and report["reclaimable_bytes"]["cache"] >= 2 * KB
+
+
+def test_a_kill_while_cleanup_deletes_a_checkpoint_leaves_no_half_of_it(tmp_path):
+    """Issue 16 point 11: a deletion is a rename aside, then rmtree; a kill mid-rmtree (a real SIGKILL in
+    a child) leaves only an owner-named temporary that the next task start prunes."""
+    from atlasflow.core.fsutil import prune_stale_temps
+
+    for name in ("model.pt", "state.pt", "progress.json"):
+        write(tmp_path / "models/checkpoints/batch_0000" / name, 100)
+    child = (
+        "import os, shutil, signal, sys\nfrom pathlib import Path\n"
+        "from atlasflow.core.config import StorageConfig\nfrom atlasflow.storage import Cleaner, Ledger\n"
+        "def killed(path, *a, **k):\n"
+        "    if Path(path).is_dir():\n"
+        "        next(Path(path).iterdir()).unlink()\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "shutil.rmtree = killed\n"
+        "base = Path(sys.argv[1])\n"
+        "Cleaner(Ledger(StorageConfig(base_dir=str(base), ledger_url_env=None))).remove(\n"
+        "    base / 'models/checkpoints/batch_0000', 'test')\n")
+    done = subprocess.run([sys.executable, "-c", child, str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    left = list((tmp_path / "models/checkpoints").iterdir())
+    assert [p.name for p in left if not p.name.endswith(".tmp")] == []  # never batch_0000 with files missing
+    prune_stale_temps(tmp_path / "models")
+    assert list((tmp_path / "models/checkpoints").iterdir()) == []
