@@ -35,15 +35,15 @@ from dataclasses import asdict, dataclass
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from atlasflow.core.redact import redact_text, redact_url
 
 if TYPE_CHECKING:
     from atlasflow.core.config import DownloadConfig
 
-__all__ = ["FetchError", "FetchedFile", "HttpPolicy", "TransientFetchError", "download", "open_url", "retry_after_s",
-           "safe_name"]
+__all__ = ["FetchError", "FetchedFile", "HttpPolicy", "TransientFetchError", "ascii_url", "download", "open_url",
+           "retry_after_s", "safe_name"]
 
 log = logging.getLogger(__name__)
 # 256 KB: 4 MB writes stalled in kernel writeback throttling (512 MB took 0.6-1.7 s, erratic;
@@ -133,12 +133,20 @@ def open_url(req: urllib.request.Request | str, *, timeout: float, policy: HttpP
              crossed: list[str] | None = None) -> Any:
     """``urlopen`` with the redirect policy applied; cross-host redirects followed are appended to ``crossed``.
 
+    A URL with non-ASCII characters is sent as its ASCII form (:func:`ascii_url`).
+
     Raises
     ------
     FetchError
-        A redirect to a host the policy does not allow (before any request goes there).
+        A redirect to a host the policy does not allow (before any request goes there), or a URL
+        that has no ASCII form.
     """
-    url = req.full_url if isinstance(req, urllib.request.Request) else req
+    if isinstance(req, urllib.request.Request):
+        if not req.full_url.isascii():
+            req.full_url = ascii_url(req.full_url)
+        url = req.full_url
+    else:
+        req = url = ascii_url(req)
     handler = _Redirects(url, policy or HttpPolicy())
     resp = urllib.request.build_opener(handler).open(req, timeout=timeout)
     if crossed is not None:
@@ -161,6 +169,33 @@ def _hash(path: Path, algo: str) -> str:
         while block := fh.read(CHUNK):
             h.update(block)
     return h.hexdigest()
+
+
+def ascii_url(url: str) -> str:
+    """``url`` as an ASCII URI: an internationalised host in IDNA (punycode), other characters of the
+    path and query percent-encoded. (http.client cannot send anything else: it raised a
+    UnicodeEncodeError past the quarantine path.)
+
+    Raises
+    ------
+    FetchError
+        A host name that is not a valid internationalised name.
+    """
+    if url.isascii():
+        return url
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    try:
+        ascii_host = host.encode("idna").decode("ascii") if host else ""
+    except UnicodeError as exc:
+        raise FetchError(f"{redact_url(url)}: the host name {host!r} is not a valid internationalised name") from exc
+    netloc = ascii_host
+    if parts.port is not None:
+        netloc += f":{parts.port}"
+    if "@" in parts.netloc:
+        netloc = quote(parts.netloc.rsplit("@", 1)[0], safe=":%") + "@" + netloc
+    return urlunsplit((parts.scheme, netloc, quote(parts.path, safe="/%:@!$&'()*+,;=-._~"),
+                       quote(parts.query, safe="=&%+/:?@!$'()*,;-._~"), quote(parts.fragment, safe="%")))
 
 
 def retry_after_s(value: str | None, *, max_s: float, now: float | None = None) -> float | None:
@@ -377,6 +412,8 @@ def _stream(
         raise FetchError(f"{shown}: HTTP {exc.code} {exc.reason}") from exc
     except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
         raise TransientFetchError(f"{getattr(exc, 'reason', exc)}") from exc
+    except ValueError as exc:  # a URL no retry can send (UnicodeError included): quarantine, never crash
+        raise FetchError(f"{shown}: cannot be requested ({type(exc).__name__}: {exc})") from exc
     with resp:
         status = getattr(resp, "status", 200)
         validator = _validator(resp.headers)

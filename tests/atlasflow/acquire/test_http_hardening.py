@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from atlasflow.acquire.http import FetchError, HttpPolicy, download, retry_after_s
+from atlasflow.acquire.http import FetchError, HttpPolicy, TransientFetchError, download, retry_after_s
 from atlasflow.core.config import DownloadConfig
 from atlasflow.core.redact import redact_text, redact_url
 from atlasflow_testing.geo_server import GeoServer
@@ -168,3 +168,27 @@ def test_the_configured_mirrors_and_known_archives_are_allowed():
     assert not policy.allows_redirect("https://x.org/a", "https://evil.example.com/a")
     assert not policy.allows_redirect("https://x.org/a", "https://ncbi.nlm.nih.gov.evil.com/a")
     assert HttpPolicy(redirect_hosts=("*",)).allows_redirect("https://x.org/a", "https://evil.example.com/a")
+
+
+# ---- 10. a non-ASCII URL is requested in its ASCII form, or refused: never a UnicodeEncodeError ----------------
+
+
+def test_a_non_ascii_path_is_percent_encoded(served):
+    server, data, dest = served
+    (dest.parent / "www" / "files" / "é ü.h5ad").write_bytes(data)
+    f = download(f"{server.url}/files/é ü.h5ad", dest, **FAST)
+    assert Path(f.path).read_bytes() == data
+
+
+def test_an_internationalised_host_is_sent_as_punycode_and_fails_as_a_fetch_error():
+    from atlasflow.acquire.http import ascii_url
+
+    assert ascii_url("https://exаmple.org/a b?q=é") == "https://xn--exmple-4nf.org/a%20b?q=%C3%A9"
+    assert ascii_url("https://h.org/x") == "https://h.org/x"
+    with pytest.raises(FetchError, match="is not a valid internationalised name"):
+        ascii_url("https://" + "ä" * 70 + ".org/x")  # a label over 63 characters
+
+
+def test_an_unresolvable_internationalised_host_is_a_transient_fetch_error(tmp_path):
+    with pytest.raises(TransientFetchError):
+        download("http://exаmple.invalid/x.h5ad", tmp_path, attempts=1, backoff_s=0.01, timeout_s=5)
