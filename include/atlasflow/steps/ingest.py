@@ -418,7 +418,7 @@ def _refuse_species(config: AtlasConfig, organism: str) -> str | None:
     if species == "human":
         return None
     table, why_not = species_mapping_for(species, config.genes.species_mapping)
-    return None if table is not None else why_not
+    return None if table is not None else f"not human ({organism}); {why_not}"
 
 
 def run_quant(config: AtlasConfig, batch_id: str, dataset_id: str) -> QuantOutcome:
