@@ -313,7 +313,7 @@ def _fetch_geo(dataset: Dataset, dest_dir: Path, *, config: DownloadConfig, max_
                        attempts=attempts, backoff_s=backoff_s, timeout_s=timeout_s,
                        policy=HttpPolicy.from_config(config))
         rel = f"{sub}/{got.name}" if sub else got.name
-        files.append(FetchedFile(rel, got.path, got.bytes, got.sha256, got.url, got.resumed_from))
+        files.append(FetchedFile(rel, got.path, got.bytes, got.sha256, got.url, got.resumed_from, got.redirected_to))
         entry = samples.setdefault(_sample_key(accession, cand.sample), [])
         if not (sub and sub in entry):
             entry.append(sub or got.name)

@@ -27,6 +27,7 @@ from typing import Any, Generic, ParamSpec, Protocol, TypeVar
 from atlasflow.core.fsutil import write_json_atomic
 from atlasflow.core.records import BATCH_SCOPE, jobs_path, jobs_root, stages_dir
 from atlasflow.core.records import stage_path as _stage_path
+from atlasflow.core.redact import redact_text
 
 __all__ = ["BATCH_SCOPE", "RecordAlso", "StageStatus", "read_jobs", "read_stages", "record_job", "record_stage",
            "stage", "stage_ended", "stage_path", "stage_started"]
@@ -38,7 +39,7 @@ log = logging.getLogger(__name__)
 # here because cleanup prunes the integration folders that hold result.json
 _KEEP = ("bytes", "files", "cells_before", "cells_after", "genes_after", "format", "raw_bytes", "processed_bytes",
          "reason", "skipped", "admitted", "checkpoint_dir", "global_step", "train_loss", "val_loss", "trained",
-         "released", "integration", "skipped_files", "size_check")
+         "released", "integration", "skipped_files", "size_check", "redirects")
 
 
 class StageStatus(StrEnum):
@@ -99,7 +100,7 @@ def stage_ended(state_dir: Path, record: dict[str, Any], *, status: StageStatus,
     record["seconds"] = None if record["ended"] is None else round(record["ended"] - record["started"], 3)
     record.update({k: result[k] for k in _KEEP if result.get(k) is not None})
     if error:
-        record["error"] = error[-2000:]
+        record["error"] = redact_text(error[-2000:])  # a URL's query string (a token) never reaches the report
     write_json_atomic(stage_path(state_dir, record["stage"], record["batch_id"], record["dataset_id"]), record)
     return record
 

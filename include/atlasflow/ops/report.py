@@ -159,6 +159,7 @@ def collect_run(config: AtlasConfig) -> dict[str, Any]:
                 "technology": ", ".join(str(x) for x in ((tomb or {}).get("technology"),
                                                          (tomb or {}).get("technology_source")) if x) or None,
                 "skipped_files": download.get("skipped_files") or [],
+                "redirects": download.get("redirects") or [],
             })
     samples = ledger.samples()
     budget = next((s["budget"] for s in reversed(samples) if s.get("budget")), None) or config.storage.max_storage_bytes

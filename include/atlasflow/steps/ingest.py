@@ -161,6 +161,7 @@ class Downloaded(TypedDict):
     seconds: NotRequired[float]
     size_check: NotRequired[dict[str, Any]]  # expected (and from where) vs arrived
     skipped_files: NotRequired[list[str]]  # GEO: "<file>: <reason>" for each listed file not fetched
+    redirects: NotRequired[list[str]]  # "<file>: <URL another host served it from>" (redacted), when any
 
 
 DownloadResult = Downloaded | QuarantineRecord
@@ -407,6 +408,8 @@ def download_dataset(config: AtlasConfig, batch_id: str, dataset_id: str, *, fin
     done: Downloaded = {"dataset_id": dataset_id, "status": StepStatus.OK, "bytes": result.bytes,
                         "files": len(result.files), "seconds": round(result.seconds, 2),
                         "size_check": record_arrival(config, dataset, result.bytes)}
+    if redirects := [f"{f.name}: {f.redirected_to}" for f in result.files if f.redirected_to]:
+        done["redirects"] = redirects  # cross-host redirects download.redirect_hosts allowed: reported
     if result.skip_reasons:  # GEO files not fetched, and why (also in fetch.json): for the run report
         done["skipped_files"] = [f"{s.name}: {s.reason}" for s in result.skip_reasons]
     return done

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -192,3 +193,32 @@ def test_an_archive_bomb_is_quarantined_with_its_figures_by_the_reservation(demo
     assert f"from a {bomb.stat().st_size}-byte archive" in got["reason"] and "the dataset may use" in got["reason"]
     cache = Path(config.storage.base_dir) / "cache"
     assert not [p for p in cache.rglob("*") if p.is_file()]
+
+
+def test_an_allowed_cross_host_redirect_is_in_the_step_result_and_the_report(demo):
+    """Issue 16 point 9: followed only because download.redirect_hosts names the host, and reported
+    (step result, stage record, run report) without the URL's query string."""
+    from atlasflow.ops.report import collect_run
+
+    config, server = demo
+    config = config.with_overrides({"download.redirect_hosts": "localhost"})
+    P.prepare_run(config)
+    spec = config.state_dir / "batches" / "batch_0000.json"
+    write_batch_spec(config, "batch_0000")
+    data = json.loads(spec.read_text())
+    target = urlsplit(data["datasets"][0]["download_url"]).path
+    server.faults["/files/moved.h5ad"] = {"redirect": f"http://localhost:{server.port}{target}?token=SECRET"}
+    data["datasets"][0]["download_url"] = f"{server.url}/files/moved.h5ad"
+    spec.write_text(json.dumps(data))
+    got = P.download_dataset(config, "batch_0000", "pbmc_1", final_try=True)
+    assert got["status"] == "ok", got
+    assert got["redirects"] == [f"moved.h5ad: http://localhost:{server.port}{target}?REDACTED"]
+    row = next(d for d in collect_run(config)["datasets"] if d["dataset_id"] == "pbmc_1")
+    assert row["redirects"] == got["redirects"]
+    # without the host in the policy the same row is quarantined, naming the refused host
+    strict = config.with_overrides({"download.redirect_hosts": "ncbi.nlm.nih.gov"})
+    for leftover in (Path(strict.storage.base_dir) / "data" / "raw" / "pbmc_1").glob("*"):
+        leftover.unlink()
+    refused = P.download_dataset(strict, "batch_0000", "pbmc_1", final_try=True)
+    assert refused["status"] == "quarantined" and "download.redirect_hosts does not allow" in refused["reason"]
+    assert "SECRET" not in json.dumps(refused)
