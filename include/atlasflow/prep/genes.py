@@ -44,7 +44,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from atlasflow.core.fsutil import write_json_atomic
+from atlasflow.core.fsutil import DecompressionLimit, open_bounded, write_json_atomic
 
 __all__ = [
     "BUILTIN_VOCABULARIES",
@@ -157,9 +157,8 @@ class Vocabulary:
             return cls.builtin(str(path)[len(BUILTIN_PREFIX):])
         path = Path(path)
         try:
-            raw = path.read_bytes()
-            text = (gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw).decode("utf-8")
-        except (OSError, EOFError, UnicodeDecodeError, gzip.BadGzipFile) as exc:
+            text = _read_table_text(path)
+        except (OSError, EOFError, UnicodeDecodeError, gzip.BadGzipFile, DecompressionLimit) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
             raise ValueError(f"{path}: cannot read the vocabulary ({reason})") from exc
         if path.suffix == ".json":
@@ -383,9 +382,8 @@ class OrthologTable:
     @classmethod
     def load(cls, path: str | Path) -> OrthologTable:
         try:
-            raw = Path(path).read_bytes()
-            text = (gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw).decode("utf-8")
-        except (OSError, EOFError, UnicodeDecodeError, gzip.BadGzipFile) as exc:
+            text = _read_table_text(Path(path))
+        except (OSError, EOFError, UnicodeDecodeError, gzip.BadGzipFile, DecompressionLimit) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
             raise ValueError(f"genes.species_mapping {path}: cannot read the ortholog table ({reason})") from exc
         lines = [line for line in text.splitlines() if line.strip() and not line.startswith("#")]
@@ -481,6 +479,16 @@ def vocabulary_mismatch(pinned_path: Path, configured: str | None) -> str | None
             + f", or set storage.base_dir to a new folder to start a new atlas with {wanted.source}.")
 
 
+# the most a gene or ortholog table may decompress to (the human vocabulary is ~2 MB): bounds a bomb
+MAX_TABLE_BYTES = 1 << 30
+
+
+def _read_table_text(path: Path) -> str:
+    """A (possibly gzipped) text table, decompressed in bounded memory up to ``MAX_TABLE_BYTES``."""
+    with open_bounded(path, max_bytes=MAX_TABLE_BYTES) as fh:
+        return fh.read().decode("utf-8")
+
+
 @cache
 def _builtin(name: str) -> Vocabulary:
     ref = resources.files("atlasflow").joinpath(BUILTIN_VOCABULARIES[name])
@@ -546,11 +554,12 @@ def _synonym_table(
 def _genes_of(path: Path) -> tuple[list[str], list[str | None], list[list[str]] | None, list[list[str]] | None]:
     """Genes (ids, previous symbols, aliases) from a gene table or any readable data file."""
     if path.name.endswith((".tsv", ".csv", ".txt", ".tsv.gz", ".csv.gz", ".txt.gz")) and path.stat().st_size < 50_000_000:
-        raw = path.read_bytes()
         try:
-            text = (gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw).decode("utf-8")
+            text = _read_table_text(path)
         except (OSError, EOFError, UnicodeDecodeError):
-            text = ""
+            text = ""  # not a gene table: read as a data file below
+        except DecompressionLimit as exc:
+            raise ValueError(f"{path}: {exc}; not a gene table") from exc
         table = _read_gene_table(text, str(path))
         if table is not None:
             return table

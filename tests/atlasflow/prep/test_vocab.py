@@ -163,3 +163,26 @@ def test_processing_real_cells_against_the_human_vocabulary(tmp_path):
     assert set(out.var_names) <= v.symbol_set() and "JCHAIN" in out.var_names and "IGJ" not in out.var_names
     assert out.uns["atlasflow"]["vocab_version"] == v.version
     assert summary["coverage"]["matched_by_synonym"] == 45 and summary["coverage"]["genes_mapped"] <= 737
+
+
+def test_a_gzipped_gene_table_bomb_is_refused_in_bounded_memory(tmp_path, monkeypatch):
+    """Issue 16 point 4: a gene table (vocabulary, ortholog table, `vocab build` input) decompresses to at
+    most genes.MAX_TABLE_BYTES; it was inflated whole with gzip.decompress."""
+    import gzip
+
+    from atlasflow.prep import genes
+    from atlasflow.prep.genes import OrthologTable
+
+    monkeypatch.setattr(genes, "MAX_TABLE_BYTES", 1 << 20)
+    bomb = tmp_path / "genes.tsv.gz"
+    bomb.write_bytes(gzip.compress(b"symbol\tgene_id\n" + b"A" * (8 << 20)))
+    with pytest.raises(ValueError, match=r"genes\.tsv\.gz: cannot read the vocabulary \(genes\.tsv\.gz: decompresses "
+                                         r"to over 1048576 bytes"):
+        Vocabulary.load(bomb)
+    with pytest.raises(ValueError, match=r"cannot read the ortholog table .*decompresses to over 1048576 bytes"):
+        OrthologTable.load(bomb)
+    with pytest.raises(ValueError, match=r"genes\.tsv\.gz: .*decompresses to over 1048576 bytes.*not a gene table"):
+        build_vocabulary([bomb])
+    small = tmp_path / "small.tsv.gz"
+    small.write_bytes(gzip.compress(b"symbol\tgene_id\nCD3E\tENSG00000198851\nMS4A1\tENSG00000156738\n"))
+    assert list(Vocabulary.load(small).symbols[:2]) == ["CD3E", "MS4A1"]  # control: a real table still loads
