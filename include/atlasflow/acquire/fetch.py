@@ -48,6 +48,9 @@ __all__ = [
     "geo_suppl_path",
     "geo_expected_bytes",
     "geo_metadata_url",
+    "geo_samples",
+    "parse_soft_organisms",
+    "parse_soft_samples",
     "pick_geo_files",
     "plan_geo",
 ]
@@ -189,25 +192,54 @@ def geo_metadata_url(accession: str, config: DownloadConfig) -> str:
     return f"{config.geo_query_url}?acc={accession}&targ=self&form=text&view=brief"
 
 
-def parse_soft_organisms(text: str) -> dict[str, str]:
-    """GSM id → organism from SOFT text (``^SAMPLE = GSM…`` then ``!Sample_organism_ch1`` / ``_taxid_ch1``).
+def parse_soft_samples(text: str) -> dict[str, dict[str, Any]]:
+    """GSM id → ``{"organism", "title", "supplementary"}`` from SOFT text (``^SAMPLE = GSM…`` blocks).
 
-    The organism's name wins when both are given (it reads better in a reason; both normalise the
-    same), the taxid stands in when it is alone; the first channel's organism names the sample.
+    ``organism``: the first channel's ``!Sample_organism_ch1``, else its ``!Sample_taxid_ch1``;
+    ``supplementary``: the sample's ``!Sample_supplementary_file_N`` values other than ``NONE``.
     """
-    out: dict[str, str] = {}
-    taxid: dict[str, str] = {}
-    sample = None
+    out: dict[str, dict[str, Any]] = {}
+    sample: dict[str, Any] | None = None
     for line in text.splitlines():
         key, _, value = line.partition("=")
         key, value = key.strip(), value.strip()
         if key == "^SAMPLE":
-            sample = value
-        elif sample and key == "!Sample_organism_ch1" and value:
-            out.setdefault(sample, value)
-        elif sample and key == "!Sample_taxid_ch1" and value.isdigit():
-            taxid.setdefault(sample, value)
-    return {**taxid, **out}
+            sample = out.setdefault(value, {"organism": None, "taxid": None, "title": "", "supplementary": []})
+        elif key.startswith("^"):
+            sample = None
+        elif sample is None or not value:
+            continue
+        elif key == "!Sample_organism_ch1":
+            sample["organism"] = sample["organism"] or value
+        elif key == "!Sample_taxid_ch1" and value.isdigit():
+            sample["taxid"] = sample["taxid"] or value
+        elif key == "!Sample_title":
+            sample["title"] = value
+        elif key.startswith("!Sample_supplementary_file") and value.upper() != "NONE":
+            sample["supplementary"].append(value)
+    for info in out.values():
+        # the name reads better in a reason than the taxid; both normalise to the same species
+        info["organism"] = info["organism"] or info.pop("taxid")
+        info.pop("taxid", None)
+    return out
+
+
+def parse_soft_organisms(text: str) -> dict[str, str]:
+    """GSM id → organism (name, else taxid) from SOFT text; samples that name neither are left out."""
+    return {gsm: info["organism"] for gsm, info in parse_soft_samples(text).items() if info["organism"]}
+
+
+def geo_samples(accession: str, config: DownloadConfig) -> dict[str, dict[str, Any]]:
+    """GEO's records of an accession's samples (:func:`parse_soft_samples`).
+
+    Raises
+    ------
+    FetchError
+        GEO has no record of it; :class:`TransientFetchError` for network trouble.
+    """
+    url = geo_metadata_url(accession, config)
+    text = _get_text(url, config.read_timeout_s, limit=8 << 20, missing=f"GEO has no record of {accession} at {url}")
+    return parse_soft_samples(text or "")
 
 
 def _geo_organisms(accession: str, config: DownloadConfig) -> dict[str, str] | None:

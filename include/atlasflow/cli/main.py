@@ -245,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     from atlasflow.cli.cellxgene import register as register_cellxgene
 
     register_cellxgene(msub)
+    from atlasflow.cli.geo import register as register_geo
+
+    register_geo(msub)
 
     plan = sub.add_parser("plan", help="show (and optionally save) the stable batch plan")
     manifest_opts(plan)
