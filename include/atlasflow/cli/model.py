@@ -31,6 +31,8 @@ def _train(args: argparse.Namespace, out: TextIO) -> int:
         pseudo = retrain_set_path(config)  # the same file the pipeline names on its command line
     result = train_batch(config, run_vocabulary(config, args.vocab), batch_dir, Path(args.out), resume_from=resume,
                          pseudo_labels=pseudo)
+    if int(os.environ.get("RANK", "0")) != 0:  # a DDP rank other than 0: the result is rank 0's to write
+        return 0
     result_path = os.environ.get("ATLASFLOW_RESULT_PATH")
     if result_path:  # set by the SLURM job script: the operator reads the result from there
         from atlasflow.core.fsutil import write_json_atomic

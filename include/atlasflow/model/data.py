@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -28,7 +28,7 @@ from atlasflow.model.integration_metrics import labelled_mask
 from atlasflow.model.tokenizer import Tokenizer
 from atlasflow.prep.genes import Vocabulary
 
-__all__ = ["BatchData", "CellBatch", "DatasetFile", "HeldOutSample", "log_normalise", "split_datasets"]
+__all__ = ["BatchData", "CellBatch", "DatasetFile", "HeldOutSample", "log_normalise", "rebatch", "split_datasets"]
 
 Split = Literal["train", "val"]
 
@@ -165,6 +165,26 @@ def _labels_at(values: object, rows: np.ndarray) -> np.ndarray:
     return np.where(labelled_mask(picked), picked, "")  # the one rule for "unlabelled" (integration too)
 
 
+def rebatch(parts: Iterable[CellBatch], *, batch_cells: int, start_step: int = 0) -> Iterator[tuple[int, CellBatch]]:
+    """``(step, cells)`` of ``batch_cells`` consecutive cells of ``parts`` (the last may be smaller)."""
+    step = start_step
+    buf: list[CellBatch] = []
+    have = 0
+    for part in parts:
+        buf.append(part)
+        have += len(part)
+        if have < batch_cells:
+            continue
+        joined, pos = CellBatch.concat(buf), 0  # once per block, not once per step
+        while have - pos >= batch_cells:
+            yield step, joined.take(slice(pos, pos + batch_cells))
+            step += 1
+            pos += batch_cells
+        buf, have = [joined.take(slice(pos, None))], have - pos
+    if have:
+        yield step, CellBatch.concat(buf)
+
+
 class BatchData:
     """The training and validation cells of one batch folder.
 
@@ -204,6 +224,24 @@ class BatchData:
             blocks = [blocks[k] for k in order]
         return blocks
 
+    def shard_cells(self, *, epoch: int, shards: int, split: Split = "train", shuffle: bool = True) -> list[int]:
+        """Cells of each of ``shards`` shards of the epoch's block order (block ``k`` goes to shard ``k % shards``)."""
+        blocks = self._blocks(self._files(split), epoch, shuffle)
+        return [sum(stop - start for _, start, stop in blocks[v::shards]) for v in range(shards)]
+
+    def _plan(self, files: list[DatasetFile], *, epoch: int, start_cell: int, shuffle: bool, shard: int,
+              shards: int) -> list[tuple[int, int, int, int]]:
+        """``(file, start, stop, skip)`` of the shard's blocks from cell ``start_cell`` of the shard's stream."""
+        plan, skipped = [], 0
+        for i, start, stop in self._blocks(files, epoch, shuffle)[shard::shards]:
+            size = stop - start
+            if skipped + size <= start_cell:  # wholly before the resume point: not even read
+                skipped += size
+                continue
+            plan.append((i, start, stop, max(0, start_cell - skipped)))
+            skipped += size
+        return plan
+
     def cells_of(self, f: DatasetFile, block: sp.csr_matrix, labels: np.ndarray, *, tie_seed: int) -> CellBatch:
         """Tokens, bins and the vocabulary-wide log-normalised expression of a block of ``f``'s rows."""
         block = sp.csr_matrix(block, dtype=np.float32)
@@ -218,56 +256,44 @@ class BatchData:
         return CellBatch(tokens, bins, labels.astype(np.int64), expr, np.zeros(block.shape[0], dtype=np.int32),
                          f.measured[None, :])
 
-    def stream(self, *, epoch: int, start_cell: int = 0, split: Split = "train",
-               shuffle: bool = True) -> Iterator[CellBatch]:
-        """Yield cell blocks from cell ``start_cell`` of the epoch's order."""
+    def stream(self, *, epoch: int, start_cell: int = 0, split: Split = "train", shuffle: bool = True,
+               shard: int = 0, shards: int = 1, worker: int = 0, workers: int = 1) -> Iterator[CellBatch]:
+        """Yield cell blocks from cell ``start_cell`` of one shard's stream of the epoch's order.
+
+        The epoch's shuffled blocks are dealt to ``shards`` shards (data-parallel ranks and
+        gradient-accumulation steps) round-robin, so shards never overlap and one shard (the
+        default) is the whole stream. ``worker`` of ``workers`` (DataLoader workers) yields every
+        ``workers``-th of the shard's remaining blocks, starting with its own index: a DataLoader,
+        which takes one item from each worker in turn, hands them back in the shard's order.
+        """
         import h5py
         from anndata.io import sparse_dataset
 
         files = self._files(split)
+        plan = self._plan(files, epoch=epoch, start_cell=start_cell, shuffle=shuffle, shard=shard, shards=shards)
         handles: dict[int, tuple[h5py.File, object]] = {}
         try:
-            skipped = 0
-            for i, start, stop in self._blocks(files, epoch, shuffle):
-                size = stop - start
-                if skipped + size <= start_cell:  # wholly before the resume point: not even read
-                    skipped += size
-                    continue
+            for i, start, stop, offset in plan[worker::workers]:
                 if i not in handles:
                     h = h5py.File(files[i].path, "r")
                     handles[i] = (h, sparse_dataset(h["X"]))
                 block = handles[i][1][start:stop].tocsr()
                 labels = files[i].labels[start:stop]
                 if shuffle:
-                    perm = np.random.default_rng([self.seed, self.batch_key, epoch, i, start]).permutation(size)
+                    perm = np.random.default_rng([self.seed, self.batch_key, epoch, i, start]).permutation(stop - start)
                     block, labels = block[perm], labels[perm]
                 cells = self.cells_of(files[i], block, labels, tie_seed=self.seed + epoch)
-                offset = max(0, start_cell - skipped)
-                skipped += size
                 yield cells.take(slice(offset, None))
         finally:
             for h, _ in handles.values():
                 h.close()
 
     def batches(self, *, epoch: int, batch_cells: int, start_step: int = 0, split: Split = "train",
-                shuffle: bool = True) -> Iterator[tuple[int, CellBatch]]:
-        """Yield ``(step_in_epoch, cells)`` of ``batch_cells`` cells (the last may be smaller)."""
-        step = start_step
-        buf: list[CellBatch] = []
-        have = 0
-        for part in self.stream(epoch=epoch, start_cell=start_step * batch_cells, split=split, shuffle=shuffle):
-            buf.append(part)
-            have += len(part)
-            if have < batch_cells:
-                continue
-            joined, pos = CellBatch.concat(buf), 0  # once per block, not once per step
-            while have - pos >= batch_cells:
-                yield step, joined.take(slice(pos, pos + batch_cells))
-                step += 1
-                pos += batch_cells
-            buf, have = [joined.take(slice(pos, None))], have - pos
-        if have:
-            yield step, CellBatch.concat(buf)
+                shuffle: bool = True, shard: int = 0, shards: int = 1) -> Iterator[tuple[int, CellBatch]]:
+        """Yield ``(step_in_epoch, cells)`` of ``batch_cells`` cells (the last may be smaller) of one shard."""
+        parts = self.stream(epoch=epoch, start_cell=start_step * batch_cells, split=split, shuffle=shuffle,
+                            shard=shard, shards=shards)
+        return rebatch(parts, batch_cells=batch_cells, start_step=start_step)
 
     def sample(self, split: Split, n_cells: int, *, seed: int) -> HeldOutSample | None:
         """A seeded sample of at most ``n_cells`` of the split's cells, read block by block.

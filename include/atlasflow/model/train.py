@@ -17,6 +17,7 @@ comes from a replay reservoir of earlier batches.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -26,20 +27,22 @@ import pickle
 import random
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 
 from atlasflow.core.config import AtlasConfig
 from atlasflow.core.fsutil import discard_dir, fsync_dir, fsync_tree, owner_tag, write_json_atomic
 from atlasflow.model.checkpoint_clock import CheckpointClock
-from atlasflow.model.data import BatchData, CellBatch, HeldOutSample, log_normalise
+from atlasflow.model.data import BatchData, CellBatch, HeldOutSample, log_normalise, rebatch
 from atlasflow.model.genestats import GeneMedians
+from atlasflow.model.loader import Prefetch, auto_workers, pinned, shard_blocks
 from atlasflow.model.network import AtlasTransformer, no_decay
 from atlasflow.model.pseudo import PseudoLabels, apply_pseudo_labels
 from atlasflow.model.tokenizer import N_SPECIAL, Tokenizer
@@ -76,12 +79,76 @@ class Progress:
     replay_cells_represented: int = 0  # training cells the reservoir is a uniform sample of
     replay_version: str | None = None  # the batch that last updated the reservoir
     pseudo_labels_sha256: str | None = None  # the retraining set the current batch started with
+    world_size: int = 1  # data-parallel ranks of the current batch
+    data_shards: int = 1  # shards its cells are dealt to (ranks × accumulation steps): fixes the cell order
 
 
 def _device(config: AtlasConfig) -> torch.device:
     if config.training.device == "cuda" or (config.training.device == "auto" and torch.cuda.is_available()):
+        if "LOCAL_RANK" in os.environ:  # one GPU per rank under torchrun
+            return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         return torch.device("cuda")
     return torch.device("cpu")
+
+
+def _agree(flag: bool) -> bool:
+    """True on every rank when it is True on any (a checkpoint is a collective: all ranks decide alike)."""
+    import torch.distributed as dist
+
+    t = torch.tensor([int(flag)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def _world() -> tuple[int, int]:
+    """``(rank, world_size)`` of the initialised process group, ``(0, 1)`` without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class _Objective(torch.nn.Module):
+    """The network and both cell-level heads in one forward, so DDP (and torch.compile) see all of them.
+
+    Only the encoder runs under bf16 autocast; the decoder and the cell-type head read the cls
+    embedding in fp32, as the losses do.
+    """
+
+    def __init__(self, net: AtlasTransformer, *, bf16: bool, device_type: str) -> None:
+        super().__init__()
+        self.net, self.bf16, self.device_type = net, bf16, device_type
+
+    def forward(self, tokens: torch.Tensor, inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.bf16):
+            logits, cls = self.net(tokens, inputs)
+        cls32 = cls.float()
+        expr = self.net.decoder(cls32) if self.net.decoder is not None else cls32[:, :0]
+        types = self.net.cell_head(cls32) if self.net.cell_head is not None else cls32[:, :0]
+        return logits, cls, expr, types
+
+
+@dataclass(frozen=True)
+class _Micro:
+    """One forward/backward's cells (new cells of one shard, then its replay cells) as tensors."""
+
+    cells: CellBatch
+    n_new: int
+    tokens: torch.Tensor
+    bins: torch.Tensor
+    labels: torch.Tensor  # cell types
+    expr: torch.Tensor | None  # dense target, when the network has a decoder
+    measured: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class _Step:
+    step: int  # in the epoch
+    micros: list[_Micro | None]  # this rank's shards; None where the shard has run out
+    rows: list[tuple[int, int]]  # (offset, cells) of each of this rank's micro-batches in the step's mask draw
+    total: int  # cells of the step over every shard (rows of the mask draw)
+    n_new: int  # new (not replayed) cells of the step over every shard
 
 
 def _file_hash(path: Path) -> str:
@@ -159,12 +226,22 @@ class Trainer:
         self.n_genes = len(vocab)
         self.tokenizer = Tokenizer(self.n_genes, sizes["max_genes"], config.model.n_bins)
         self.device = _device(config)
+        t = config.training
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.set_device(self.device)
+            torch.backends.cuda.matmul.allow_tf32 = t.tf32
+            torch.backends.cudnn.allow_tf32 = t.tf32
+        self.bf16 = cuda and t.bf16  # CPU always trains and evaluates in fp32
         torch.manual_seed(config.training.seed)  # initial weights depend on the seed only
         self.model = _build_network(config, self.tokenizer, self.n_genes).to(self.device)
-        t = config.training
         decayed, kept = no_decay(self.model)
+        self._fused = cuda and t.fused_adamw
         self.optimizer = torch.optim.AdamW([{"params": decayed, "weight_decay": t.weight_decay},
-                                            {"params": kept, "weight_decay": 0.0}], lr=t.lr)
+                                            {"params": kept, "weight_decay": 0.0}], lr=t.lr,
+                                           **({"fused": True} if self._fused else {}))
+        self._objective: torch.nn.Module | None = None  # built by the first training step (DDP, compile)
+        self._bins_delta: np.ndarray | None = None  # this rank's bin counts since the last all-reduce
         self.generator = torch.Generator().manual_seed(t.seed + 1)
         self.progress = Progress()
         self.on_step: Callable[[int, float, float], None] | None = None  # (global step, loss, lr): tracking's hook
@@ -242,6 +319,8 @@ class Trainer:
         trainer.model.load_state_dict(_load_tensors(path / "model.pt", map_location=trainer.device))
         state = _load_tensors(path / "state.pt")
         trainer.optimizer.load_state_dict(state["optimizer"])
+        for group in trainer.optimizer.param_groups:  # the kernel is this machine's choice, not the checkpoint's
+            group["fused"] = trainer._fused or None
         trainer.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch"])
         _rng_from_json(json.loads((path / "rng.json").read_text()), path / "rng.json")
@@ -265,11 +344,15 @@ class Trainer:
 
     # ---- the objective -----------------------------------------------------------------------------
 
-    def _mask(self, tokens: torch.Tensor, bins: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def _mask(self, tokens: torch.Tensor, bins: torch.Tensor, generator: torch.Generator | None = None, *,
+              scores: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mask ``mask_ratio`` of each cell's genes: the lowest ``scores`` (drawn from ``generator`` when not given)."""
         valid = tokens >= N_SPECIAL  # gene positions (not pad/cls/mask)
         n_valid = valid.sum(dim=1)
         k = torch.clamp(torch.round(n_valid * self.config.training.mask_ratio), min=1).long()
-        scores = torch.rand(tokens.shape, generator=generator)
+        if scores is None:
+            scores = torch.rand(tokens.shape, generator=generator)
+        scores = scores.clone()
         scores[~valid] = 2.0
         ranks = scores.argsort(dim=1).argsort(dim=1)
         masked = (ranks < k[:, None]) & valid
@@ -281,26 +364,55 @@ class Trainer:
         """The tokenizer's ranking scale: the gene medians with ``median`` ranking, else None."""
         return self.medians.medians() if self.config.model.gene_ranking == "median" else None
 
-    def _loss(self, cells: CellBatch, generator: torch.Generator, *, with_cell_types: bool = True) -> LossParts:
-        t = torch.from_numpy(cells.tokens)
-        inputs, labels = self._mask(t, torch.from_numpy(cells.bins), generator)
-        t, inputs, labels = t.to(self.device), inputs.to(self.device), labels.to(self.device)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            logits, cls = self.model(t, inputs)
+    def _forward(self) -> torch.nn.Module:
+        """The module a training step calls: the objective, DDP-wrapped with >1 rank, compiled when asked."""
+        if self._objective is None:
+            module: torch.nn.Module = _Objective(self.model, bf16=self.bf16, device_type=self.device.type)
+            if _world()[1] > 1:
+                from torch.nn.parallel import DistributedDataParallel
+
+                module = DistributedDataParallel(module, device_ids=[self.device.index] if self.device.type == "cuda"
+                                                 else None)
+            if self.config.training.compile:
+                module = torch.compile(module)
+            self._objective = module
+        return self._objective
+
+    def _to(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(self.device, non_blocking=t.is_pinned())
+
+    def _loss(self, micro: _Micro, scores: torch.Tensor) -> LossParts:
+        """One process, one shard: every term a mean over this step's cells (the single-process objective)."""
+        inputs, labels = self._mask(micro.tokens, micro.bins, scores=scores)
+        t, inputs, labels = self._to(micro.tokens), inputs.to(self.device), labels.to(self.device)
+        logits, _, expr, types = self._forward()(t, inputs)
         masked = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
         total, expression = masked, None
-        if self.model.decoder is not None:
-            target = torch.from_numpy(cells.expr.toarray()).to(self.device)
-            measured = torch.from_numpy(cells.measured_mask()).to(self.device)
-            err = (self.model.decoder(cls.float()) - target) ** 2
+        if micro.expr is not None:
+            target, measured = self._to(micro.expr), self._to(micro.measured)
+            err = (expr - target) ** 2
             expression = (err * measured).sum() / measured.sum().clamp(min=1)
             total = total + self.config.model.expression_weight * expression
-        head = self.model.cell_head
-        if with_cell_types and head is not None and (cells.labels >= 0).any():
-            target = torch.from_numpy(cells.labels).to(self.device)
-            total = total + self.config.model.cell_type_weight * F.cross_entropy(head(cls.float()), target,
+        if self.model.cell_head is not None and (micro.cells.labels >= 0).any():
+            total = total + self.config.model.cell_type_weight * F.cross_entropy(types, self._to(micro.labels),
                                                                                 ignore_index=-100)
         return LossParts(total, masked, expression, logits, labels)
+
+    def _sharded_loss(self, micro: _Micro, inputs: torch.Tensor, labels: torch.Tensor,
+                      counts: torch.Tensor) -> torch.Tensor:
+        """This micro-batch's share of the step's objective: each term's sum over its cells divided by the
+        term's count over the whole step (every rank and micro-batch), so that the shares add up to the
+        same means one process computes over the whole step's cells."""
+        logits, _, expr, types = self._forward()(self._to(micro.tokens), inputs.to(self.device))
+        total = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.to(self.device).reshape(-1),
+                                ignore_index=-100, reduction="sum") / counts[0].clamp(min=1)
+        if micro.expr is not None:
+            err = (expr - self._to(micro.expr)) ** 2 * self._to(micro.measured)
+            total = total + self.config.model.expression_weight * err.sum() / counts[1].clamp(min=1)
+        if self.model.cell_head is not None:  # always in the graph: DDP needs every parameter's gradient
+            ct = F.cross_entropy(types, self._to(micro.labels), ignore_index=-100, reduction="sum")
+            total = total + self.config.model.cell_type_weight * ct / counts[2].clamp(min=1)
+        return total
 
     # ---- training --------------------------------------------------------------------------------
 
@@ -370,41 +482,84 @@ class Trainer:
                                                   held_out=held_out)
             pseudo_use = {**use.to_dict(), "sha256_at_batch_start": p.pseudo_labels_sha256}
         self._start_batch(data)
-        n_replay = round(t.replay_share * t.batch_cells) if self.replay is not None and len(self.replay) else 0
-        n_new = max(t.batch_cells - n_replay, 1)
-        total_steps = t.epochs * math.ceil(max(data.n_train_cells, 1) / n_new)
+        rank, world = _world()
+        micro, accum = self._micro_batches(world)
+        shards = world * accum
+        if (p.epoch or p.step_in_epoch) and p.data_shards != shards:
+            raise ValueError(
+                f"{batch_dir.name}: its intra-batch checkpoint dealt the cells to {p.data_shards} shard(s) "
+                f"({p.world_size} rank(s) × {p.data_shards // max(p.world_size, 1)} accumulation step(s)); this run would "
+                f"deal them to {shards} ({world} × {accum}), which changes the cell order in the middle of the batch. "
+                f"Resume with {p.world_size} rank(s), or keep training.batch_cells / training.micro_batch_cells = "
+                f"{p.data_shards} (micro_batch_cells = {t.batch_cells // p.data_shards}) on any number of ranks that "
+                f"divides it")
+        p.world_size, p.data_shards = world, shards
+        has_replay = self.replay is not None and len(self.replay) > 0
+        n_replay = round(t.replay_share * micro) if has_replay else 0  # per micro-batch
+        n_new = max(micro - n_replay, 1)
+        sizes = {e: data.shard_cells(epoch=e, shards=shards) for e in range(t.epochs)}
+        epoch_steps = {e: max(math.ceil(max(c, 1) / n_new) for c in sizes[e]) for e in sizes}
+        total_steps = sum(epoch_steps.values())
+        cuda = self.device.type == "cuda"
+        workers = t.loader_workers if t.loader_workers is not None else auto_workers(cuda=cuda, local_ranks=world)
+        mine = [rank * accum + a for a in range(accum)]
         t0 = time.monotonic()
         clock = CheckpointClock(t.checkpoint_every_steps, t.checkpoint_every_minutes)
         self.model.train()
         while p.epoch < t.epochs:
-            for step, cells in data.batches(epoch=p.epoch, batch_cells=n_new, start_step=p.step_in_epoch):
-                in_batch = p.global_step - p.batch_start_step
-                self._count_bins(cells)
-                if (rep := self._replay_cells(in_batch, n_replay, data.batch_key)) is not None:
-                    cells = CellBatch.concat([cells, rep])
-                factor = lr_factor(in_batch, total_steps, warmup=t.warmup_steps, floor=t.lr_floor)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = t.lr * factor
-                loss = self._loss(cells, self.generator).total
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-                self.optimizer.step()
-                p.losses.append(float(loss.detach()))
-                p.global_step += 1
-                if self.on_step is not None:
-                    self.on_step(p.global_step, p.losses[-1], t.lr * factor)
-                p.step_in_epoch = step + 1
-                p.cells_seen += len(cells) - (len(rep) if rep is not None else 0)
-                if checkpoint is not None and clock.due(p.global_step):
-                    self.save(checkpoint)  # intra-batch: a killed job resumes here
+            start = p.step_in_epoch
+            # worker processes fork here, on the training thread, before the prefetch thread reads them
+            sources = [rebatch(shard_blocks(data, epoch=p.epoch, start_cell=start * n_new, shard=v, shards=shards,
+                                            workers=workers, prefetch_blocks=t.prefetch_blocks),
+                               batch_cells=n_new, start_step=start) for v in mine]
+            steps = self._assemble(sources, sizes=sizes[p.epoch], shard_ids=mine, n_new=n_new, n_replay=n_replay,
+                                   first=start, last=epoch_steps[p.epoch],
+                                   in_batch0=p.global_step - p.batch_start_step, batch_key=data.batch_key,
+                                   pin=cuda and t.pin_memory)
+            feed = Prefetch(steps, depth=t.prefetch_steps)
+            try:
+                for st in feed:
+                    in_batch = p.global_step - p.batch_start_step
+                    for m in st.micros:
+                        if m is not None:
+                            self._count_bins(m.cells.take(slice(0, m.n_new)))
+                    factor = lr_factor(in_batch, total_steps, warmup=t.warmup_steps, floor=t.lr_floor)
+                    for group in self.optimizer.param_groups:
+                        group["lr"] = t.lr * factor
+                    scores = torch.rand((st.total, self.tokenizer.seq_len), generator=self.generator)
+                    if shards == 1:  # the single-process objective, unchanged
+                        loss = self._loss(st.micros[0], scores).total  # type: ignore[arg-type]
+                        self.optimizer.zero_grad(set_to_none=True)
+                        loss.backward()
+                        step_loss = loss.detach()
+                    else:
+                        step_loss = self._sharded_step(st, scores, world)
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+                    self.optimizer.step()
+                    p.losses.append(float(step_loss))
+                    p.global_step += 1
+                    if self.on_step is not None and rank == 0:
+                        self.on_step(p.global_step, p.losses[-1], t.lr * factor)
+                    p.step_in_epoch = st.step + 1
+                    p.cells_seen += st.n_new
+                    if checkpoint is not None and clock.due(p.global_step, agree=_agree if world > 1 else None):
+                        self._sync_bins()
+                        if rank == 0:
+                            self.save(checkpoint)  # intra-batch: a killed job resumes here
+            finally:
+                feed.close()
             p.epoch += 1
             p.step_in_epoch = 0
-        steps = p.global_step - p.batch_start_step  # the whole batch, also after a resume
-        metrics = self.evaluate(data)
-        metrics.update({"batch_id": batch_dir.name, "steps": steps, "seconds": round(time.monotonic() - t0, 3),
-                        "train_cells": data.n_train_cells, "replay_cells_per_step": n_replay,
-                        "train_loss": float(np.mean(p.losses[-steps:])) if steps and p.losses else None,
+        self._sync_bins()
+        steps_done = p.global_step - p.batch_start_step  # the whole batch, also after a resume
+        metrics: dict[str, Any] = {"batch_id": batch_dir.name, "steps": steps_done, "world_size": world,
+                                   "data_shards": shards}
+        if rank != 0:  # evaluation, the reservoir and every file are rank 0's
+            return metrics
+        metrics.update(self.evaluate(data))
+        metrics.update({"batch_id": batch_dir.name, "steps": steps_done, "seconds": round(time.monotonic() - t0, 3),
+                        "train_cells": data.n_train_cells, "replay_cells_per_step": n_replay * shards,
+                        "train_loss": float(np.mean(p.losses[-steps_done:])) if steps_done and p.losses else None,
                         "train_datasets": [f.dataset_id for f in data.train], "pseudo_labels": pseudo_use,
                         "val_datasets": [f.dataset_id for f in data.val]})
         self._update_replay(data)
@@ -414,10 +569,117 @@ class Trainer:
         p.batch_done = True
         return metrics
 
+    def _micro_batches(self, world: int) -> tuple[int, int]:
+        """``(micro_batch_cells, accumulation steps)`` for ``world`` ranks; a clear error when they do not divide."""
+        t = self.config.training
+        micro = t.micro_batch_cells or t.batch_cells // world
+        if micro < 1 or t.batch_cells % (world * micro):
+            raise ValueError(f"training.batch_cells={t.batch_cells} does not split into {world} rank(s) × "
+                             f"micro-batches of {micro} cells (training.micro_batch_cells); pick batch_cells a "
+                             f"multiple of ranks × micro_batch_cells")
+        return micro, t.batch_cells // (world * micro)
+
+    def _assemble(self, sources: list[Iterator[tuple[int, CellBatch]]], *, sizes: list[int], shard_ids: list[int],
+                  n_new: int, n_replay: int, first: int, last: int, in_batch0: int, batch_key: int,
+                  pin: bool) -> Iterator[_Step]:
+        """The epoch's steps ``first``..``last - 1``: this rank's micro-batches (new cells of each of its shards,
+        then that shard's slice of the step's replay cells) as tensors, and where their rows sit in the step."""
+        shards = len(sizes)
+        for step in range(first, last):
+            news = [min(n_new, max(0, c - step * n_new)) for c in sizes]  # every shard's new cells this step
+            lens = [k + (n_replay if k else 0) for k in news]
+            offsets = np.concatenate(([0], np.cumsum(lens)))
+            rep = self._replay_cells(in_batch0 + step - first, n_replay * shards, batch_key)
+            micros: list[_Micro | None] = []
+            for v, src in zip(shard_ids, sources, strict=True):
+                got = next(src, None) if news[v] else None
+                if got is None:
+                    micros.append(None)
+                    continue
+                at, cells = got
+                if at != step or len(cells) != news[v]:
+                    raise RuntimeError(f"shard {v} gave step {at} with {len(cells)} cells, expected step {step} with "
+                                       f"{news[v]}")
+                if rep is not None:
+                    cells = CellBatch.concat([cells, rep.take(slice(v * n_replay, (v + 1) * n_replay))])
+                micros.append(self._tensors(cells, news[v], pin=pin))
+            yield _Step(step, micros, [(int(offsets[v]), lens[v]) for v in shard_ids], int(offsets[-1]), sum(news))
+
+    def _tensors(self, cells: CellBatch, n_new: int, *, pin: bool) -> _Micro:
+        decoder = self.model.decoder is not None
+        return _Micro(cells, n_new, pinned(cells.tokens, pin=pin), pinned(cells.bins, pin=pin),
+                      pinned(cells.labels, pin=pin),
+                      pinned(cells.expr.toarray(), pin=pin) if decoder else None,
+                      pinned(cells.measured_mask(), pin=pin) if decoder else None)
+
+    def _sharded_step(self, st: _Step, scores: torch.Tensor, world: int) -> torch.Tensor:
+        """Forward and backward of this rank's micro-batches; returns the step's loss over every rank."""
+        import torch.distributed as dist
+
+        masks = []
+        counts = torch.zeros(3, dtype=torch.float64)
+        for m, (offset, n) in zip(st.micros, st.rows, strict=True):
+            if m is None:
+                masks.append(None)
+                continue
+            inputs, labels = self._mask(m.tokens, m.bins, scores=scores[offset: offset + n])
+            masks.append((inputs, labels))
+            counts[0] += int((labels != -100).sum())
+            counts[1] += float(m.measured.sum()) if m.measured is not None else 0.0
+            counts[2] += int((m.cells.labels >= 0).sum())
+        counts = counts.to(self.device)
+        if world > 1:
+            dist.all_reduce(counts)
+        self.optimizer.zero_grad(set_to_none=True)
+        module = self._forward()
+        total = torch.zeros((), device=self.device)
+        for k, (m, mask) in enumerate(zip(st.micros, masks, strict=True)):
+            weight = 1.0
+            if m is None or mask is None:
+                if world == 1:
+                    continue
+                m, mask, weight = self._dummy(), None, 0.0  # DDP needs this rank's (zero) gradients too
+            inputs, labels = mask if mask is not None else self._mask(m.tokens, m.bins, scores=torch.zeros(m.tokens.shape))
+            sync = world == 1 or k == len(st.micros) - 1 or not hasattr(module, "no_sync")
+            with contextlib.nullcontext() if sync else module.no_sync():  # type: ignore[operator]
+                share = self._sharded_loss(m, inputs, labels, counts)
+                # DDP averages gradients over ranks: × world makes it their sum, as one process would get
+                (share * (weight * world)).backward()
+            total = total + share.detach() * weight
+        if world > 1:
+            dist.all_reduce(total)
+        return total
+
+    def _dummy(self) -> _Micro:
+        """One empty cell (<cls> alone) for a rank whose shards ran out before the others'."""
+        tokens = np.zeros((1, self.tokenizer.seq_len), dtype=np.int64)
+        tokens[0, 0] = 1
+        cells = CellBatch(tokens, np.zeros_like(tokens), np.full(1, -100, dtype=np.int64),
+                          sp.csr_matrix((1, self.n_genes), dtype=np.float32), np.zeros(1, dtype=np.int32),
+                          np.zeros((1, self.n_genes), dtype=bool))
+        return self._tensors(cells, 0, pin=False)
+
+    def _sync_bins(self) -> None:
+        """Add every rank's bin counts since the last call to each rank's copy (a no-op in one process)."""
+        if self._bins_delta is None:
+            return
+        import torch.distributed as dist
+
+        delta = torch.from_numpy(self._bins_delta)
+        if self.device.type == "cuda":
+            delta = delta.to(self.device)
+        dist.all_reduce(delta)
+        self.gene_bins += delta.cpu().numpy()
+        self._bins_delta = None
+
     def _count_bins(self, cells: CellBatch) -> None:
         valid = cells.tokens >= N_SPECIAL
         flat = (cells.tokens[valid] - N_SPECIAL) * self.gene_bins.shape[1] + cells.bins[valid]
-        self.gene_bins += np.bincount(flat, minlength=self.gene_bins.size).reshape(self.gene_bins.shape)
+        counts = np.bincount(flat, minlength=self.gene_bins.size).reshape(self.gene_bins.shape)
+        if _world()[1] == 1:
+            self.gene_bins += counts
+        else:  # other ranks counted other cells: added up at the next checkpoint (_sync_bins)
+            self._bins_delta = counts if self._bins_delta is None else self._bins_delta + counts
 
     # ---- evaluation -------------------------------------------------------------------------------
 
@@ -444,7 +706,7 @@ class Trainer:
         for lo in range(0, tokens.shape[0], 256):
             t = torch.from_numpy(tokens[lo: lo + 256])
             inputs, labels = self._mask(t, torch.from_numpy(bins[lo: lo + 256]), gen)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                 logits, _ = self.model(t.to(self.device), inputs.to(self.device))
             logits = logits.float().cpu()
             sel = labels != -100
@@ -474,7 +736,8 @@ class Trainer:
         for lo in range(0, tokens.shape[0], 256):
             t = torch.from_numpy(tokens[lo: lo + 256]).to(self.device)
             b = torch.from_numpy(bins[lo: lo + 256]).to(self.device)
-            out.append(net(t, b)[1].float().cpu().numpy())
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                out.append(net(t, b)[1].float().cpu().numpy())
         net.train()
         return np.concatenate(out) if out else np.zeros((0, net.head.in_features), np.float32)
 
@@ -501,7 +764,9 @@ class Trainer:
         err, n = 0.0, 0
         for lo in range(0, len(cells), 256):
             part = cells.take(slice(lo, lo + 256))
-            _, cls = self.model(torch.from_numpy(part.tokens).to(self.device), torch.from_numpy(part.bins).to(self.device))
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                _, cls = self.model(torch.from_numpy(part.tokens).to(self.device),
+                                    torch.from_numpy(part.bins).to(self.device))
             measured = torch.from_numpy(part.measured_mask()).to(self.device)
             target = torch.from_numpy(part.expr.toarray()).to(self.device)
             err += float((((self.model.decoder(cls.float()) - target) ** 2) * measured).sum())
@@ -607,6 +872,28 @@ def linear_probe_accuracy(features: np.ndarray, labels: np.ndarray, *, folds: in
     return float(cross_val_score(probe, features, labels, cv=cv).mean())
 
 
+@contextlib.contextmanager
+def process_group(config: AtlasConfig) -> Iterator[tuple[int, int]]:
+    """``(rank, world_size)``; under torchrun (``WORLD_SIZE`` > 1) a process group for the duration.
+
+    NCCL when this rank trains on CUDA, gloo on CPU. torchrun sets ``RANK``, ``WORLD_SIZE``,
+    ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT`` for every rank it starts.
+    """
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 or dist.is_initialized():
+        yield _world()
+        return
+    backend = "nccl" if _device(config).type == "cuda" else "gloo"
+    dist.init_process_group(backend)
+    try:
+        log.info("rank %d of %d (%s)", dist.get_rank(), world, backend)
+        yield dist.get_rank(), world
+    finally:
+        dist.destroy_process_group()
+
+
 def train_batch(config: AtlasConfig, vocab: Vocabulary, batch_dir: Path, out: Path, *,
                 resume_from: Path | None = None, pseudo_labels: Path | None = None) -> dict[str, Any]:
     """What ``atlasflow train`` does: resume, train one batch, evaluate, write ``out`` and ``out/result.json``.
@@ -615,7 +902,20 @@ def train_batch(config: AtlasConfig, vocab: Vocabulary, batch_dir: Path, out: Pa
     cell-type head; not there yet (no atlas_retrain run so far) means none, recorded as such.
     ``result.json``'s ``pseudo_labels`` gives the table's sha256, the cells it labelled and why its
     other rows were not used (None when no table was asked for).
+
+    Under torchrun every rank calls this: all of them load the same checkpoint and train their
+    shards (DDP); rank 0 alone writes checkpoints and the result, and returns it (the others
+    return ``{"rank": r, ...}`` and write nothing).
     """
+    with process_group(config) as (rank, world):
+        return _train_batch(config, vocab, batch_dir, out, resume_from=resume_from, pseudo_labels=pseudo_labels,
+                            rank=rank, world=world)
+
+
+def _train_batch(config: AtlasConfig, vocab: Vocabulary, batch_dir: Path, out: Path, *, resume_from: Path | None,
+                 pseudo_labels: Path | None, rank: int, world: int) -> dict[str, Any]:
+    import torch.distributed as dist
+
     t0 = time.monotonic()
     if pseudo_labels is not None and not config.model.cell_type_labels():
         raise ValueError("pseudo-labels train the cell-type head, and model.cell_types is empty: list the labels there "
@@ -624,15 +924,18 @@ def train_batch(config: AtlasConfig, vocab: Vocabulary, batch_dir: Path, out: Pa
     aside = partial.with_name(f".{partial.name}.old")
     if (out / "result.json").exists():
         log.info("%s already trained: %s", batch_dir.name, out)
-        discard_dir(partial)  # killed after the result was written, before its intra-batch copy went
-        discard_dir(aside)
+        if rank == 0:
+            discard_dir(partial)  # killed after the result was written, before its intra-batch copy went
+            discard_dir(aside)
         return json.loads((out / "result.json").read_text())
-    if not partial.exists() and (aside / "progress.json").exists():
+    if rank == 0 and not partial.exists() and (aside / "progress.json").exists():
         os.replace(aside, partial)  # killed between the two renames of Trainer.save
-    if partial.exists() and (missing := [f for f in CHECKPOINT_FILES if not (partial / f).exists()]):
+    if rank == 0 and partial.exists() and (missing := [f for f in CHECKPOINT_FILES if not (partial / f).exists()]):
         # only an older release's kill mid-rmtree leaves this (saves and deletions are renames now)
         log.warning("%s: discarding an incomplete intra-batch checkpoint (no %s)", partial, ", ".join(missing))
         discard_dir(partial)
+    if world > 1:
+        dist.barrier()  # every rank resumes from what rank 0 found
     if partial.exists():
         trainer = Trainer.load(partial, config, vocab)
         log.info("resuming %s from its intra-batch checkpoint at step %d", batch_dir.name, trainer.progress.global_step)
@@ -647,9 +950,13 @@ def train_batch(config: AtlasConfig, vocab: Vocabulary, batch_dir: Path, out: Pa
         table = PseudoLabels.read(pseudo_labels)
     elif pseudo_labels is not None:
         log.info("no retraining set at %s yet: %s trains without pseudo-labels", pseudo_labels, batch_dir.name)
-    tracker = BatchTracker.start(config, batch_id=batch_dir.name, checkpoint_dir=out, parent=resume_from)
-    trainer.on_step = tracker.step  # opt-in MLflow run (tracking.mlflow); a no-op when off
+    metrics_only_on_rank0 = rank != 0  # one MLflow run per batch, whatever the number of ranks
+    tracker = None if metrics_only_on_rank0 else BatchTracker.start(config, batch_id=batch_dir.name,
+                                                                    checkpoint_dir=out, parent=resume_from)
+    trainer.on_step = tracker.step if tracker is not None else None  # opt-in MLflow run (tracking.mlflow)
     metrics = trainer.run_batch(batch_dir, checkpoint=partial, pseudo_labels=table)
+    if tracker is None:
+        return {"rank": rank, "world_size": world, "batch_id": batch_dir.name, "steps": metrics["steps"]}
     trainer.save(out)
     p = trainer.progress
     used = metrics["pseudo_labels"]
@@ -667,6 +974,7 @@ def train_batch(config: AtlasConfig, vocab: Vocabulary, batch_dir: Path, out: Pa
         "gene_ranking": config.model.gene_ranking, "cell_objective": config.model.cell_objective,
         "gene_medians_version": trainer.medians.version() if config.model.gene_ranking == "median" else None,
         "device": str(trainer.device), "n_parameters": trainer.model.n_parameters(),
+        "world_size": world, "data_shards": p.data_shards,
         "seconds": round(time.monotonic() - t0, 3),
     }
     write_json_atomic(out / "result.json", result)

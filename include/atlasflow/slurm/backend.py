@@ -45,8 +45,14 @@ class LocalBackend:
             try:
                 rc = proc.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+                # SIGTERM first: torchrun (training.local_ranks > 1) passes it on to its ranks, which run
+                # in sessions of their own and would outlive a SIGKILL of torchrun alone
+                proc.terminate()
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
                 return JobResult(JobInfo("local", JobState.TIMEOUT, None, 9, f"exceeded {timeout_s}s"), None)
         if rc < 0:
             info = JobInfo(str(proc.pid), JobState.CANCELLED, 0, -rc, "signal")

@@ -1,0 +1,137 @@
+"""Feeding the training loop: blocks read and tokenised in DataLoader workers, steps assembled ahead.
+
+Two stages, both optional and both without effect on the numbers (only on when work happens):
+
+1. **Workers**: :class:`ShardBlocks` is an ``IterableDataset`` over one shard of a batch's
+   block-shuffled stream (:meth:`atlasflow.model.data.BatchData.stream`). Worker ``w`` of ``n``
+   reads and tokenises every ``n``-th block from the ``w``-th; the DataLoader takes one item from
+   each worker in turn, so the blocks come back in the shard's order whatever ``n`` is (0: read in
+   this process). Shards (data-parallel ranks × accumulation steps) never share a block.
+2. **Prefetch**: :class:`Prefetch` runs the step assembly (cutting blocks into micro-batches,
+   adding replay cells, building tensors, pinning them for a non-blocking copy to the GPU) in a
+   background thread, ``depth`` steps ahead of the optimiser.
+
+Worker processes are forked when an epoch's iterator is created, so that happens on the thread
+that trains (never from the prefetch thread: forking a multi-threaded process is only safe from
+the thread that owns its locks' state).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from collections.abc import Iterator
+from typing import Any, TypeVar
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from atlasflow.model.data import BatchData, CellBatch, Split
+
+__all__ = ["Prefetch", "ShardBlocks", "auto_workers", "shard_blocks"]
+
+T = TypeVar("T")
+
+
+class ShardBlocks(IterableDataset):
+    """One shard's tokenised blocks from cell ``start_cell`` of its stream, split across workers."""
+
+    def __init__(self, data: BatchData, *, epoch: int, start_cell: int, shard: int, shards: int,
+                 split: Split = "train", shuffle: bool = True) -> None:
+        super().__init__()
+        self.data, self.epoch, self.start_cell = data, epoch, start_cell
+        self.shard, self.shards, self.split, self.shuffle = shard, shards, split, shuffle
+
+    def __iter__(self) -> Iterator[CellBatch]:
+        info = get_worker_info()
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        return self.data.stream(epoch=self.epoch, start_cell=self.start_cell, split=self.split, shuffle=self.shuffle,
+                                shard=self.shard, shards=self.shards, worker=worker, workers=workers)
+
+
+def _identity(item: CellBatch) -> CellBatch:
+    return item  # a block is already what the trainer wants; default collation would try to tensorise it
+
+
+def shard_blocks(data: BatchData, *, epoch: int, start_cell: int, shard: int, shards: int, workers: int,
+                 prefetch_blocks: int = 2) -> Iterator[CellBatch]:
+    """The shard's blocks, read by ``workers`` worker processes (0: here, lazily)."""
+    dataset = ShardBlocks(data, epoch=epoch, start_cell=start_cell, shard=shard, shards=shards)
+    if workers <= 0:
+        return iter(dataset)
+    loader = DataLoader(dataset, batch_size=None, num_workers=workers, prefetch_factor=prefetch_blocks,
+                        collate_fn=_identity, multiprocessing_context="fork")
+    return iter(loader)
+
+
+def auto_workers(*, cuda: bool, local_ranks: int = 1) -> int:
+    """``training.loader_workers`` when empty: none on CPU (the cores train), else up to 4 per rank."""
+    if not cuda:
+        return 0
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(4, cpus // max(local_ranks, 1) - 1))
+
+
+_DONE = object()
+
+
+class Prefetch(Iterator[T]):
+    """Iterate ``source`` in a daemon thread, at most ``depth`` items ahead (0: no thread at all).
+
+    An exception in the thread is raised by the ``next`` that would have returned the item;
+    :meth:`close` (also on garbage collection of a half-read iterator) stops the thread.
+    """
+
+    def __init__(self, source: Iterator[T], *, depth: int) -> None:
+        self._source = source
+        self._depth = depth
+        self._stop = threading.Event()
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=max(depth, 1))
+        self._thread: threading.Thread | None = None
+        if depth > 0:
+            self._thread = threading.Thread(target=self._run, name="atlasflow-prefetch", daemon=True)
+            self._thread.start()
+
+    def _put(self, item: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self) -> None:
+        try:
+            for item in self._source:
+                if not self._put(item):
+                    return
+            self._put(_DONE)
+        except BaseException as exc:  # handed to the consumer, raised there
+            self._put(exc)
+
+    def __next__(self) -> T:
+        if self._thread is None:
+            return next(self._source)
+        item = self._queue.get()
+        if item is _DONE:
+            self._queue.put(_DONE)  # every later next() stops too
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def __del__(self) -> None:
+        self._stop.set()
+
+
+def pinned(array: Any, *, pin: bool) -> torch.Tensor:
+    """``array`` as a tensor, in page-locked memory when ``pin`` (so ``.to(cuda, non_blocking=True)`` is async)."""
+    t = torch.from_numpy(array)
+    return t.pin_memory() if pin else t
