@@ -504,6 +504,7 @@ class Trainer:
         workers = t.loader_workers if t.loader_workers is not None else auto_workers(cuda=cuda, local_ranks=world)
         mine = [rank * accum + a for a in range(accum)]
         t0 = time.monotonic()
+        wait_s = 0.0
         clock = CheckpointClock(t.checkpoint_every_steps, t.checkpoint_every_minutes)
         self.model.train()
         while p.epoch < t.epochs:
@@ -518,7 +519,12 @@ class Trainer:
                                    pin=cuda and t.pin_memory)
             feed = Prefetch(steps, depth=t.prefetch_steps)
             try:
-                for st in feed:
+                while True:
+                    waited = time.perf_counter()
+                    st = next(feed, None)  # the time spent here is the step waiting for its cells
+                    wait_s += time.perf_counter() - waited
+                    if st is None:
+                        break
                     in_batch = p.global_step - p.batch_start_step
                     for m in st.micros:
                         if m is not None:
@@ -552,8 +558,10 @@ class Trainer:
             p.step_in_epoch = 0
         self._sync_bins()
         steps_done = p.global_step - p.batch_start_step  # the whole batch, also after a resume
+        loop_s = time.monotonic() - t0
         metrics: dict[str, Any] = {"batch_id": batch_dir.name, "steps": steps_done, "world_size": world,
-                                   "data_shards": shards}
+                                   "data_shards": shards, "loader_workers": workers,
+                                   "loader_wait_share": round(wait_s / loop_s, 4) if loop_s > 0 else None}
         if rank != 0:  # evaluation, the reservoir and every file are rank 0's
             return metrics
         metrics.update(self.evaluate(data))
@@ -974,7 +982,8 @@ def _train_batch(config: AtlasConfig, vocab: Vocabulary, batch_dir: Path, out: P
         "gene_ranking": config.model.gene_ranking, "cell_objective": config.model.cell_objective,
         "gene_medians_version": trainer.medians.version() if config.model.gene_ranking == "median" else None,
         "device": str(trainer.device), "n_parameters": trainer.model.n_parameters(),
-        "world_size": world, "data_shards": p.data_shards,
+        "world_size": world, "data_shards": p.data_shards, "loader_workers": metrics["loader_workers"],
+        "loader_wait_share": metrics["loader_wait_share"],  # of the training loop's time, this run
         "seconds": round(time.monotonic() - t0, 3),
     }
     write_json_atomic(out / "result.json", result)

@@ -1,0 +1,151 @@
+"""The training feed: cells/s into tensors with 0/1/2 DataLoader workers, and training steps/s fed
+synchronously vs ahead (workers + prefetch thread), with a model small enough to be loader-bound
+and with the cpu preset.
+
+Data: Poisson-resampled real cells (scanpy's pbmc68k_reduced) through atlasflow's own QC into the
+processed-h5ad contract (as ``model_training``). Every figure is the median of ``--repeats`` runs
+with its spread ((max − min) / median); the load average before and after is recorded, since the
+2-core machine this runs on is shared.
+
+- ``feed``: block-shuffled reads + tokenisation + cutting into 64-cell steps + tensors (tokens,
+  bins, dense expression), worker start-up included; ``workers=0`` reads in the training process.
+- ``training``: steps/s between the first and the last step (``Trainer.on_step`` timestamps) of one
+  epoch; ``compute_only`` repeats one cached step (no loading at all), the ceiling; the loader share
+  is ``1 − compute_only / synchronous`` steps/s.
+
+Run: ``make bench BENCH=loader`` or ``python benchmarks/loader.py [--cells 40000] [--repeats 3]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from model_training import _make_batch  # noqa: E402  (the same processed cells as the model benchmark)
+
+RESULTS = Path(__file__).resolve().parent / "results"
+TINY = {"model.preset": "custom", "model.d_model": 16, "model.n_layers": 1, "model.n_heads": 2, "model.d_ff": 32,
+        "model.max_genes": 128}
+
+
+def _summary(values: list[float]) -> dict:
+    med = statistics.median(values)
+    return {"median": round(med, 2), "runs": [round(v, 2) for v in values],
+            "spread": round((max(values) - min(values)) / med, 3) if med else None}
+
+
+def _config(**extra: object):
+    from atlasflow.core.config import load_config
+
+    return load_config(overrides={"genes.vocab_path": "builtin:pbmc68k", "training.val_fraction": 0.0,
+                                  "training.replay_cells": 0, "training.checkpoint_every_steps": 1_000_000,
+                                  "training.eval_cells": 10, "training.block_cells": 2048, **extra})
+
+
+def _feed(batch: Path, workers: int) -> float:
+    import torch
+
+    from atlasflow.model.data import BatchData, rebatch
+    from atlasflow.model.loader import shard_blocks
+    from atlasflow.model.tokenizer import Tokenizer
+    from atlasflow.prep.genes import Vocabulary
+
+    config = _config()
+    vocab = Vocabulary.builtin("pbmc68k")
+    tok = Tokenizer(len(vocab), config.model.sizes()["max_genes"], config.model.n_bins)
+    data = BatchData(batch, vocab, tok, seed=0, block_cells=config.training.block_cells, val_fraction=0.0)
+    t0 = time.perf_counter()
+    n = 0
+    blocks = shard_blocks(data, epoch=0, start_cell=0, shard=0, shards=1, workers=workers, prefetch_blocks=2)
+    for _, cells in rebatch(blocks, batch_cells=64):
+        torch.from_numpy(cells.tokens), torch.from_numpy(cells.bins), torch.from_numpy(cells.expr.toarray())
+        n += len(cells)
+    return n / (time.perf_counter() - t0)
+
+
+def _train(batch: Path, model: dict, *, workers: int, prefetch: int) -> float:
+    from atlasflow.model.train import Trainer
+    from atlasflow.prep.genes import Vocabulary
+
+    trainer = Trainer(_config(**model, **{"training.loader_workers": workers, "training.prefetch_steps": prefetch}),
+                      Vocabulary.builtin("pbmc68k"))
+    stamps: list[float] = []
+    trainer.on_step = lambda *_: stamps.append(time.perf_counter())
+    trainer.run_batch(batch)
+    return (len(stamps) - 1) / (stamps[-1] - stamps[0])
+
+
+def _compute_only(batch: Path, model: dict, steps: int = 60) -> float:
+    import torch
+
+    from atlasflow.model.data import BatchData
+    from atlasflow.model.train import Trainer
+    from atlasflow.prep.genes import Vocabulary
+
+    trainer = Trainer(_config(**model), Vocabulary.builtin("pbmc68k"))
+    data = BatchData(batch, trainer.vocab, trainer.tokenizer, seed=0, block_cells=2048, val_fraction=0.0)
+    _, cells = next(data.batches(epoch=0, batch_cells=64))
+    micro = trainer._tensors(cells, len(cells), pin=False)
+    t0 = 0.0
+    for i in range(steps + 5):
+        if i == 5:  # after warm-up
+            t0 = time.perf_counter()
+        loss = trainer._loss(micro, torch.rand((len(cells), trainer.tokenizer.seq_len))).total
+        trainer.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), 1.0)
+        trainer.optimizer.step()
+    return steps / (time.perf_counter() - t0)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cells", type=int, default=40_000, help="cells of the feed measurement")
+    parser.add_argument("--train-cells", type=int, default=6_000, help="cells of each training run")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+    result: dict = {"benchmark": "loader", "data": "Poisson-resampled pbmc68k_reduced cells", "cpus": os.cpu_count(),
+                    "load_average_before": [round(x, 2) for x in os.getloadavg()],
+                    "command": f"python benchmarks/loader.py --cells {args.cells} --train-cells {args.train_cells} "
+                               f"--repeats {args.repeats}"}
+    with tempfile.TemporaryDirectory(prefix="atlasflow-bench-loader-") as tmp:
+        big = _make_batch(args.cells, Path(tmp) / "feed")
+        feed = {}
+        for workers in (0, 1, 2):
+            feed[f"workers_{workers}"] = _summary([_feed(big, workers) for _ in range(args.repeats)])
+            sys.stdout.write(f"feed, {workers} workers: {feed[f'workers_{workers}']} cells/s\n")
+            sys.stdout.flush()
+        feed["speedup_2_vs_0"] = round(feed["workers_2"]["median"] / feed["workers_0"]["median"], 2)
+        feed["speedup_1_vs_0"] = round(feed["workers_1"]["median"] / feed["workers_0"]["median"], 2)
+        result["feed_cells_per_s"] = {"cells": args.cells, "block_cells": 2048, "step_cells": 64, **feed}
+        small = _make_batch(args.train_cells, Path(tmp) / "train")
+        training = {}
+        for name, model in (("tiny (loader-bound)", TINY), ("cpu preset", {"model.preset": "cpu"})):
+            row: dict = {"compute_only": _summary([_compute_only(small, model) for _ in range(args.repeats)])}
+            for label, workers, prefetch in (("synchronous", 0, 0), ("prefetch_thread", 0, 2),
+                                             ("workers_2_prefetch", 2, 2)):
+                row[label] = _summary([_train(small, model, workers=workers, prefetch=prefetch)
+                                       for _ in range(args.repeats)])
+            sync, ceiling = row["synchronous"]["median"], row["compute_only"]["median"]
+            row["loader_share_synchronous"] = round(1 - sync / ceiling, 3)
+            row["loader_share_workers_2"] = round(1 - row["workers_2_prefetch"]["median"] / ceiling, 3)
+            row["speedup_workers_2_vs_synchronous"] = round(row["workers_2_prefetch"]["median"] / sync, 2)
+            training[name] = row
+            sys.stdout.write(f"training steps/s, {name}: {row}\n")
+            sys.stdout.flush()
+        result["training_steps_per_s"] = {"cells": args.train_cells, "step_cells": 64, **training}
+    result["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "loader.json").write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
