@@ -57,14 +57,10 @@ def peak_bf16_tflops(device_name: str) -> float | None:
 
 
 def step_flops(config, n_genes: int, cells: int) -> float:
-    """Model FLOPs of one training step of ``cells`` cells (see the module docstring)."""
-    s = config.model.sizes()
-    d, layers, d_ff, seq = s["d_model"], s["n_layers"], s["d_ff"], s["max_genes"] + 1
-    p_pos = layers * (4 * d * d + 2 * d * d_ff) + d * config.model.n_bins
-    per_cell = seq * (2 * p_pos + 4 * layers * seq * d)
-    if config.model.cell_objective == "expression":
-        per_cell += 2 * (d * d + n_genes * d)
-    return 3.0 * cells * per_cell
+    """Model FLOPs of one training step of ``cells`` cells: :func:`atlasflow.model.sizing.training_flops_per_cell`."""
+    from atlasflow.model.sizing import training_flops_per_cell
+
+    return float(training_flops_per_cell(config, n_genes) * cells)
 
 
 def _config(**extra: object):
