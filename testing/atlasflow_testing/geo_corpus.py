@@ -54,6 +54,8 @@ LAYOUTS: tuple[Layout, ...] = (
     Layout("GSM9100101", "a GSM row: the sample's own folder", 150, ("GSM9100101",)),
     Layout("GSE910011", "RAW.tar without filelist.txt (members chosen while streaming)", 400,
            ("GSM9100111", "GSM9100112")),
+    Layout("GSE910012", "a series of a human and a mouse sample: the mouse sample's file is skipped", 120,
+           ("GSM9100121",)),
 )
 
 
@@ -246,6 +248,13 @@ def build_corpus(root: Path) -> list[Layout]:
     (d / "GSM9100111_umap.png").write_bytes(b"\x89PNG\r\n\x1a\n")
     write_raw_tar(d, "GSE910011", [*members, d / "GSM9100111_umap.png"], filelist=False)
     publish_soft(root, "GSE910011", {"GSM9100111": human, "GSM9100112": human})
+
+    # 12: per-sample h5ad files in the series folder, one sample mouse per GEO's records
+    d = _series_dir(root, "GSE910012")
+    d.mkdir(parents=True)
+    pbmc[:120].copy().write_h5ad(d / "GSM9100121_counts.h5ad")
+    pbmc[120:220].copy().write_h5ad(d / "GSM9100122_counts.h5ad")
+    publish_soft(root, "GSE910012", {"GSM9100121": human, "GSM9100122": "Mus musculus"})
     return list(LAYOUTS)
 
 

@@ -386,7 +386,10 @@ def _fetch_geo(dataset: Dataset, dest_dir: Path, *, config: DownloadConfig, max_
     kept_species = None
     if organisms:
         kept = {s: organisms[s] for s in samples if s in organisms}
-        kept_species = kept or ({accession: organisms[accession]} if accession in organisms else None)
+        if not kept and len(set(organisms.values())) == 1:
+            # series-level files (no GSM prefix): every sample of the series is of one organism
+            kept = {accession: next(iter(organisms.values()))}
+        kept_species = kept or None
     return FetchResult(dataset.dataset_id, str(dest_dir), tuple(files), time.monotonic() - t0, "geo",
                        tuple(s.name for s in skipped), tuple(skipped), samples, kept_species)
 

@@ -66,6 +66,9 @@ def test_skips_are_recorded_with_reasons_and_no_tar_is_kept(corpus):
     fetched3, _ = results["GSE910003"]
     assert any(s.startswith("GSE910003_matrix.mtx.gz: GSE910003_filtered_feature_bc_matrix.h5 is preferred")
                for s in fetched3["skipped_files"])
+    fetched12, _ = results["GSE910012"]
+    assert any(s.startswith("GSM9100122_counts.h5ad: sample GSM9100122 is Mus musculus per GEO's records")
+               for s in fetched12["skipped_files"]), fetched12
     fetched2, _ = results["GSE910002"]
     assert any("GSM9100022_raw_feature_bc_matrix.h5: GSM9100022_filtered_feature_bc_matrix.h5 is preferred" in s
                for s in fetched2["skipped_files"])
