@@ -16,18 +16,29 @@ import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["build_demo"]
+__all__ = ["DEMO_BUDGET_MB", "build_demo"]
+
+# make demo's budget: one batch (its files plus its computed model artefacts, 15-19 MB: the
+# checkpoint twice while a save swaps it, the scVI model, scoring pool and latent) fits next to what
+# the previous batch leaves (its checkpoint and integration output: ~5 MB measured, at most ~10 MB
+# estimated), but two batches (31 MB and more) never fit together, so each waits for the previous
+# one's cleanup (tests/atlasflow/test_demo_config.py)
+DEMO_BUDGET_MB = 30.0
 
 FORMATS = ["h5ad", "10x_h5", "loom", "csv", "tsv_gz", "10x_mtx_tar", "h5ad"]
 
 
 def build_demo(root: Path, url: str, *, n_datasets: int = 7, cells: int = 100, batch_size: int = 3,
                budget_mb: float = 15.0, integration_epochs: int = 5, missing_row: bool = True,
-               missing_at: int | None = None, keep_checkpoints: int = 1) -> dict[str, Any]:
+               missing_at: int | None = None, keep_checkpoints: int = 1,
+               checkpoint_gb: float | None = 0.008) -> dict[str, Any]:
     """Write ``root/www`` (to serve at ``url``), ``root/manifest.xlsx`` and ``root/atlasflow.yaml``.
 
     ``missing_at`` puts the 404 row at that manifest position (default: last);
-    ``keep_checkpoints`` is the cleanup policy's ``storage.keep_checkpoints``.
+    ``keep_checkpoints`` is the cleanup policy's ``storage.keep_checkpoints``; ``checkpoint_gb`` is
+    ``storage.checkpoint_gb``: the tests pin each batch's model-artefact reservation to 8 MB, so their
+    budgets stay small and fixed; ``None`` reserves what :func:`atlasflow.model.sizing.model_artifacts`
+    computes (``make demo``, with :data:`DEMO_BUDGET_MB`).
     """
     import openpyxl
 
@@ -63,11 +74,10 @@ def build_demo(root: Path, url: str, *, n_datasets: int = 7, cells: int = 100, b
         ws.append(r)
     root.mkdir(parents=True, exist_ok=True)
     book.save(root / "manifest.xlsx")
-    # 15 MB: one batch (its files plus an 8 MB reservation for its checkpoint, the checkpoint's
-    # transient copies and the integration model, 8.6-9.6 MB in all) next to the ~4.9 MB the last kept
-    # checkpoint (weights, optimizer, gene statistics, replay reservoir) and integration model
-    # occupy, but never two batches at once
     gb = budget_mb / 1000
+    artefacts = (f"checkpoint_gb: {checkpoint_gb}  # a fixed model-artefact reservation per batch"
+                 if checkpoint_gb is not None else
+                 "# checkpoint_gb unset: each batch reserves its model artefacts as computed from the model")
     (root / "atlasflow.yaml").write_text(f"""# demo configuration: a tiny budget so batches have to wait for each other
 storage:
   base_dir: base
@@ -77,7 +87,7 @@ storage:
   cache_gb: {gb * 0.05}
   outputs_gb: {gb * 0.05}
   min_free_gb: 1
-  checkpoint_gb: 0.008
+  {artefacts}
   keep_checkpoints: {keep_checkpoints}
   admission_poke_s: 2
   admission_max_wait_s: 8
@@ -100,7 +110,7 @@ training:
   epochs: 2
   checkpoint_every_steps: 5
   val_fraction: 0.34
-  replay_cells: 200  # the demo's batches hold a few hundred cells; keeps the checkpoint inside its 8 MB
+  replay_cells: 200  # the demo's batches hold a few hundred cells
 retrain:
   schedule: null  # atlas_retrain runs on the model Asset the ingest run publishes, not weekly
 """)
@@ -112,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", type=Path, required=True)
     parser.add_argument("--url", required=True, help="base URL the demo server will answer on")
     args = parser.parse_args(argv)
-    info = build_demo(args.root, args.url)
+    info = build_demo(args.root, args.url, budget_mb=DEMO_BUDGET_MB, checkpoint_gb=None)
     sys.stdout.write(f"demo data: {info['datasets']} manifest rows under {info['root']}\n")
     return 0
 

@@ -27,6 +27,7 @@ _HIST_BINS = 96  # atlasflow.model.genestats
 _VAL_SET_CELLS = 1000  # atlasflow.model.train.VAL_SET_CELLS
 _SCVI_HIDDEN = 128  # scvi-tools' default n_hidden (atlasflow.model.integrate keeps it)
 _SCORE_POOL_CELLS = 4000  # atlasflow.model.integrate.SCORE_POOL_CELLS
+_SCORE_CELLS_PER_BATCH = 1000  # atlasflow.model.integrate.SCORE_CELLS_PER_BATCH
 # a processed cell takes at least this many bytes on disk (>= qc.min_genes stored counts, compressed):
 # the cells of a batch are estimated from its processed bytes with it, which errs towards more cells
 PROCESSED_BYTES_PER_CELL = 1000
@@ -89,8 +90,10 @@ class ModelArtifacts:
     override: int | None = None  # storage.checkpoint_gb, when set
 
     def scoring_pool(self, cells: int) -> int:
-        """The scoring pool: at most 4,000 cells, this batch's or, after the first, earlier ones' too."""
-        return min(_SCORE_POOL_CELLS, cells if self.batches == 1 else _SCORE_POOL_CELLS) * self.pool_per_cell
+        """The scoring pool: each batch adds at most 1,000 of its cells to the earlier batches' (at
+        most 1,000 each), 4,000 in all."""
+        own = min(_SCORE_CELLS_PER_BATCH, cells)
+        return min(_SCORE_POOL_CELLS, _SCORE_CELLS_PER_BATCH * (self.batches - 1) + own) * self.pool_per_cell
 
     def bytes(self, cells: int = 0) -> int:
         """Bytes to reserve for a batch of ``cells`` cells (the override when one is set)."""
@@ -134,9 +137,11 @@ def model_artifacts(config: AtlasConfig, n_genes: int, *, batches: int = 1, data
     integration = config.integration
     scvi = pool = per_cell = 0
     if integration.enabled:
-        scvi = 4 * _scvi_parameters(integration.n_genes, integration.n_latent, integration.n_layers, datasets)
+        # scVI takes the batch's most variable genes, and processed files hold vocabulary genes only
+        hvg = min(integration.n_genes, n_genes)
+        scvi = 4 * _scvi_parameters(hvg, integration.n_latent, integration.n_layers, datasets)
         # raw counts stored sparse (value + index) before gzip, 30 % of the genes expressed (as the reservoir)
-        pool = int(0.3 * integration.n_genes) * (4 + 4)
+        pool = int(0.3 * hvg) * (4 + 4)
         per_cell = integration.n_latent * 4 + 64  # the latent plus its obs row (ids, batch, label)
     return ModelArtifacts(checkpoint_size(config, n_genes), max(batches, 1), scvi, pool, per_cell, override)
 

@@ -324,10 +324,12 @@ def prepare_run(config: AtlasConfig) -> RunPrepared:
 
 
 @stage("admit")
-def admit_batch(config: AtlasConfig, batch_id: str, *, owner: str, bind_pid: bool = False) -> AdmitResult:
+def admit_batch(config: AtlasConfig, batch_id: str, *, owner: str, bind_pid: bool = False,
+                trains: bool = True) -> AdmitResult:
     """Try to reserve the batch's footprint; batches are admitted in plan order.
 
-    ``bind_pid`` ties the reservation to this process (runs outside Airflow: ``atlasflow dataset run``).
+    ``bind_pid`` ties the reservation to this process (runs outside Airflow: ``atlasflow dataset run``);
+    ``trains=False`` reserves no model artefacts (a trial batch is never trained or integrated).
 
     Every attempt updates the batch's ``admit`` stage record, which spans the whole wait.
     Raises :class:`~atlasflow.storage.BudgetExceededError` when the batch can never fit.
@@ -348,7 +350,7 @@ def admit_batch(config: AtlasConfig, batch_id: str, *, owner: str, bind_pid: boo
     footprint = batch_footprint(datasets, ledger, quant=config.quant,
                                 content_lengths={k: int(p.bytes or 0) for k, p in sizes.items()},
                                 size_sources={k: p.source for k, p in sizes.items()},
-                                model=_model_artifacts(config, index))
+                                model=_model_artifacts(config, index) if trains else None, trains=trains)
     paths = [f"data/raw/{d.dataset_id}" for d in datasets] + [f"data/processed/{batch_id}",
                                                               f"models/checkpoints/{batch_id}",
                                                               f"models/integration/{batch_id}"]

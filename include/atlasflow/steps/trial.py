@@ -84,7 +84,8 @@ def run_dataset(config: AtlasConfig, dataset: Dataset, *, keep: bool = False, wa
         deadline = time.monotonic() + wait_s
         while True:
             try:
-                admission = P.admit_batch(config, batch_id, owner="atlasflow dataset run", bind_pid=True)
+                admission = P.admit_batch(config, batch_id, owner="atlasflow dataset run", bind_pid=True,
+                                          trains=False)
             except BudgetExceededError as exc:
                 return {**base, "status": "not_admitted", "stage": "admit", "reason": str(exc)}
             if admission["admitted"] or time.monotonic() >= deadline:

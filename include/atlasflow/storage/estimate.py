@@ -22,6 +22,7 @@ def batch_footprint(
     size_sources: Mapping[str, str] | None = None,
     quant: QuantConfig | None = None,
     model: ModelArtifacts | None = None,
+    trains: bool = True,
 ) -> dict[str, Any]:
     """Estimate a batch's peak footprint.
 
@@ -31,7 +32,8 @@ def batch_footprint(
     the format's expansion factor, measured from earlier datasets when any). The batch adds one
     model's artefacts: ``model`` (:func:`atlasflow.model.sizing.model_artifacts`: the checkpoint
     twice + the integration output, its latent sized for the batch's cells estimated from the
-    processed bytes), else ``storage.checkpoint_gb`` (0 when unset). Raw files are deleted once
+    processed bytes), else ``storage.checkpoint_gb`` (0 when unset); none when ``trains`` is false (a
+    trial, ``atlasflow dataset run``, never trains or integrates). Raw files are deleted once
     processed, so this over-estimates a little: the budget is a hard limit, so err high.
 
     A reads dataset (FASTQ) also needs kb count's working space while it runs (``quant.work_factor``
@@ -64,7 +66,9 @@ def batch_footprint(
         total += raw + processed
         rows.append(row)
     cells = sum(r["processed"] for r in rows) // PROCESSED_BYTES_PER_CELL
-    if model is not None:
+    if not trains:
+        artifacts: dict[str, Any] = {"bytes": 0, "source": "none: the batch never trains"}
+    elif model is not None:
         artifacts = model.to_dict(cells)
     else:
         artifacts = {"bytes": int((config.checkpoint_gb or 0) * GB), "source": "storage.checkpoint_gb"}

@@ -279,8 +279,26 @@ class Ledger:
                            float(row[7]), row[8])
 
     def outstanding(self, reservation: Reservation) -> int:
-        """Bytes a reservation still expects to write: its size minus what its folders hold now."""
-        written = sum(tree_bytes(self.layout.base_dir / p) for p in reservation.paths)
+        """Bytes a reservation still expects to write: its size minus what its folders hold now.
+
+        A folder's temporaries beside it count as written too: a checkpoint save or an integration
+        builds ``.<name>.<owner>.tmp`` (or ``<name>.<owner>.partial``) next to its folder and renames
+        it into place, and those bytes are already on disk, so they are not also still outstanding.
+        """
+        written = 0
+        listings: dict[Path, list[str]] = {}
+        for rel in reservation.paths:
+            path = self.layout.base_dir / rel
+            written += tree_bytes(path)
+            if path.parent not in listings:
+                try:
+                    listings[path.parent] = os.listdir(path.parent)
+                except (FileNotFoundError, NotADirectoryError):
+                    listings[path.parent] = []
+            for name in listings[path.parent]:
+                if ((name.startswith(f".{path.name}.") and name.endswith(".tmp"))
+                        or (name.startswith(f"{path.name}.") and name.endswith(".partial"))):
+                    written += tree_bytes(path.parent / name)
         return max(0, reservation.bytes - written)
 
     def usage(self) -> dict[str, int]:

@@ -10,6 +10,8 @@ import pytest
 
 from atlasflow.cli.main import main
 from atlasflow.core.config import load_config
+from atlasflow.model.sizing import model_artifacts
+from atlasflow.prep.genes import Vocabulary
 from atlasflow.storage import Ledger
 from atlasflow_testing.geo_server import GeoServer
 from atlasflow_testing.seed import build_seed_setup
@@ -89,8 +91,9 @@ def test_unknown_rows_and_bad_configs_exit_2_and_a_full_budget_exits_1(seed, tmp
     for key, gb in (("max_storage", 0.001), ("data", 0.0005), ("models", 0.0004), ("cache", 0.00005),
                     ("outputs", 0.00005)):
         text = re.sub(rf"{key}_gb: .*", f"{key}_gb: {gb}", text)
-    (tmp_path / "small.yaml").write_text(text)  # 1 MB: less than the row's reservation, ever
-    code, refused = run("dataset", "run", "seed_direct", "--config", str(tmp_path / "small.yaml"))
+    # 1 MB: less than the reservation of a row of unknown size (storage.unknown_size_gb, 20 MB), ever
+    (tmp_path / "small.yaml").write_text(text)
+    code, refused = run("dataset", "run", "seed_gone", "--config", str(tmp_path / "small.yaml"))
     assert code == 1 and refused["status"] == "not_admitted" and "can never be admitted" in refused["reason"]
 
 
@@ -102,3 +105,17 @@ def test_a_dataset_being_fetched_is_not_tried_at_once(seed):
     code, busy = run("dataset", "run", "seed_direct", "--config", cfg)
     assert code == 1 and busy["status"] == "busy" and "is fetching seed_direct" in busy["reason"]
     assert (raw / "seed_direct.h5ad.part").read_bytes() == b"half"  # untouched
+
+
+def test_a_trial_reserves_no_model_artefacts(seed, tmp_path):
+    """A trial is never trained or integrated, so it reserves its files only, not the computed
+    checkpoint/scVI reservation a pipeline batch holds (1.09 GB with the cpu preset's human vocabulary)."""
+    cfg, _, info = seed
+    computed = tmp_path / "computed.yaml"  # the seed config's fixed 1 MB override removed
+    computed.write_text("".join(line for line in open(cfg) if "checkpoint_gb" not in line))
+    config = load_config(computed)
+    artefacts = model_artifacts(config, len(Vocabulary.load(config.genes.vocab_path))).bytes()
+    assert config.storage.checkpoint_gb is None and artefacts > 5_000_000
+    code, trial = run("dataset", "run", "seed_direct", "--config", str(computed))
+    assert code == 0 and trial["status"] == "processed", trial
+    assert trial["download_bytes"] == info["bytes"]["seed_direct"] < trial["reserved_bytes"] < artefacts

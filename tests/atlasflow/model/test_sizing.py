@@ -47,6 +47,17 @@ def test_the_reservation_follows_the_model_not_a_fixed_figure():
     # the scoring pool stops at 4,000 cells; after the first batch it holds earlier batches' cells too
     assert a.bytes(cells=10**6) - a.bytes(cells=10**6 - 1) == a.latent_per_cell
     assert later.scoring_pool(0) == 4000 * a.pool_per_cell
+    # each batch adds at most 1,000 of its cells to the pool (integrate.SCORE_CELLS_PER_BATCH)
+    from atlasflow.model import integrate, sizing
+
+    assert (sizing._SCORE_CELLS_PER_BATCH, sizing._SCORE_POOL_CELLS) == (integrate.SCORE_CELLS_PER_BATCH,
+                                                                          integrate.SCORE_POOL_CELLS)
+    assert a.bytes(cells=3000) - a.bytes() == 3000 * a.latent_per_cell + 1000 * a.pool_per_cell
+    second = model_artifacts(small, len(HUMAN), batches=2)
+    assert second.scoring_pool(0) == 1000 * a.pool_per_cell and second.scoring_pool(500) == 1500 * a.pool_per_cell
+    # scVI and its pool use the batch's most variable genes, never more than the vocabulary holds
+    tiny = model_artifacts(small, 765)
+    assert tiny.pool_per_cell == int(0.3 * 765) * 8 and tiny.scvi_model < a.scvi_model
     no_scvi = model_artifacts(load_config(overrides={"integration.enabled": False}), len(HUMAN))
     assert no_scvi.bytes() == 2 * a.checkpoint.total() and a.scvi_model > 0
     # storage.checkpoint_gb stays as an explicit override

@@ -84,6 +84,21 @@ def test_files_written_by_a_batch_count_once(url, tmp_path):
     assert ledger.try_admit("batch_0001", 38 * KB).admitted
 
 
+def test_a_save_building_beside_its_folder_counts_once(url, tmp_path):
+    """A checkpoint save or an integration writes ``.<folder>.<owner>.tmp`` beside its reserved folder,
+    then renames it into place: those bytes are the reservation's, not usage on top of it."""
+    ledger = Ledger(storage(tmp_path, ledger_url=url))
+    paths = ["models/checkpoints/batch_0000", "models/integration/batch_0000"]
+    assert ledger.try_admit("batch_0000", 60 * KB, paths=paths).admitted
+    write(tmp_path / "models/checkpoints/.batch_0000.123@host.tmp/model.pt", 20 * KB)
+    write(tmp_path / "models/integration/batch_0000.123@host.partial/model.pt", 10 * KB)
+    write(tmp_path / "models/checkpoints/.batch_00001.123@host.tmp/model.pt", 5 * KB)  # another folder's
+    r = ledger.reservation("batch_0000")
+    assert 29 * KB < 60 * KB - ledger.outstanding(r) <= 35 * KB
+    # ~41 kB on disk (4 kB blocks) + ~27 kB outstanding: 30 kB fit, not only ~0 kB
+    assert ledger.try_admit("batch_0001", 30 * KB).admitted
+
+
 def test_files_outside_reservations_count_as_usage(url, tmp_path):
     write(tmp_path / "outputs/report.html", 50 * KB)
     ledger = Ledger(storage(tmp_path, ledger_url=url))
