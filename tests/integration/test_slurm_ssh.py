@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import sys
 import threading
 import time
 import uuid
@@ -422,3 +423,34 @@ def test_quantification_runs_as_a_cpu_slurm_job(slurm_airflow, tmp_path):
     done = P.finish_quant(config, "batch_0000", "fq0", outcome)
     assert done["status"] == "ok" and done["fastq_freed"] > 0
     assert not list((config.base_dir / "data" / "raw" / "fq0").glob("*.fastq.gz"))
+
+
+DDP_JOB = """
+import json, os, sys
+import torch
+import torch.distributed as dist
+
+dist.init_process_group("gloo")  # RANK, WORLD_SIZE, MASTER_ADDR/PORT come from torchrun
+total = torch.tensor([float(dist.get_rank() + 1)])
+dist.all_reduce(total)
+if dist.get_rank() == 0:
+    path = os.environ["ATLASFLOW_RESULT_PATH"]
+    with open(path + ".tmp", "w") as fh:
+        json.dump({"world_size": dist.get_world_size(), "rank_sum": total.item(), "tag": sys.argv[1],
+                   "local_world_size": int(os.environ["LOCAL_WORLD_SIZE"])}, fh)
+    os.replace(path + ".tmp", path)
+dist.destroy_process_group()
+"""
+
+
+def test_two_cpu_ranks_run_under_torchrun_in_one_job(slurm_airflow, tmp_path):
+    """slurm.ranks_per_node: 2 on a CPU partition renders torchrun; the two gloo ranks meet and all-reduce."""
+    script = tmp_path / "ddp_job.py"
+    script.write_text(DDP_JOB)
+    slurm = {**FAST, "ranks_per_node": 2, "mem_gb": 2.0}
+    dag = _dag(dict(command=[sys.executable, str(script), "ddp"], dataset_id="GSE1", batch_id="b9",
+                    output_dir=str(tmp_path / "out"), slurm=slurm))
+    dr = dag.test()
+    assert _ti(dr).state == "success"
+    result = _ti(dr).xcom_pull(task_ids="train")
+    assert result == {"world_size": 2, "rank_sum": 3.0, "tag": "ddp", "local_world_size": 2}
