@@ -292,10 +292,6 @@ storage:
   checkpoint_gb: 0.01
   unknown_size_gb: {gb * 0.02}
   admission_poke_s: 2
-  # a gzipped counts table inflates ~3.5x into the text pandas parses, and readers.formats caps that
-  # text at the dataset's reservation (raw + raw x expansion); the default 2.0 reserves 3x raw and
-  # would refuse the corpus' tables (see /work/notes/geo.md: the cap, not the table, is at fault)
-  default_expansion: 8
 manifest:
   path: {root / 'manifest.csv'}
 plan:

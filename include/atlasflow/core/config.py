@@ -36,6 +36,7 @@ __all__ = [
     "PlanConfig",
     "QCConfig",
     "QuantConfig",
+    "ReadersConfig",
     "RetrainConfig",
     "SlurmConfig",
     "StorageConfig",
@@ -261,6 +262,23 @@ class QuantConfig:
         4.0, "Index size assumed for the reservation when quant.index does not exist yet, GB.", min=0)
     slurm_partition: str | None = _opt(None, "backend slurm: the CPU partition (sbatch --partition).")
     slurm_mem_gb: float = _opt(8.0, "backend slurm: sbatch --mem for a quantification job, GB.", min=0.001)
+
+
+@dataclass(frozen=True)
+class ReadersConfig:
+    """Bounds on what a compressed count table (.csv/.tsv/.mtx/.rds .gz) may inflate to in memory.
+
+    Its text goes to a parser, not to disk, so the disk reservation does not bound it (archives
+    extracted to disk still are). The tighter of the two limits applies per file.
+    """
+
+    max_decompressed_gb: float = _opt(
+        10.0, "Most bytes one gzipped table (csv/tsv/mtx/rds, barcodes/features) may decompress to, GB. Its "
+        "text is parsed in memory (a dense CSV takes several times its text in RAM), so raise it only on "
+        "workers with the memory for it.", min=0.000001)
+    max_expansion_ratio: float = _opt(
+        200.0, "Most decompressed bytes per compressed byte of such a file. Real count tables inflate 3.5-30x "
+        "(up to ~130x for a full gene list that is mostly zero rows); gzip bombs ~1000x.", min=1)
 
 
 @dataclass(frozen=True)
@@ -554,6 +572,7 @@ class AtlasConfig:
     plan: PlanConfig = field(default_factory=PlanConfig)
     download: DownloadConfig = field(default_factory=DownloadConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
+    readers: ReadersConfig = field(default_factory=ReadersConfig)
     qc: QCConfig = field(default_factory=QCConfig)
     genes: GenesConfig = field(default_factory=GenesConfig)
     integration: IntegrationConfig = field(default_factory=IntegrationConfig)

@@ -18,7 +18,7 @@ from atlasflow.intake.manifest import Dataset
 from atlasflow.prep.genes import OrthologTable, Vocabulary, dataset_species, species_mapping_for
 from atlasflow.prep.memory import apply_memory_strategy, recorded_memory_strategy
 from atlasflow.prep.qc import DatasetQuarantined, run_qc
-from atlasflow.readers.formats import CountSource, FormatError, open_counts
+from atlasflow.readers.formats import CountSource, DecompressionCap, FormatError, open_counts
 from atlasflow.readers.select import dataset_files, disk_bytes
 
 __all__ = ["DatasetQuarantined", "process_dataset", "species_gate"]
@@ -38,8 +38,9 @@ def process_dataset(
 ) -> dict[str, Any]:
     """Read ``raw_dir`` (one dataset's downloads), QC it and write ``out_path``.
 
-    ``max_bytes`` (the dataset's disk reservation) bounds what each file may extract or
-    decompress to: a bomb is quarantined with its figures.
+    ``max_bytes`` (the dataset's disk reservation) bounds what an archive may extract to disk, and
+    ``config.readers`` what a gzipped table may decompress to in memory: a bomb is quarantined with
+    its figures.
 
     Returns
     -------
@@ -64,11 +65,12 @@ def process_dataset(
             # no species in the manifest: GEO's records for the samples say it
             dataset = dataclasses.replace(dataset, species=found.organism)
         symbols = vocab.symbol_set() | set(vocab.synonyms)  # for telling genes from cells in tables
+        cap = DecompressionCap.from_config(config.readers)
         for spec in found.sources:
             # a reads dataset arrives here as kb count's 10x folder, whatever its manifest format says
             fmt = dataset.format if len(files) == 1 and dataset.format and not dataset.is_reads else None
             src = open_counts(spec.path, fmt=fmt, cache=cache_dir / dataset.dataset_id, vocabulary=symbols,
-                              max_bytes=max_bytes)
+                              max_bytes=max_bytes, cap=cap)
             src.sample = spec.sample
             sources.append(src)
         raw_bytes = sum(disk_bytes(p) for p in files)

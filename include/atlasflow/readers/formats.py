@@ -25,9 +25,10 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
+from atlasflow.core.config import GB, ReadersConfig
 from atlasflow.core.fsutil import DecompressionLimit, open_bounded, partial_path
 
-__all__ = ["CountSource", "FormatError", "detect_format", "open_counts", "read_counts", "safe_extract"]
+__all__ = ["CountSource", "DecompressionCap", "FormatError", "detect_format", "open_counts", "read_counts", "safe_extract"]
 
 log = logging.getLogger(__name__)
 MAX_MEMBER_BYTES = 50 * 10**9
@@ -76,6 +77,43 @@ class CountSource:
 
 def _human(n: int) -> str:
     return f"{n / 10**9:.2f} GB" if n >= 10**9 else f"{n / 10**6:.1f} MB" if n >= 10**6 else f"{n / 10**3:.0f} KB"
+
+
+@dataclass(frozen=True)
+class DecompressionCap:
+    """How far one gzipped table (csv/tsv/mtx/rds, barcodes/features) may inflate while it is parsed.
+
+    Its text goes to memory (a parser), not to disk, so the bound is about memory and plausibility,
+    not the disk reservation: at most ``max_bytes``, and at most ``max_ratio`` times the file's
+    compressed size, whichever is tighter (``readers.max_decompressed_gb`` / ``max_expansion_ratio``).
+    Real count tables inflate 3.5-130x, gzip bombs ~1000x. Any file may inflate to ``floor_bytes``
+    (capped by ``max_bytes``): that much is harmless, and a tiny file's ratio says nothing.
+    Archives extracted to disk are capped by the reservation instead (``safe_extract``).
+    """
+
+    max_bytes: int | None = int(ReadersConfig.max_decompressed_gb * GB)
+    max_ratio: float | None = ReadersConfig.max_expansion_ratio
+    floor_bytes: int = 2**20
+
+    @classmethod
+    def from_config(cls, config: ReadersConfig) -> DecompressionCap:
+        return cls(max_bytes=int(config.max_decompressed_gb * GB), max_ratio=config.max_expansion_ratio)
+
+    def limit(self, path: Path) -> tuple[int | None, str]:
+        """The most ``path`` may decompress to, and the rule that sets it; (None, "") for a file that is
+        not gzip data (reading it inflates nothing)."""
+        with path.open("rb") as fh:
+            if fh.read(2) != b"\x1f\x8b":
+                return None, ""
+        size = path.stat().st_size
+        if self.max_ratio is not None:
+            by_ratio = max(int(self.max_ratio * size), self.floor_bytes)
+            if self.max_bytes is None or by_ratio < self.max_bytes:
+                return by_ratio, (f"{self.max_ratio:g}x its size (readers.max_expansion_ratio)"
+                                  if by_ratio > self.floor_bytes else f"the {_human(by_ratio)} any file may inflate to")
+        if self.max_bytes is not None:
+            return self.max_bytes, f"the {_human(self.max_bytes)} ceiling (readers.max_decompressed_gb)"
+        return None, ""
 
 
 def _check_member(archive: Path, m: tarfile.TarInfo, max_member_bytes: int) -> None:
@@ -281,20 +319,21 @@ def _find(folder: Path, *suffixes: str) -> Path | None:
     return hits[0] if hits else None
 
 
-def _too_big(path: Path, exc: DecompressionLimit, what: str) -> FormatError:
-    return FormatError(f"{path.name}: {what} over {exc.limit} bytes ({_human(exc.limit)}) from a "
-                       f"{path.stat().st_size}-byte file, more than the dataset may use; refused")
+def _too_big(path: Path, exc: DecompressionLimit, rule: str) -> FormatError:
+    return FormatError(f"{path.name}: decompresses to over {exc.limit} bytes ({_human(exc.limit)}) from a "
+                       f"{path.stat().st_size}-byte file, more than {rule}; refused")
 
 
-def _read_lines(path: Path, max_bytes: int | None) -> list[list[str]]:
+def _read_lines(path: Path, cap: DecompressionCap) -> list[list[str]]:
+    limit, rule = cap.limit(path)
     try:
-        with open_bounded(path, max_bytes=max_bytes, text=True) as fh:
+        with open_bounded(path, max_bytes=limit, text=True) as fh:
             return [line.rstrip("\n").split("\t") for line in fh if line.strip()]
     except DecompressionLimit as exc:
-        raise _too_big(path, exc, "decompresses to") from exc
+        raise _too_big(path, exc, rule) from exc
 
 
-def _open_mtx(path: Path, cache: Path, max_bytes: int | None = None) -> CountSource:
+def _open_mtx(path: Path, cache: Path, max_bytes: int | None, cap: DecompressionCap) -> CountSource:
     import scipy.io
 
     folder = path
@@ -310,15 +349,16 @@ def _open_mtx(path: Path, cache: Path, max_bytes: int | None = None) -> CountSou
     missing = [n for n, p in (("matrix.mtx", mtx), ("barcodes.tsv", barcodes), ("features/genes.tsv", features)) if p is None]
     if missing:
         raise FormatError(f"{path.name}: 10x Matrix Market input lacks {', '.join(missing)}")
+    limit, rule = cap.limit(mtx)
     try:
-        with open_bounded(mtx, max_bytes=max_bytes) as fh:  # streamed: a .gz is never inflated whole
+        with open_bounded(mtx, max_bytes=limit) as fh:  # streamed: a .gz is never inflated whole
             matrix = scipy.io.mmread(fh)
     except DecompressionLimit as exc:
-        raise _too_big(mtx, exc, "decompresses to") from exc
+        raise _too_big(mtx, exc, rule) from exc
     except Exception as exc:
         raise FormatError(f"{mtx.name}: cannot read Matrix Market ({exc})") from exc
-    feats = _read_lines(features, max_bytes)
-    cells = [r[0] for r in _read_lines(barcodes, max_bytes)]
+    feats = _read_lines(features, cap)
+    cells = [r[0] for r in _read_lines(barcodes, cap)]
     matrix = sp.csr_matrix(matrix.T, dtype=np.float32)  # 10x stores genes × cells
     if matrix.shape != (len(cells), len(feats)):
         raise FormatError(f"{path.name}: matrix is {matrix.shape[1]} x {matrix.shape[0]} (genes x cells) but there are "
@@ -356,15 +396,16 @@ def _open_loom(path: Path) -> CountSource:
     return CountSource(path, "loom", n_cells, genes, cells, ids, {}, f["matrix"], _close=f.close)
 
 
-def _open_table(path: Path, fmt: str, vocabulary: set[str] | None, max_bytes: int | None = None) -> CountSource:
+def _open_table(path: Path, fmt: str, vocabulary: set[str] | None, cap: DecompressionCap) -> CountSource:
     import pandas as pd
 
     sep = "\t" if fmt == "tsv" else ","
+    limit, rule = cap.limit(path)
     try:
-        with open_bounded(path, max_bytes=max_bytes) as fh:  # pandas streams it; a .gz is capped too
+        with open_bounded(path, max_bytes=limit) as fh:  # pandas streams it; a .gz is capped too
             frame = pd.read_csv(fh, sep=sep, index_col=0)
     except DecompressionLimit as exc:
-        raise _too_big(path, exc, "decompresses to") from exc
+        raise _too_big(path, exc, rule) from exc
     except Exception as exc:
         raise FormatError(f"{path.name}: cannot parse as {fmt.upper()} ({exc})") from exc
     if frame.empty:
@@ -394,11 +435,12 @@ def _open_table(path: Path, fmt: str, vocabulary: set[str] | None, max_bytes: in
     return CountSource(path, fmt, len(cells), genes, cells, None, {"orientation": orientation, "why": reason}, matrix)
 
 
-def _open_rds(path: Path, max_bytes: int | None = None) -> CountSource:
+def _open_rds(path: Path, cap: DecompressionCap) -> CountSource:
     from atlasflow.readers.rds import RdsError, read_rds_counts
 
+    limit, rule = cap.limit(path)
     try:
-        counts = read_rds_counts(path, max_bytes=max_bytes)
+        counts = read_rds_counts(path, max_bytes=limit, limit_rule=rule)
     except RdsError as exc:  # the processing step quarantines a FormatError
         raise FormatError(str(exc)) from exc
     return CountSource(path, "rds", counts.matrix.shape[0], counts.genes, counts.cells, counts.gene_ids,
@@ -407,26 +449,29 @@ def _open_rds(path: Path, max_bytes: int | None = None) -> CountSource:
 
 
 def open_counts(path: Path, *, fmt: str | None = None, cache: Path | None = None,
-                vocabulary: set[str] | None = None, max_bytes: int | None = None) -> CountSource:
+                vocabulary: set[str] | None = None, max_bytes: int | None = None,
+                cap: DecompressionCap | None = None) -> CountSource:
     """Open ``path`` as counts; ``fmt`` overrides detection; ``cache`` receives extracted archives.
 
-    ``max_bytes`` bounds what one file may expand to: the bytes a tar archive extracts to, a
-    compressed Matrix Market / CSV / RDS file decompresses to (the dataset's disk reservation, so a
-    bomb is refused with its figures as a :class:`FormatError` instead of filling a disk or memory).
+    ``max_bytes`` (the dataset's disk reservation) bounds the bytes a tar archive extracts to disk;
+    ``cap`` (default: the ``readers.*`` defaults) bounds what a gzipped Matrix Market / CSV / RDS file
+    decompresses to in memory. A bomb is refused with its figures as a :class:`FormatError` instead
+    of filling a disk or memory.
     """
+    cap = cap or DecompressionCap()
     fmt = fmt or detect_format(path)
     if fmt == "h5ad":
         return _open_h5ad(path)
     if fmt == "10x_h5":
         return _open_10x_h5(path)
     if fmt == "10x_mtx":
-        return _open_mtx(path, cache or path.parent, max_bytes)
+        return _open_mtx(path, cache or path.parent, max_bytes, cap)
     if fmt == "loom":
         return _open_loom(path)
     if fmt in ("csv", "tsv"):
-        return _open_table(path, fmt, vocabulary, max_bytes)
+        return _open_table(path, fmt, vocabulary, cap)
     if fmt == "rds":
-        return _open_rds(path, max_bytes)
+        return _open_rds(path, cap)
     raise FormatError(f"{path.name}: unsupported format {fmt!r}")
 
 
@@ -447,11 +492,11 @@ def primary_files(raw_dir: Path) -> list[Path]:
 
 def read_counts(path: Path, *, fmt: str | None = None, cache: Path | None = None, dataset_id: str | None = None,
                 metadata: dict[str, str | None] | None = None, vocabulary: set[str] | None = None,
-                max_bytes: int | None = None) -> Any:
+                max_bytes: int | None = None, cap: DecompressionCap | None = None) -> Any:
     """Read ``path`` into memory as an AnnData with raw counts in ``X`` and ``layers["counts"]``."""
     import anndata as ad
 
-    src = open_counts(path, fmt=fmt, cache=cache, vocabulary=vocabulary, max_bytes=max_bytes)
+    src = open_counts(path, fmt=fmt, cache=cache, vocabulary=vocabulary, max_bytes=max_bytes, cap=cap)
     try:
         blocks = [b for _, b in src.chunks()]
         X = sp.vstack(blocks).tocsr() if blocks else sp.csr_matrix((0, len(src.genes)), dtype=np.float32)

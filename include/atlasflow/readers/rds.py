@@ -185,16 +185,13 @@ def _finish(path: Path, matrix: sp.csr_matrix, genes: list[str] | None, cells: l
     return RdsCounts(matrix.astype(np.float32), genes, cells, cls, assay, gene_ids, obs, var)
 
 
-def _check_stream(path: Path, max_bytes: int | None = None) -> None:
+def _check_stream(path: Path, max_bytes: int | None = None, limit_rule: str = "") -> None:
     """Refuse what rds2py cannot parse before it sees it: its parser spins forever (uninterruptibly,
     in C++) on a damaged gzip stream, so the whole stream is decompressed and checked here first."""
     with path.open("rb") as fh:
         head = fh.read(5)
         if head.startswith(b"X\n"):
-            if max_bytes is not None and path.stat().st_size > max_bytes:
-                raise RdsError(f"{path.name}: {path.stat().st_size} bytes, more than the {max_bytes} the dataset "
-                               "may use; refused")
-            return  # uncompressed XDR serialisation
+            return  # uncompressed XDR serialisation: reading it inflates nothing
         if head.startswith((b"BZh", b"\xfd7zXZ")):
             raise RdsError(f"{path.name}: an RDS file compressed with {'bzip2' if head.startswith(b'BZh') else 'xz'}, "
                            "which is not read; in R: saveRDS(readRDS(f), f, compress = 'gzip')")
@@ -211,15 +208,16 @@ def _check_stream(path: Path, max_bytes: int | None = None) -> None:
                     first += out[:2]
         except DecompressionLimit as exc:  # rds2py inflates it whole in memory: refuse a bomb first
             raise RdsError(f"{path.name}: decompresses to over {exc.limit} bytes from a {path.stat().st_size}-byte "
-                           "file, more than the dataset may use; refused") from exc
+                           f"file, more than {limit_rule or 'the limit'}; refused") from exc
         except GzipDamaged as exc:
             raise RdsError(f"{path.name}: not a readable RDS file ({exc})") from exc
     if not first.startswith(b"X\n"):
         raise RdsError(f"{path.name}: not a readable RDS file (gzip data, but not an R XDR serialisation)")
 
 
-def read_rds_counts(path: Path, *, max_bytes: int | None = None) -> RdsCounts:
-    """Read counts from an ``.rds`` file (refused when it decompresses to over ``max_bytes``).
+def read_rds_counts(path: Path, *, max_bytes: int | None = None, limit_rule: str = "") -> RdsCounts:
+    """Read counts from an ``.rds`` file (refused when it decompresses to over ``max_bytes``, a limit
+    that ``limit_rule`` describes in the message).
 
     Raises
     ------
@@ -231,7 +229,7 @@ def read_rds_counts(path: Path, *, max_bytes: int | None = None) -> RdsCounts:
         from rds2py import parse_rds
     except ImportError as exc:  # pragma: no cover - pinned in requirements.txt
         raise RdsError("reading .rds files needs rds2py (pip install rds2py)") from exc
-    _check_stream(path, max_bytes)
+    _check_stream(path, max_bytes, limit_rule)
     try:
         root = parse_rds(str(path))
     except Exception as exc:  # the C++ parser raises RuntimeError/ValueError for damaged input

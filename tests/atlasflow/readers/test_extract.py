@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from atlasflow.core.fsutil import DecompressionLimit, gunzip_blocks
-from atlasflow.readers.formats import FormatError, open_counts, read_counts, safe_extract
+from atlasflow.readers.formats import DecompressionCap, FormatError, open_counts, read_counts, safe_extract
 from atlasflow_testing.realdata import pbmc_counts, write_format
 
 REPO = Path(__file__).resolve().parents[3]
@@ -106,16 +106,36 @@ def test_gunzip_blocks_still_reads_multi_member_streams_whole():
 @pytest.mark.parametrize("fmt", ["10x_mtx_dir", "tsv_gz"])
 def test_compressed_text_formats_are_refused_past_the_cap(pbmc, tmp_path, fmt):
     path = write_format(pbmc, fmt, tmp_path / "raw")
-    with pytest.raises(FormatError, match=r"decompresses to over 100000 bytes .* more than the dataset may use"):
-        read_counts(path, max_bytes=100_000)
-    assert read_counts(path, max_bytes=10**9).shape == pbmc.shape  # control: a fitting cap reads it
+    with pytest.raises(FormatError, match=r"decompresses to over 100000 bytes \(100 KB\) from a [0-9]+-byte file, "
+                                          r"more than the 100 KB ceiling \(readers\.max_decompressed_gb\); refused"):
+        read_counts(path, cap=DecompressionCap(max_bytes=100_000))
+    with pytest.raises(FormatError, match=r"more than 2x its size \(readers\.max_expansion_ratio\); refused"):
+        read_counts(path, cap=DecompressionCap(max_ratio=2, floor_bytes=0))
+    assert read_counts(path, cap=DecompressionCap(max_bytes=10**9)).shape == pbmc.shape  # control: a fitting cap
+    # the text goes to memory, not disk: the disk reservation (max_bytes) no longer bounds it
+    assert read_counts(path, max_bytes=100_000).shape == pbmc.shape
+
+
+def test_decompression_cap_takes_the_tighter_rule_and_leaves_plain_files_alone(tmp_path):
+    small, big, plain = tmp_path / "s.csv.gz", tmp_path / "b.csv.gz", tmp_path / "p.csv"
+    small.write_bytes(gzip.compress(b"g,c\n"))
+    big.write_bytes(gzip.compress(os.urandom(200_000)))
+    plain.write_bytes(b"g,c\n" * 1000)
+    cap = DecompressionCap(max_bytes=30 * 10**6, max_ratio=100)
+    assert cap.limit(small) == (2**20, "the 1.0 MB any file may inflate to")  # a tiny file's ratio says nothing
+    assert cap.limit(big) == (100 * big.stat().st_size, "100x its size (readers.max_expansion_ratio)")
+    assert cap.limit(plain) == (None, "")  # reading it inflates nothing
+    assert DecompressionCap(max_bytes=10**6, max_ratio=100).limit(big)[0] == 10**6
 
 
 def test_a_gzipped_rds_bomb_is_refused_before_rds2py_inflates_it(tmp_path):
     path = tmp_path / "bomb.rds"
     path.write_bytes(gzip.compress(b"X\n" + bytes(20 * 2**20)))
-    with pytest.raises(FormatError, match=r"bomb.rds: decompresses to over 1000000 bytes"):
-        open_counts(path, max_bytes=10**6)
+    with pytest.raises(FormatError, match=r"bomb.rds: decompresses to over 1000000 bytes from a [0-9]+-byte file, "
+                                          r"more than the 1.0 MB ceiling"):
+        open_counts(path, cap=DecompressionCap(max_bytes=10**6))
+    with pytest.raises(FormatError, match=r"bomb.rds: decompresses to over [0-9]+ bytes .* more than 200x its size"):
+        open_counts(path)  # the defaults
 
 
 def test_a_damaged_archive_names_the_file_and_leaves_no_partial(tmp_path):

@@ -195,6 +195,44 @@ def test_an_archive_bomb_is_quarantined_with_its_figures_by_the_reservation(demo
     assert not [p for p in cache.rglob("*") if p.is_file()]
 
 
+def test_a_real_gzipped_counts_table_inflating_15x_is_processed_with_default_settings(demo):
+    """A GEO-style genes x cells counts.csv.gz: the demo's real PBMC counts plus the undetected genes a
+    full export lists (zero rows), which gzip shrinks ~15x. The defaults reserve 3x the download on
+    disk; the table's text goes to pandas (memory), so it is bounded by readers.* and is processed
+    (it was quarantined as "more than the dataset may use" when the reservation capped it)."""
+    import gzip
+
+    import numpy as np
+    import pandas as pd
+
+    from atlasflow_testing.realdata import pbmc_counts
+
+    config, server = demo
+    assert config.storage.default_expansion == 2.0 and config.readers.max_expansion_ratio == 200.0  # defaults
+    P.prepare_run(config)
+    pbmc = pbmc_counts()
+    counts = pbmc.X.toarray().astype(np.int64).T
+    undetected = np.zeros((1000, pbmc.n_obs), dtype=np.int64)
+    frame = pd.DataFrame(np.vstack([counts, undetected]), columns=list(pbmc.obs_names),
+                         index=[*pbmc.var_names, *(f"LINC{i:05d}" for i in range(len(undetected)))])
+    text = frame.to_csv().encode()
+    table = Path(config.storage.base_dir).parent / "www" / "files" / "GSE1_counts.csv.gz"
+    table.write_bytes(gzip.compress(text))
+    assert 12 < len(text) / table.stat().st_size < 20  # real count tables: 3.5-30x
+    spec = config.state_dir / "batches" / "batch_0000.json"
+    write_batch_spec(config, "batch_0000")
+    data = json.loads(spec.read_text())
+    data["datasets"][0].update({"download_url": f"{server.url}/files/{table.name}", "format": "csv",
+                                "expected_bytes": table.stat().st_size, "sha256": None, "md5": None})
+    spec.write_text(json.dumps(data))
+    fetched = P.download_dataset(config, "batch_0000", "pbmc_1", final_try=True)
+    assert fetched["status"] == "ok", fetched
+    assert P._reserved_bytes(config, P._dataset(config, "batch_0000", "pbmc_1")) < len(text)  # the old cap
+    got = P.process_dataset_step(config, "batch_0000", fetched)
+    assert got["status"] == "ok", got
+    assert got["cells_before"] == pbmc.n_obs and got["format"] == "csv"
+
+
 def test_an_allowed_cross_host_redirect_is_in_the_step_result_and_the_report(demo):
     """Issue 16 point 9: followed only because download.redirect_hosts names the host, and reported
     (step result, stage record, run report) without the URL's query string."""
