@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import json
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,8 +10,8 @@ from typing import Any, TextIO
 
 from atlasflow.acquire.cellxgene import BATCH_KEY, LABEL_KEY, CellxgeneDataset, list_collection
 from atlasflow.acquire.http import FetchError, TransientFetchError
+from atlasflow.cli.manifest_out import manifest_table, write_manifest_file
 from atlasflow.core.config import load_config
-from atlasflow.intake.manifest import ManifestError, read_manifest
 from atlasflow.prep.genes import normalize_species
 
 __all__ = ["COLUMNS", "manifest_rows", "matches", "register"]
@@ -79,14 +76,6 @@ def manifest_rows(datasets: Sequence[CellxgeneDataset]) -> list[dict[str, Any]]:
     return rows
 
 
-def _table(rows: Sequence[dict[str, Any]], delimiter: str) -> str:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=COLUMNS, delimiter=delimiter, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buf.getvalue()
-
-
 def _cmd(args: Any, out: TextIO) -> int:
     config = load_config(args.config)
     try:
@@ -101,25 +90,14 @@ def _cmd(args: Any, out: TextIO) -> int:
     kept = [d for d in found if matches(d, organisms=args.organism, assays=args.assay)]
     filtered = len(found) - len(kept)
     rows = manifest_rows(kept)
-    if args.out is not None:
-        if args.out.suffix.lower() not in (".csv", ".tsv"):
-            sys.stderr.write(f"error: --out {args.out}: write a .csv or .tsv manifest\n")
-            return EXIT_INVALID
-        tmp = args.out.with_name(f".{args.out.name}.{os.getpid()}.tmp{args.out.suffix}")
-        tmp.write_text(_table(rows, "\t" if args.out.suffix.lower() == ".tsv" else ","), encoding="utf-8")
-        try:
-            if rows:
-                read_manifest(tmp)  # what we write must pass `atlasflow manifest check`
-        except ManifestError:
-            tmp.unlink()
-            raise
-        os.replace(tmp, args.out)
+    if args.out is not None and not write_manifest_file(rows, columns=COLUMNS, path=args.out):
+        return EXIT_INVALID
     if args.json:
         json.dump({"collection_id": args.collection, "name": name, "rows": rows, "filtered_out": filtered,
                    "left_out": left_out}, out, indent=1)
         out.write("\n")
     elif args.out is None:
-        out.write(_table(rows, ","))
+        out.write(manifest_table(rows, columns=COLUMNS))
     size = sum(int(r["expected_bytes"]) for r in rows if r["expected_bytes"] != "")
     sys.stderr.write(f"collection {args.collection} ({name or 'unnamed'}): {len(rows)} of {len(found) + len(left_out)} "
                      f"datasets as manifest rows ({size / 1e9:.2f} GB of H5AD); {filtered} left out by the filters, "

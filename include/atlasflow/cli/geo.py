@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import json
-import os
 import re
 import sys
 from pathlib import Path
@@ -13,8 +10,8 @@ from typing import Any, TextIO
 
 from atlasflow.acquire.fetch import geo_samples
 from atlasflow.acquire.http import FetchError, TransientFetchError
+from atlasflow.cli.manifest_out import manifest_table, write_manifest_file
 from atlasflow.core.config import load_config
-from atlasflow.intake.manifest import ManifestError, read_manifest
 from atlasflow.prep.genes import normalize_species
 
 __all__ = ["COLUMNS", "register", "series_rows"]
@@ -70,14 +67,6 @@ def series_rows(accession: str, samples: dict[str, dict[str, Any]], *, per_sampl
              "species": species.pop() if len(species) == 1 else "", "notes": note}], left_out
 
 
-def _table(rows: list[dict[str, str]], delimiter: str) -> str:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=COLUMNS, delimiter=delimiter, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buf.getvalue()
-
-
 def _cmd(args: Any, out: TextIO) -> int:
     if not _GSE.match(args.accession):
         sys.stderr.write(f"error: {args.accession!r} is not a GEO series accession (GSE…)\n")
@@ -93,24 +82,13 @@ def _cmd(args: Any, out: TextIO) -> int:
         return EXIT_INVALID
     rows, left_out = series_rows(args.accession, samples, per_sample=args.per_sample, organisms=args.organism,
                                  tissue=args.tissue, disease=args.disease)
-    if args.out is not None:
-        if args.out.suffix.lower() not in (".csv", ".tsv"):
-            sys.stderr.write(f"error: --out {args.out}: write a .csv or .tsv manifest\n")
-            return EXIT_INVALID
-        tmp = args.out.with_name(f".{args.out.name}.{os.getpid()}.tmp{args.out.suffix}")
-        tmp.write_text(_table(rows, "\t" if args.out.suffix.lower() == ".tsv" else ","), encoding="utf-8")
-        try:
-            if rows:
-                read_manifest(tmp)  # what we write must pass `atlasflow manifest check`
-        except ManifestError:
-            tmp.unlink()
-            raise
-        os.replace(tmp, args.out)
+    if args.out is not None and not write_manifest_file(rows, columns=COLUMNS, path=args.out):
+        return EXIT_INVALID
     if args.json:
         json.dump({"accession": args.accession, "rows": rows, "left_out": left_out}, out, indent=1)
         out.write("\n")
     elif args.out is None:
-        out.write(_table(rows, ","))
+        out.write(manifest_table(rows, columns=COLUMNS))
     sys.stderr.write(f"{args.accession}: {len(samples)} samples in GEO's records; {len(rows)} manifest row(s)"
                      f"{' (one per sample)' if args.per_sample else ''}; {len(left_out)} sample(s) left out"
                      f"{': ' + '; '.join(left_out) if left_out else ''}"
