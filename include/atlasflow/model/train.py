@@ -501,7 +501,8 @@ class Trainer:
         epoch_steps = {e: max(math.ceil(max(c, 1) / n_new) for c in sizes[e]) for e in sizes}
         total_steps = sum(epoch_steps.values())
         cuda = self.device.type == "cuda"
-        workers = t.loader_workers if t.loader_workers is not None else auto_workers(cuda=cuda, local_ranks=world)
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", world))  # ranks sharing this node's CPUs
+        workers = t.loader_workers if t.loader_workers is not None else auto_workers(cuda=cuda, local_ranks=local_ranks)
         mine = [rank * accum + a for a in range(accum)]
         t0 = time.monotonic()
         wait_s = 0.0
