@@ -83,9 +83,11 @@ def plan_kills(n_task_kills: int) -> tuple[Counter[str], int]:
     return reserved, n_task_kills - sum(reserved.values())
 
 
-def _stage_of(task_id: str, archives: set[str], map_label: str | None) -> str | None:
-    name = task_id.rsplit(".", 1)[-1]
-    if name == "process" and map_label in archives:
+def _stage_of(task_id: str, map_index: int, archives: set[str], batches: dict[str, tuple[str, ...]]) -> str | None:
+    batch, _, name = task_id.rpartition(".")
+    ids = batches.get(batch, ())
+    # a batch's process tasks are mapped over its datasets in plan order
+    if name == "process" and 0 <= map_index < len(ids) and ids[map_index] in archives:
         return "extraction"  # the archive is unpacked by the process task
     return name if name in ("download", "process", "integrate", "train", "cleanup") else None
 
@@ -102,10 +104,13 @@ def _killpg(pid: int) -> bool:
     return True
 
 
+_SAVE_TMP = re.compile(r"^\.batch_[0-9]+(\.partial)?\..+\.tmp$")
+
+
 def _checkpoint_saving(checkpoints: Path) -> bool:
-    """A Trainer.save temporary folder (``.<name>.<pid>.tmp``) exists: a checkpoint is being written."""
+    """Trainer.save's temporary folder (``.<batch>[.partial].<owner>.tmp``) exists: a checkpoint is being written."""
     try:
-        return any(e.name.startswith(".") and e.name.endswith(".tmp") for e in os.scandir(checkpoints))
+        return any(_SAVE_TMP.match(e.name) and e.is_dir() for e in os.scandir(checkpoints))
     except OSError:
         return False
 
@@ -119,6 +124,7 @@ def run_campaign(work: Path, *, task_kills: int = 20, scheduler_kills: int = 2, 
     ``stages`` fixes how many kills each stage gets (else :func:`plan_kills` spreads ``task_kills``).
     """
     from atlasflow.core.config import load_config
+    from atlasflow.intake.plan import load_plan
     from atlasflow_testing.demo import FORMATS, build_demo
     from atlasflow_testing.disk import PeakDiskSampler
     from atlasflow_testing.geo_server import GeoServer
@@ -146,6 +152,8 @@ def run_campaign(work: Path, *, task_kills: int = 20, scheduler_kills: int = 2, 
         # (task, map index, try, stage) seen running -> when to kill it (None: not chosen)
         due_at: dict[tuple[str, int, int, str], float | None] = {}
         killed: Counter[tuple[str, int]] = Counter()
+        killed_tries: set[tuple[str, int, int]] = set()  # one kill per try (its group lingers a moment)
+        batches: dict[str, tuple[str, ...]] = {}
         try:
             with PeakDiskSampler([base / a for a in ("data", "models", "cache", "outputs")], every_s=0.02) as disk:
                 run_id, _ = af.trigger(wait=False)
@@ -163,15 +171,18 @@ def run_campaign(work: Path, *, task_kills: int = 20, scheduler_kills: int = 2, 
                         time.sleep(3)
                         af.cli("start")  # an operator (or systemd) starts it again
                         continue
-                    rows = af.query("SELECT task_id, map_index, try_number, pid, rendered_map_index FROM "
+                    if not batches and (plan := load_plan(config.plan_path)) is not None:
+                        batches = {b.batch_id: tuple(b.dataset_ids) for b in plan.batches}
+                    rows = af.query("SELECT task_id, map_index, try_number, pid FROM "
                                     "task_instance WHERE dag_id = 'atlas_ingest' AND run_id = ? AND state = 'running' "
                                     "AND pid IS NOT NULL", run_id)
                     saving = _checkpoint_saving(checkpoints)
-                    for task_id, map_index, try_number, pid, label in rows:
-                        stage = _stage_of(task_id, archives, label)
+                    for task_id, map_index, try_number, pid in rows:
+                        stage = _stage_of(task_id, map_index, archives, batches)
                         # one retry always left: downloads have download.retries (the demo: 1), the rest 2
                         limit = config.download.retries if stage == "download" else 2
-                        if stage is None or killed[(task_id, map_index)] >= limit:
+                        if (stage is None or killed[(task_id, map_index)] >= limit
+                                or (task_id, map_index, try_number) in killed_tries):
                             continue
                         if stage == "train" and saving:
                             stage = "checkpoint_save"
@@ -188,6 +199,7 @@ def run_campaign(work: Path, *, task_kills: int = 20, scheduler_kills: int = 2, 
                             else:
                                 free -= 1
                             killed[(task_id, map_index)] += 1
+                            killed_tries.add((task_id, map_index, try_number))
                             kills.append(Kill(stage, round(elapsed, 2), task_id, map_index, try_number, int(pid)))
                             log.info("killed %s[%s] try %s (%s) at %.1f s", task_id, map_index, try_number, stage,
                                      elapsed)

@@ -724,6 +724,8 @@ def cleanup_batch(config: AtlasConfig, batch_id: str) -> CleanupResult:
     """The cleanup policy for a finished (or failed) batch; releases its reservation (and samples usage)."""
     spec = _spec(config, batch_id)
     ids = [d["dataset_id"] for d in spec["datasets"]]
+    # what this batch's killed tries left (a job config, a save) goes now, not at a later run's admission
+    prune_stale_temps(Path(config.storage.base_dir))
     trained = batch_trained(config, batch_id)
     cleaner = Cleaner(Ledger(config.storage))
     if trained is None:

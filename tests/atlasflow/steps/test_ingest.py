@@ -260,3 +260,25 @@ def test_an_allowed_cross_host_redirect_is_in_the_step_result_and_the_report(dem
     refused = P.download_dataset(strict, "batch_0000", "pbmc_1", final_try=True)
     assert refused["status"] == "quarantined" and "download.redirect_hosts does not allow" in refused["reason"]
     assert "SECRET" not in json.dumps(refused)
+
+
+def test_cleanup_removes_what_killed_tries_left(demo):
+    """The last batch's cleanup prunes a killed task's temporaries: no later admission would (fault campaign)."""
+    import subprocess
+    import sys
+
+    from atlasflow.core.fsutil import owner_tag
+
+    config, _ = demo
+    P.prepare_run(config)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    host = owner_tag().split("@", 1)[1]
+    checkpoints = Path(config.storage.base_dir) / "models" / "checkpoints"
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    left = checkpoints / f".batch_0000.config.json.x1y2.{dead}@{host}.tmp"  # a kill inside write_json_atomic
+    left.write_text("{}")
+    live = checkpoints / f".batch_0001.config.json.x1y2.{owner_tag()}.tmp"  # a live writer's: kept
+    live.write_text("{}")
+    P.cleanup_batch(config, "batch_0000")
+    assert not left.exists() and live.exists()
