@@ -217,6 +217,8 @@ def run_campaign(work: Path, *, task_kills: int = 20, scheduler_kills: int = 2, 
         if k.task_id is not None:
             k.final_state = finals.get((k.task_id, k.map_index))
             k.recovered = k.final_state == "success"
+        else:  # the scheduler: recovered when the restarted one took the run to its end
+            k.final_state, k.recovered = state, state == "success"
     result = ChaosResult(seed, kills, state, makespan)
     result.checks = _checks(config, base, sizes, served, disk.peak, [k for k in kills if k.task_id], archives)
     return result
