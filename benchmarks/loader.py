@@ -125,6 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
         feed["speedup_2_vs_0"] = round(feed["workers_2"]["median"] / feed["workers_0"]["median"], 2)
         feed["speedup_1_vs_0"] = round(feed["workers_1"]["median"] / feed["workers_0"]["median"], 2)
         result["feed_cells_per_s"] = {"cells": args.cells, "block_cells": 2048, "step_cells": 64, **feed}
+        _write(result)  # the feed's figures survive an interrupted training phase
         small = _make_batch(args.train_cells, Path(tmp) / "train")
         training = {}
         for name, model in (("tiny (loader-bound)", TINY), ("cpu preset", {"model.preset": "cpu"})):
@@ -138,13 +139,20 @@ def main(argv: list[str] | None = None) -> dict:
             row["loader_share_workers_2"] = round(1 - row["workers_2_prefetch"]["median"] / ceiling, 3)
             row["speedup_workers_2_vs_synchronous"] = round(row["workers_2_prefetch"]["median"] / sync, 2)
             training[name] = row
+            _write({**result, "training_steps_per_s": {"cells": args.train_cells, "step_cells": 64, **training}})
             sys.stdout.write(f"training steps/s, {name}: {row}\n")
             sys.stdout.flush()
         result["training_steps_per_s"] = {"cells": args.train_cells, "step_cells": 64, **training}
     result["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "loader.json").write_text(json.dumps(result, indent=1) + "\n")
+    _write(result)
     return result
+
+
+def _write(result: dict) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    tmp = RESULTS / "loader.json.tmp"
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    tmp.replace(RESULTS / "loader.json")
 
 
 if __name__ == "__main__":
