@@ -21,7 +21,6 @@ asset, an HTTP status).
 from __future__ import annotations
 
 import json
-import threading
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from atlasflow_testing.geo_server import _Handler, _Server
+from atlasflow_testing.threads import ServedInThread, listen
 
 __all__ = ["API_PREFIX", "CellxgeneServer", "PublishedDataset", "write_cellxgene_h5ad"]
 
@@ -203,20 +203,13 @@ class _CxgServer(_Server):
         return not_found
 
 
-class CellxgeneServer:
+class CellxgeneServer(ServedInThread):
     """Start/stop the stand-in in a background thread; ``api_url`` is what ``download.cellxgene_api_url`` takes."""
 
     def __init__(self, root: Path, *, port: int = 0) -> None:
         root.mkdir(parents=True, exist_ok=True)
-        try:
-            self._server = _CxgServer(root, port)
-        except OSError as exc:
-            raise OSError(f"cannot listen on 127.0.0.1:{port}: {exc.strerror or exc} (port busy?)") from exc
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._server = listen(lambda: _CxgServer(root, port), port)
+        self._serve_in_thread()
 
     @property
     def api_url(self) -> str:
@@ -245,12 +238,3 @@ class CellxgeneServer:
 
     def hits(self, path: str) -> int:
         return self._server.hits[path]
-
-    def __enter__(self) -> CellxgeneServer:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=5)

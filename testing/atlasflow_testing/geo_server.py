@@ -49,6 +49,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
+from atlasflow_testing.threads import ServedInThread, listen
+
 __all__ = ["GeoServer", "geo_series_dir", "max_concurrent"]
 
 
@@ -240,24 +242,13 @@ def max_concurrent(transfers: list[dict[str, Any]]) -> int:
     return peak
 
 
-class GeoServer:
+class GeoServer(ServedInThread):
     """Start/stop the server in a background thread (tests); ``url`` is its base URL."""
 
     def __init__(self, root: Path, *, port: int = 0, faults: dict[str, dict[str, Any]] | None = None,
                  rate: float | None = None) -> None:
-        try:
-            self._server = _Server(root, port, faults or {}, rate=rate)
-        except OSError as exc:
-            raise OSError(f"cannot listen on 127.0.0.1:{port}: {exc.strerror or exc} (port busy?)") from exc
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-
-    @property
-    def port(self) -> int:
-        return self._server.server_address[1]
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        self._server = listen(lambda: _Server(root, port, faults or {}, rate=rate), port)
+        self._serve_in_thread()
 
     @property
     def faults(self) -> dict[str, dict[str, Any]]:
@@ -270,15 +261,6 @@ class GeoServer:
         """Every body transfer so far: ``{"path", "start", "end", "bytes"}`` (epoch seconds)."""
         with self._server.lock:
             return list(self._server.transfers)
-
-    def __enter__(self) -> GeoServer:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=5)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,7 +5,6 @@ the data folders, and no _RAW.tar ever on disk."""
 from __future__ import annotations
 
 import json
-import threading
 from pathlib import Path
 
 import pytest
@@ -13,32 +12,22 @@ import pytest
 from atlasflow_testing.geo_corpus import build_corpus, write_corpus_config
 from atlasflow_testing.geo_server import GeoServer
 from atlasflow_testing.local_airflow import LocalAirflow
+from atlasflow_testing.threads import SampledInThread
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
 
-class TarWatch:
+class TarWatch(SampledInThread):
     """Every path under ``root`` that ever looked like a whole tar (``*.tar``, ``*.tar.part``), sampled."""
 
     def __init__(self, root: Path, every_s: float = 0.05) -> None:
-        self.root, self.every_s, self.seen = root, every_s, set()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        super().__init__(every_s=every_s)
+        self.root, self.seen = root, set()
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            for p in self.root.rglob("*"):
-                if p.name.endswith((".tar", ".tar.part")):
-                    self.seen.add(str(p))
-            self._stop.wait(self.every_s)
-
-    def __enter__(self) -> TarWatch:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
+    def sample(self) -> None:
+        for p in self.root.rglob("*"):
+            if p.name.endswith((".tar", ".tar.part")):
+                self.seen.add(str(p))
 
 
 def snapshot(folder: Path) -> dict[str, int]:

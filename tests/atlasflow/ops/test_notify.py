@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import json
-import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from atlasflow.core.config import NotifyConfig
 from atlasflow.ops.notify import Message, failure_message, send
+from atlasflow_testing.threads import ServedInThread, listen
 
 
-class WebhookServer:
+class WebhookServer(ServedInThread):
     """A webhook receiver on 127.0.0.1 (an ephemeral port) that keeps every JSON body it is sent.
 
     ``status`` is what it answers. It runs in a thread of the test process and is shut down on exit.
@@ -35,18 +35,12 @@ class WebhookServer:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/hook"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self._server = listen(lambda: ThreadingHTTPServer(("127.0.0.1", 0), Handler), 0)
+        self._serve_in_thread()
 
-    def __enter__(self) -> WebhookServer:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(5)
+    @property
+    def hook_url(self) -> str:
+        return self.url + "/hook"
 
 
 MESSAGE = Message("promoted", "[atlasflow] batch_0003 promoted", "batch_0003 promoted: no regression",
@@ -55,7 +49,7 @@ MESSAGE = Message("promoted", "[atlasflow] batch_0003 promoted", "batch_0003 pro
 
 def test_webhook_posts_json_to_the_url_from_the_environment(monkeypatch):
     with WebhookServer() as server:
-        monkeypatch.setenv("MY_HOOK", server.url)  # the URL (often with a token) is not in the config file
+        monkeypatch.setenv("MY_HOOK", server.hook_url)  # the URL (often with a token) is not in the config file
         out = send(NotifyConfig(channel="webhook", webhook_url_env="MY_HOOK"), MESSAGE)
     assert out == {"channel": "webhook", "event": "promoted", "sent": True, "error": None, "status": 204}
     assert server.received == [MESSAGE.to_dict()]
@@ -64,7 +58,7 @@ def test_webhook_posts_json_to_the_url_from_the_environment(monkeypatch):
 
 def test_an_undeliverable_webhook_is_reported_not_raised(monkeypatch, caplog):
     with WebhookServer(status=500) as server:
-        out = send(NotifyConfig(channel="webhook", webhook_url=server.url), MESSAGE)
+        out = send(NotifyConfig(channel="webhook", webhook_url=server.hook_url), MESSAGE)
     assert out["sent"] is False and "500" in out["error"] and len(server.received) == 1
     monkeypatch.delenv("ATLASFLOW_NOTIFY_WEBHOOK_URL", raising=False)
     out = send(NotifyConfig(channel="webhook"), MESSAGE)
