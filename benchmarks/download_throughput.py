@@ -28,6 +28,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def main(argv: list[str] | None = None) -> dict:
     from atlasflow.acquire.http import download
+    from atlasflow_testing.geo_server import serve_in_process
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mb", type=int, default=512)
@@ -42,16 +43,8 @@ def main(argv: list[str] | None = None) -> dict:
                 fh.write(os.urandom(1 << 20))
         size = (root / "big.bin").stat().st_size
         ours, theirs = [], []
-        port_file = Path(tmp) / "port"
-        server = subprocess.Popen([sys.executable, "-m", "atlasflow_testing.geo_server", "--root", str(root),
-                                   "--port", "0", "--port-file", str(port_file)], stdout=subprocess.DEVNULL)
-        try:
-            deadline = time.monotonic() + 60
-            while not (port_file.exists() and port_file.read_text().strip()):
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("the stand-in server did not start")
-                time.sleep(0.05)
-            url = f"http://127.0.0.1:{port_file.read_text().strip()}/big.bin"
+        with serve_in_process(root, port_file=Path(tmp) / "port") as base:
+            url = f"{base}/big.bin"
 
             def run_curl(i: int) -> None:
                 dest = Path(tmp) / f"curl{i}"
@@ -75,9 +68,6 @@ def main(argv: list[str] | None = None) -> dict:
                     if step is run_curl and not curl:
                         continue
                     step(i)
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
     result = {"benchmark": "download_throughput", "bytes": size, "rounds": args.rounds,
               "ours_mb_s": [round(x, 1) for x in ours], "curl_mb_s": [round(x, 1) for x in theirs],
               "ours_median_mb_s": round(statistics.median(ours), 1),

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import threading
@@ -115,6 +114,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import numpy as np
 
     from atlasflow.core.config import load_config
+    from atlasflow_testing.geo_server import serve_in_process
     from atlasflow_testing.reads import build_fastq_demo, indexed_reference
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -141,16 +141,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         calibration = _calibrate(root, paths, onlist)
         download_s = args.download_s or calibration * args.download_share / (1 - args.download_share)
         rate = sample_bytes / download_s  # bytes/s per transfer; a sample's two files go one after the other
-        server = subprocess.Popen([sys.executable, "-m", "atlasflow_testing.geo_server", "--root", str(root / "www"),
-                                   "--port", "0", "--port-file", str(url_file), "--rate", str(rate)],
-                                  stdout=subprocess.DEVNULL)
-        try:
-            deadline = time.monotonic() + 60
-            while not (url_file.exists() and url_file.read_text().strip()):
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise RuntimeError("the local server did not start")
-                time.sleep(0.1)
-            url = f"http://127.0.0.1:{url_file.read_text().strip()}"
+        with serve_in_process(root / "www", port_file=url_file, rate=rate) as url:
             cfg_text = (root / "atlasflow.yaml").read_text().replace("http://127.0.0.1:0", url)
             (root / "atlasflow.yaml").write_text(cfg_text)
             ids = list(info["fastq_bytes"])
@@ -160,9 +151,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 modes[name] = run_mode(config, ids, parallel=parallel, downloads=args.downloads, quants=args.quants)
                 sys.stdout.write(f"{name}: {modes[name]['total_s']} s, peak disk {modes[name]['peak_disk_bytes']} B "
                                  f"of {modes[name]['reserved_bytes']} B reserved\n")
-        finally:
-            server.terminate()  # our own child, by its PID
-            server.wait(timeout=30)
     seq, par = modes["sequential"], modes["parallel"]
     mean = {k: round(float(np.mean([s[k] for s in seq["samples"]])), 2) for k in ("download_s", "quant_s", "cleanup_s")}
     result = {

@@ -28,7 +28,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tarfile
 import time
@@ -79,6 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
     from atlasflow.acquire.geo_tar import stream_raw_tar
     from atlasflow.acquire.http import download
     from atlasflow_testing.disk import PeakDiskSampler
+    from atlasflow_testing.geo_server import serve_in_process
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=8)
@@ -92,19 +92,10 @@ def main(argv: list[str] | None = None) -> dict:
     build_s = time.perf_counter() - t0
     suppl = Path(series["suppl"])
     rel = suppl.relative_to(www).as_posix()
-    port_file = SCRATCH / "port"
-    port_file.unlink(missing_ok=True)
-    server = subprocess.Popen([sys.executable, "-m", "atlasflow_testing.geo_server", "--root", str(www),
-                               "--port", "0", "--port-file", str(port_file)], stdout=subprocess.DEVNULL)
     streamed: list[dict] = []
     naive: list[dict] = []
-    try:
-        deadline = time.monotonic() + 60
-        while not (port_file.exists() and port_file.read_text().strip()):
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("the stand-in server did not start")
-            time.sleep(0.05)
-        base = f"http://127.0.0.1:{port_file.read_text().strip()}/{rel}/"
+    with serve_in_process(www, port_file=SCRATCH / "port") as url:
+        base = f"{url}/{rel}/"
         sel = select_geo(ACCESSION, sorted(p.name for p in suppl.iterdir()),
                          filelist=(suppl / "filelist.txt").read_text())
         assert sel.tar and sel.expected_bytes == series["matrix_bytes"], sel.to_dict()
@@ -140,9 +131,6 @@ def main(argv: list[str] | None = None) -> dict:
         for i in range(args.rounds):
             for step in ([run_streamed, run_naive] if i % 2 == 0 else [run_naive, run_streamed]):
                 step(i)
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
     def spread(rows: list[dict], key: str) -> dict:
         values = [r[key] for r in rows]

@@ -33,15 +33,18 @@ Run it: ``python -m atlasflow_testing.geo_server --root DIR [--port P] [--pid-fi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import html
 import json
 import os
 import re
 import socket
+import subprocess
 import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from email.utils import formatdate
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -261,6 +264,30 @@ class GeoServer(ServedInThread):
         """Every body transfer so far: ``{"path", "start", "end", "bytes"}`` (epoch seconds)."""
         with self._server.lock:
             return list(self._server.transfers)
+
+
+@contextlib.contextmanager
+def serve_in_process(root: Path, *, port_file: Path, rate: float | None = None,
+                     timeout_s: float = 60) -> Iterator[str]:
+    """Run the server in its own process (benchmarks: its work stays off the measured process) on a
+    free port for a ``with`` block; yields its base URL, then stops it by its PID.
+
+    ``port_file`` is where the child writes its port; it is removed first so a stale one is never read.
+    """
+    port_file.unlink(missing_ok=True)
+    argv = [sys.executable, "-m", "atlasflow_testing.geo_server", "--root", str(root), "--port", "0",
+            "--port-file", str(port_file)] + ([] if rate is None else ["--rate", str(rate)])
+    server = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not (port_file.exists() and port_file.read_text().strip()):
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the stand-in server did not start")
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{port_file.read_text().strip()}"
+    finally:
+        server.terminate()  # our own child, by its PID
+        server.wait(timeout=30)
 
 
 def main(argv: list[str] | None = None) -> int:
