@@ -74,6 +74,18 @@ SRA_RE = re.compile(r"^((SRR|ERR|DRR)[0-9]+|(SRP|ERP|DRP)[0-9]+|PRJ(NA|EB|DB)[0-
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 MD5_RE = re.compile(r"^[0-9a-f]{32}$")
 URL_SCHEMES = ("https", "http", "ftp")
+
+# the accession-like source types: (pattern, upper- (else lower-) cased, what the row takes, what was expected)
+_ACCESSION_TYPES: dict[str, tuple[re.Pattern[str], bool, str, str]] = {
+    "geo": (GEO_RE, True, "a GEO accession (GSE… or GSM…)",
+            "a GEO accession (expected GSE<digits> or GSM<digits>)"),
+    "cellxgene": (CELLXGENE_RE, False, "a CELLxGENE Discover dataset id (a UUID)",
+                  "a CELLxGENE dataset id (expected a UUID such as 0123abcd-4567-89ab-cdef-0123456789ab)"),
+    "sra": (SRA_RE, True, "an accession (SRR/ERR/DRR…, SRP/ERP/DRP… or PRJNA/PRJEB/PRJDB…)",
+            "an SRA accession (expected SRR/ERR/DRR<digits>, SRP/ERP/DRP<digits> or PRJNA/PRJEB/PRJDB<digits>)"),
+}
+_ARTICLE = {"geo": "a", "cellxgene": "a", "sra": "an"}
+
 _SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?)\s*([KMGTP]i?B|B)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {
     "b": 1,
@@ -547,26 +559,13 @@ def _check_source(url: str, dtype: str, root: Path | None, bad: Any, warn: Any =
     if any(ch.isspace() or ord(ch) < 32 or ord(ch) == 127 for ch in url):
         bad("contains whitespace or control characters")
         return url
-    if dtype == "geo":
-        acc = url.upper()
+    if dtype in _ACCESSION_TYPES:
+        pattern, upper, what, expected = _ACCESSION_TYPES[dtype]
+        acc = url.upper() if upper else url.lower()
         if "://" in url:
-            bad("a geo row takes a GEO accession (GSE… or GSM…), not a URL; use type 'direct' for a file URL")
-        elif not GEO_RE.match(acc):
-            bad(f"{url!r} is not a GEO accession (expected GSE<digits> or GSM<digits>)")
-        return acc
-    if dtype == "cellxgene":
-        uid = url.lower()
-        if "://" in url:
-            bad("a cellxgene row takes a CELLxGENE Discover dataset id (a UUID), not a URL; use type 'direct' for a file URL")
-        elif not CELLXGENE_RE.match(uid):
-            bad(f"{url!r} is not a CELLxGENE dataset id (expected a UUID such as 0123abcd-4567-89ab-cdef-0123456789ab)")
-        return uid
-    if dtype == "sra":
-        acc = url.upper()
-        if "://" in url:
-            bad("an sra row takes an accession (SRR/ERR/DRR…, SRP/ERP/DRP… or PRJNA/PRJEB/PRJDB…), not a URL")
-        elif not SRA_RE.match(acc):
-            bad(f"{url!r} is not an SRA accession (expected SRR/ERR/DRR<digits>, SRP/ERP/DRP<digits> or PRJNA/PRJEB/PRJDB<digits>)")
+            bad(f"{_ARTICLE[dtype]} {dtype} row takes {what}, not a URL; use type 'direct' for a file URL")
+        elif not pattern.match(acc):
+            bad(f"{url!r} is not {expected}")
         return acc
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
