@@ -27,11 +27,21 @@ import sys
 import tarfile
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TAR_TOTAL = 629 * 10**6
 TAR_CAP = 10 * 10**6
+
+
+# the single-file gzip bombs: (file name, what it inflates to; built only when the case runs)
+_GZ_BOMBS: dict[str, tuple[str, Callable[[], bytes]]] = {
+    "fastq_bomb_line": ("s_R1.fastq.gz", lambda: b"@r1\n" + b"A" * (48 * 2**20)),
+    "fastq_bomb_records": ("s_R1.fastq.gz", lambda: b"@\nA\n+\nI\n" * (12 * 2**20)),
+    "csv_gz_bomb": ("b.csv.gz", lambda: b"gene,c1\n" + b"0" * (256 * 2**20)),
+    "rds_bomb": ("b.rds", lambda: b"X\n" + bytes(256 * 2**20)),
+}
 
 
 def _build(case: str, folder: Path) -> Path:
@@ -44,21 +54,10 @@ def _build(case: str, folder: Path) -> Path:
                 info.size = size
                 tar.addfile(info, io.BytesIO(bytes(size)))
         return path
-    if case == "fastq_bomb_line":
-        path = folder / "s_R1.fastq.gz"
-        path.write_bytes(gzip.compress(b"@r1\n" + b"A" * (48 * 2**20), compresslevel=9))
-        return path
-    if case == "fastq_bomb_records":
-        path = folder / "s_R1.fastq.gz"
-        path.write_bytes(gzip.compress(b"@\nA\n+\nI\n" * (12 * 2**20), compresslevel=9))
-        return path
-    if case == "csv_gz_bomb":
-        path = folder / "b.csv.gz"
-        path.write_bytes(gzip.compress(b"gene,c1\n" + b"0" * (256 * 2**20), compresslevel=9))
-        return path
-    if case == "rds_bomb":
-        path = folder / "b.rds"
-        path.write_bytes(gzip.compress(b"X\n" + bytes(256 * 2**20), compresslevel=9))
+    if case in _GZ_BOMBS:
+        name, body = _GZ_BOMBS[case]
+        path = folder / name
+        path.write_bytes(gzip.compress(body(), compresslevel=9))
         return path
     raise ValueError(case)
 
