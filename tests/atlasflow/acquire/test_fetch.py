@@ -27,16 +27,6 @@ SIZE = 300_000
 FAST = {"attempts": 4, "backoff_s": 0.01, "timeout_s": 10}
 
 
-@pytest.fixture
-def served(tmp_path):
-    root = tmp_path / "www"
-    (root / "files").mkdir(parents=True)
-    data = os.urandom(SIZE)
-    (root / "files" / "data.h5ad").write_bytes(data)
-    with GeoServer(root) as server:
-        yield server, data, tmp_path / "dest"
-
-
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 

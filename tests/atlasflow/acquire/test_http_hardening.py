@@ -14,21 +14,10 @@ import pytest
 from atlasflow.acquire.http import FetchError, HttpPolicy, TransientFetchError, download, retry_after_s
 from atlasflow.core.config import DownloadConfig
 from atlasflow.core.redact import redact_text, redact_url
-from atlasflow_testing.geo_server import GeoServer
 
 SIZE = 300_000
 FAST = {"attempts": 4, "backoff_s": 0.01, "timeout_s": 10}
 TOKEN = "X-Amz-Signature=SECRETSIG123&X-Amz-Credential=AKIASECRET"
-
-
-@pytest.fixture
-def served(tmp_path):
-    root = tmp_path / "www"
-    (root / "files").mkdir(parents=True)
-    data = os.urandom(SIZE)
-    (root / "files" / "data.h5ad").write_bytes(data)
-    with GeoServer(root) as server:
-        yield server, data, tmp_path / "dest"
 
 
 # ---- 7. Retry-After --------------------------------------------------------------------------------------------
