@@ -9,11 +9,13 @@ server (HEAD, the GEO listing) since the manifest names none.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SEED_COLUMNS", "build_seed_setup"]
+__all__ = ["SEED_COLUMNS", "build_seed_setup", "served_seed"]
 
 SEED_COLUMNS = ["dataset_id", "download_url", "type", "disease_status", "tissue_type"]
 
@@ -72,3 +74,15 @@ integration:
 """)
     return {"ids": [r[0] for r in rows], "cells": {"seed_direct": cells, "seed_geo": cells},
             "bytes": {"seed_direct": h5ad.stat().st_size, "seed_geo": geo.stat().st_size}, "www": str(www)}
+
+
+@contextlib.contextmanager
+def served_seed(root: Path, **options: Any) -> Iterator[tuple[Any, dict[str, Any]]]:
+    """:func:`build_seed_setup` under ``root`` with its files served by a local
+    :class:`~atlasflow_testing.geo_server.GeoServer` for a ``with`` block; yields ``(server, info)``
+    (the config is ``root / "atlasflow.yaml"``)."""
+    from atlasflow_testing.geo_server import GeoServer
+
+    (root / "www").mkdir(parents=True, exist_ok=True)
+    with GeoServer(root / "www") as server:
+        yield server, build_seed_setup(root, server.url, **options)

@@ -13,8 +13,7 @@ from atlasflow.core.config import load_config
 from atlasflow.model.sizing import model_artifacts
 from atlasflow.prep.genes import Vocabulary
 from atlasflow.storage import Ledger
-from atlasflow_testing.geo_server import GeoServer
-from atlasflow_testing.seed import build_seed_setup
+from atlasflow_testing.seed import served_seed
 
 
 def run(*argv: str) -> tuple[int, dict | None]:
@@ -27,9 +26,7 @@ def run(*argv: str) -> tuple[int, dict | None]:
 
 @pytest.fixture
 def seed(tmp_path):
-    (tmp_path / "www").mkdir()
-    with GeoServer(tmp_path / "www") as server:
-        info = build_seed_setup(tmp_path, server.url)
+    with served_seed(tmp_path) as (server, info):
         yield str(tmp_path / "atlasflow.yaml"), server, info
 
 

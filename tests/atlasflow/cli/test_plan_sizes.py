@@ -7,8 +7,7 @@ import io
 import json
 
 from atlasflow.cli.main import main
-from atlasflow_testing.geo_server import GeoServer
-from atlasflow_testing.seed import build_seed_setup
+from atlasflow_testing.seed import served_seed
 
 
 def run(*argv: str) -> tuple[int, str]:
@@ -17,9 +16,7 @@ def run(*argv: str) -> tuple[int, str]:
 
 
 def test_plan_shows_probed_sizes_and_marks_the_default(tmp_path):
-    (tmp_path / "www").mkdir()
-    with GeoServer(tmp_path / "www") as server:
-        info = build_seed_setup(tmp_path, server.url)
+    with served_seed(tmp_path) as (server, info):
         cfg = str(tmp_path / "atlasflow.yaml")
         code, out = run("plan", "--config", cfg)
         assert code == 0

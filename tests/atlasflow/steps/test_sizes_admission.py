@@ -10,15 +10,12 @@ import pytest
 from atlasflow.core.config import load_config
 from atlasflow.intake.plan import write_batch_spec
 from atlasflow.steps import ingest as P
-from atlasflow_testing.geo_server import GeoServer
-from atlasflow_testing.seed import build_seed_setup
+from atlasflow_testing.seed import served_seed
 
 
 @pytest.fixture
 def seed(tmp_path):
-    (tmp_path / "www").mkdir()
-    with GeoServer(tmp_path / "www") as server:
-        info = build_seed_setup(tmp_path, server.url)
+    with served_seed(tmp_path) as (server, info):
         yield load_config(tmp_path / "atlasflow.yaml"), server, info
 
 
