@@ -28,6 +28,14 @@ DEMO_BUDGET_MB = 30.0
 FORMATS = ["h5ad", "10x_h5", "loom", "csv", "tsv_gz", "10x_mtx_tar", "h5ad"]
 
 
+def budget_yaml(budget_mb: float) -> str:
+    """The ``storage`` keys that split a budget of ``budget_mb`` MB between the areas (half data, 40%
+    models, 5% each cache and outputs), as YAML lines indented under ``storage:``."""
+    gb = budget_mb / 1000
+    return (f"  max_storage_gb: {gb}\n  data_gb: {gb * 0.5}\n  models_gb: {gb * 0.4}\n"
+            f"  cache_gb: {gb * 0.05}\n  outputs_gb: {gb * 0.05}")
+
+
 def build_demo(root: Path, url: str, *, n_datasets: int = 7, cells: int = 100, batch_size: int = 3,
                budget_mb: float = 15.0, integration_epochs: int = 5, missing_row: bool = True,
                missing_at: int | None = None, keep_checkpoints: int = 1,
@@ -74,18 +82,13 @@ def build_demo(root: Path, url: str, *, n_datasets: int = 7, cells: int = 100, b
         ws.append(r)
     root.mkdir(parents=True, exist_ok=True)
     book.save(root / "manifest.xlsx")
-    gb = budget_mb / 1000
     artefacts = (f"checkpoint_gb: {checkpoint_gb}  # a fixed model-artefact reservation per batch"
                  if checkpoint_gb is not None else
                  "# checkpoint_gb unset: each batch reserves its model artefacts as computed from the model")
     (root / "atlasflow.yaml").write_text(f"""# demo configuration: a tiny budget so batches have to wait for each other
 storage:
   base_dir: base
-  max_storage_gb: {gb}
-  data_gb: {gb * 0.5}
-  models_gb: {gb * 0.4}
-  cache_gb: {gb * 0.05}
-  outputs_gb: {gb * 0.05}
+{budget_yaml(budget_mb)}
   min_free_gb: 1
   {artefacts}
   keep_checkpoints: {keep_checkpoints}

@@ -27,6 +27,7 @@ def build_seed_setup(root: Path, url: str, *, cells: int = 60, budget_mb: float 
     ``unknown_size_gb`` (20 MB by default) is what a row of unknown size reserves: larger than any
     file here, so a test can tell a probed size from the default.
     """
+    from atlasflow_testing.demo import budget_yaml
     from atlasflow_testing.geo_server import geo_series_dir
     from atlasflow_testing.realdata import pbmc_counts, write_format
 
@@ -43,15 +44,10 @@ def build_seed_setup(root: Path, url: str, *, cells: int = 60, budget_mb: float 
         writer = csv.writer(fh)
         writer.writerow(SEED_COLUMNS)
         writer.writerows(rows)
-    gb = budget_mb / 1000
     (root / "atlasflow.yaml").write_text(f"""# a seed-format manifest over the local stand-in server
 storage:
   base_dir: base
-  max_storage_gb: {gb}
-  data_gb: {gb * 0.5}
-  models_gb: {gb * 0.4}
-  cache_gb: {gb * 0.05}
-  outputs_gb: {gb * 0.05}
+{budget_yaml(budget_mb)}
   min_free_gb: 0
   checkpoint_gb: 0.001
   unknown_size_gb: {unknown_size_gb}
