@@ -17,7 +17,7 @@ fifth component, recorded and stopped like the others.
 ``start`` while some components run starts only the missing ones (e.g. a scheduler that died),
 on the same ports; the workers a dead component left behind are stopped with everything else.
 
-Every process binds 127.0.0.1 (the log servers too), its port is checked for being free before
+Every process binds 127.0.0.1, its port is checked for being free before
 start, and its PID is recorded under ``$AIRFLOW_HOME/local/``; ``stop`` ends exactly those PIDs
 (process groups it started), never anything found by name. Uses the environment of
 ``scripts/airflow_env.sh`` (SQLite + LocalExecutor by default) — source it first, or let
@@ -181,6 +181,10 @@ def launch(component: str, env: dict[str, str], api_port: int) -> int:
     cmd = [sys.executable, "-m", "airflow", component]
     if component == "api-server":
         cmd += ["--host", "127.0.0.1", "--port", str(api_port)]
+    elif component in ("scheduler", "triggerer"):
+        # Airflow's log server has no host setting and listens on every interface; the task and trigger
+        # logs are files under this machine's $AIRFLOW_HOME/logs, which the api-server reads directly.
+        cmd.append("--skip-serve-logs")
     elif component == "celery-worker":
         # Logs are read from this machine's $AIRFLOW_HOME/logs, so the worker needs no log server
         # (which would listen on every interface).

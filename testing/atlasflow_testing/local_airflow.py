@@ -8,6 +8,7 @@ timings straight from the metadata DB. Stopping goes through the script, by reco
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import socket
@@ -159,3 +160,44 @@ class LocalAirflow:
         return dict(self.query(
             "SELECT ti.task_id, COUNT(tr.id) FROM task_instance ti LEFT JOIN task_reschedule tr ON tr.ti_id = ti.id "
             "WHERE ti.task_id LIKE '%.admit' AND ti.run_id = ? GROUP BY ti.task_id", run_id))
+
+
+def listening_addresses(sessions: list[int]) -> set[tuple[str, int]]:
+    """(address, port) of every TCP socket listening in the given process groups (Linux /proc only).
+
+    The components start in their own sessions, so their recorded PIDs are the process-group ids of
+    everything they fork (log servers, workers, gunicorn/uvicorn children).
+    """
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        pgid = int(stat.rsplit(")", 1)[1].split()[2])
+        if pgid in sessions:
+            members.append(entry)
+    inodes: set[str] = set()
+    for entry in members:
+        try:
+            for fd in (entry / "fd").iterdir():
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+        except OSError:
+            continue
+    found: set[tuple[str, int]] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            local, state, inode = fields[1], fields[3], fields[9]
+            if state != "0A" or inode not in inodes:  # 0A: LISTEN
+                continue
+            address, port = local.split(":")
+            raw = bytes.fromhex(address)
+            # /proc prints each 32-bit word in host (little-endian) order
+            words = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+            found.add((str(ipaddress.ip_address(words)), int(port, 16)))
+    return found

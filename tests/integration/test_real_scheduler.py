@@ -4,6 +4,7 @@ SQLite metadata DB and on a real PostgreSQL server with LocalExecutor parallelis
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import socket
@@ -16,6 +17,7 @@ import pytest
 from atlasflow_testing.demo import build_demo
 from atlasflow_testing.disk import PeakDiskSampler
 from atlasflow_testing.geo_server import GeoServer
+from atlasflow_testing.local_airflow import listening_addresses
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "airflow_local.py"
@@ -109,6 +111,9 @@ def test_ingest_run_under_real_scheduler(local_airflow):
         run = cli("trigger", "atlas_ingest", "--wait", "--timeout", "800", check=False)
     assert run.returncode == 0, run.stdout + run.stderr + (home / "local" / "scheduler.log").read_text()[-3000:]
     assert 0 < disk.peak <= budget
+    # every server the components started (api-server, and no log servers listening on all interfaces)
+    listening = listening_addresses(list(pids.values()))
+    assert listening and all(ipaddress.ip_address(host).is_loopback for host, _ in listening), listening
 
     engine = create_engine(db)
     with engine.connect() as conn:
