@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from atlasflow.core.config import load_config
 from atlasflow.core.fsutil import write_text_atomic
 from atlasflow.prep.genes import DEFAULT_VOCABULARY, Vocabulary, build_vocabulary
 
@@ -15,7 +16,9 @@ def register(sub: Any) -> None:
     p = sub.add_parser("vocab", help="inspect or build the gene vocabulary")
     vsub = p.add_subparsers(dest="vocab_command", required=True)
     show = vsub.add_parser("show", help="size, version and first genes of a vocabulary")
-    show.add_argument("--vocab", help=f"vocabulary file or builtin:<name> (default: {DEFAULT_VOCABULARY})")
+    show.add_argument("--vocab", help="vocabulary file or builtin:<name> (default: the config's genes.vocab_path, "
+                                      f"else {DEFAULT_VOCABULARY})")
+    show.add_argument("--config", help="config file (default $ATLASFLOW_CONFIG)")
     show.set_defaults(func=_cmd_show)
     build = vsub.add_parser("build", help="build a vocabulary from gene tables or data files")
     build.add_argument("inputs", nargs="+", type=Path)
@@ -24,7 +27,8 @@ def register(sub: Any) -> None:
 
 
 def _cmd_show(args: Any, out: Any) -> int:
-    vocab = Vocabulary.load(args.vocab)
+    # without --vocab, the vocabulary the pipeline would use: a user's config names it
+    vocab = Vocabulary.load(args.vocab or load_config(args.config).genes.vocab_path)
     with_ids = sum(1 for i in vocab.gene_ids if i)
     out.write(f"vocabulary {vocab.version}: {len(vocab)} genes ({with_ids} with Ensembl ids, "
               f"{len(vocab.synonyms)} synonyms); first: {', '.join(vocab.symbols[:8])}\n")

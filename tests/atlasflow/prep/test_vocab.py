@@ -19,6 +19,17 @@ def test_default_vocabulary_is_the_human_one():
     assert code == 0 and f"vocabulary {v.version}: 19927 genes" in out
 
 
+def test_show_uses_the_configs_vocabulary(tmp_path, monkeypatch):
+    config = tmp_path / "c.yaml"
+    config.write_text("genes:\n  vocab_path: builtin:pbmc68k\n")
+    small = Vocabulary.builtin("pbmc68k")
+    code, out = run("vocab", "show", "--config", str(config))
+    assert code == 0 and f"vocabulary {small.version}: 765 genes" in out
+    monkeypatch.setenv("ATLASFLOW_CONFIG", str(config))
+    code, out = run("vocab", "show")
+    assert code == 0 and f"vocabulary {small.version}: 765 genes" in out
+
+
 def test_small_vocabulary_is_versioned_and_stable():
     v = Vocabulary.builtin("pbmc68k")  # the demo's and the tests', set explicitly in their configs
     assert len(v) == 765 and v.version == Vocabulary.load("builtin:pbmc68k").version and len(v.version) == 12
