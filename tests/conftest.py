@@ -67,14 +67,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def postgres_server() -> Iterator[str]:
-    """A real PostgreSQL server (Debian package) on 127.0.0.1, stopped by its PID afterwards; its URL."""
-    # not under pytest's tmp dirs: they are private to root, and the server runs as postgres
-    state = Path(tempfile.mkdtemp(prefix="atlasflow-test-pg-"))
+def local_server(name: str, *, state_var: str, port_var: str) -> Iterator[str]:
+    """Run ``scripts/local-<name>`` on 127.0.0.1 for a session: start, yield its URL, stop by its PID.
+
+    The state folder is not under pytest's tmp dirs: those are private to root, and the server runs as its
+    own account (postgres, redis) when we are root.
+    """
+    state = Path(tempfile.mkdtemp(prefix=f"atlasflow-test-{name}-"))
     os.chmod(state, 0o755)
-    env = {**os.environ, "PG_STATE_DIR": str(state), "PG_PORT": str(_free_port())}
-    script = str(REPO / "scripts" / "local-postgres")
+    env = {**os.environ, state_var: str(state), port_var: str(_free_port())}
+    script = str(REPO / "scripts" / f"local-{name}")
     started = subprocess.run([script, "start"], env=env, capture_output=True, text=True, timeout=600)
     if started.returncode != 0 and os.geteuid() != 0 and "not root" in started.stderr:
         pytest.skip(started.stderr.strip())
@@ -83,8 +85,13 @@ def postgres_server() -> Iterator[str]:
     yield url
     stopped = subprocess.run([script, "stop"], env=env, capture_output=True, text=True)
     shutil.rmtree(state, ignore_errors=True)
-    assert stopped.returncode == 0 and "stopped postgres" in stopped.stdout
+    assert stopped.returncode == 0 and f"stopped {name}" in stopped.stdout
 
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[str]:
+    """A real PostgreSQL server (Debian package) on 127.0.0.1, stopped by its PID afterwards; its URL."""
+    yield from local_server("postgres", state_var="PG_STATE_DIR", port_var="PG_PORT")
 
 
 def fresh_postgres_database(server_url: str, prefix: str) -> str:

@@ -11,7 +11,6 @@ import atexit
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import fresh_postgres_database
+from tests.conftest import fresh_postgres_database, local_server
 
 REPO = Path(__file__).resolve().parents[2]
 _HOME = Path(tempfile.mkdtemp(prefix="atlasflow-slurm-airflow-"))
@@ -40,12 +39,6 @@ for _k, _v in {
 LOCAL_SLURM = REPO / "scripts" / "local-slurm"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def postgres_url(postgres_server: str) -> str:
     """A fresh, empty metadata database on the shared server for one test (its own Airflow install)."""
@@ -55,19 +48,7 @@ def postgres_url(postgres_server: str) -> str:
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
     """A real Redis server (Debian ``redis-server``) on 127.0.0.1 as the Celery broker, stopped by its PID."""
-    state = Path(tempfile.mkdtemp(prefix="atlasflow-test-redis-"))
-    os.chmod(state, 0o755)  # the server runs as the `redis` account when we are root
-    env = {**os.environ, "REDIS_STATE_DIR": str(state), "REDIS_PORT": str(_free_port())}
-    script = str(REPO / "scripts" / "local-redis")
-    started = subprocess.run([script, "start"], env=env, capture_output=True, text=True, timeout=600)
-    if started.returncode != 0 and os.geteuid() != 0 and "not root" in started.stderr:
-        pytest.skip(started.stderr.strip())
-    assert started.returncode == 0, started.stdout + started.stderr
-    url = subprocess.run([script, "url"], env=env, capture_output=True, text=True, check=True).stdout.strip()
-    yield url
-    stopped = subprocess.run([script, "stop"], env=env, capture_output=True, text=True)
-    shutil.rmtree(state, ignore_errors=True)
-    assert stopped.returncode == 0 and "stopped redis" in stopped.stdout
+    yield from local_server("redis", state_var="REDIS_STATE_DIR", port_var="REDIS_PORT")
 
 
 def _slurm_state() -> Path:
