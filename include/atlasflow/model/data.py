@@ -166,23 +166,33 @@ def _labels_at(values: object, rows: np.ndarray) -> np.ndarray:
 
 
 def rebatch(parts: Iterable[CellBatch], *, batch_cells: int, start_step: int = 0) -> Iterator[tuple[int, CellBatch]]:
-    """``(step, cells)`` of ``batch_cells`` consecutive cells of ``parts`` (the last may be smaller)."""
+    """``(step, cells)`` of ``batch_cells`` consecutive cells of ``parts`` (the last may be smaller).
+
+    A step inside one part is a view of it; only a step that straddles parts is copied (whole
+    blocks are not: in a DataLoader's main process that copy would be the loader's bottleneck).
+    """
     step = start_step
-    buf: list[CellBatch] = []
+    carry: list[CellBatch] = []  # fewer than batch_cells cells, left over from earlier parts
     have = 0
     for part in parts:
-        buf.append(part)
-        have += len(part)
-        if have < batch_cells:
-            continue
-        joined, pos = CellBatch.concat(buf), 0  # once per block, not once per step
-        while have - pos >= batch_cells:
-            yield step, joined.take(slice(pos, pos + batch_cells))
+        pos = 0
+        if carry:
+            need = batch_cells - have
+            if len(part) < need:
+                carry.append(part)
+                have += len(part)
+                continue
+            yield step, CellBatch.concat([*carry, part.take(slice(0, need))])
+            step += 1
+            carry, have, pos = [], 0, need
+        while len(part) - pos >= batch_cells:
+            yield step, part.take(slice(pos, pos + batch_cells))
             step += 1
             pos += batch_cells
-        buf, have = [joined.take(slice(pos, None))], have - pos
+        if pos < len(part):
+            carry, have = [part.take(slice(pos, None))], len(part) - pos
     if have:
-        yield step, CellBatch.concat(buf)
+        yield step, CellBatch.concat(carry)
 
 
 class BatchData:

@@ -6,7 +6,10 @@ Two stages, both optional and both without effect on the numbers (only on when w
    block-shuffled stream (:meth:`atlasflow.model.data.BatchData.stream`). Worker ``w`` of ``n``
    reads and tokenises every ``n``-th block from the ``w``-th; the DataLoader takes one item from
    each worker in turn, so the blocks come back in the shard's order whatever ``n`` is (0: read in
-   this process). Shards (data-parallel ranks × accumulation steps) never share a block.
+   this process). Shards (data-parallel ranks × accumulation steps) never share a block. A worker
+   writes each block once into a shared-memory tensor, which the DataLoader's queue passes as a file
+   descriptor: the training process maps it instead of unpickling a copy, so it stays free for the
+   steps.
 2. **Prefetch**: :class:`Prefetch` runs the step assembly (cutting blocks into micro-batches,
    adding replay cells, building tensors, pinning them for a non-blocking copy to the GPU) in a
    background thread, ``depth`` steps ahead of the optimiser.
@@ -24,6 +27,8 @@ import threading
 from collections.abc import Iterator
 from typing import Any, TypeVar
 
+import numpy as np
+import scipy.sparse as sp
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -46,12 +51,47 @@ class ShardBlocks(IterableDataset):
     def __iter__(self) -> Iterator[CellBatch]:
         info = get_worker_info()
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
-        return self.data.stream(epoch=self.epoch, start_cell=self.start_cell, split=self.split, shuffle=self.shuffle,
-                                shard=self.shard, shards=self.shards, worker=worker, workers=workers)
+        blocks = self.data.stream(epoch=self.epoch, start_cell=self.start_cell, split=self.split,
+                                  shuffle=self.shuffle, shard=self.shard, shards=self.shards, worker=worker,
+                                  workers=workers)
+        return blocks if info is None else map(_SharedBlock.of, blocks)
 
 
-def _identity(item: CellBatch) -> CellBatch:
-    return item  # a block is already what the trainer wants; default collation would try to tensorise it
+class _SharedBlock:
+    """A block's arrays packed into one shared-memory tensor: the worker's queue passes one file
+    descriptor per block (a descriptor per array cost more than the copy it saves)."""
+
+    __slots__ = ("buffer", "layout", "shape")
+
+    def __init__(self, buffer: torch.Tensor, layout: tuple[tuple[str, tuple[int, ...], int], ...],
+                 shape: tuple[int, int]) -> None:
+        self.buffer, self.layout, self.shape = buffer, layout, shape
+
+    @classmethod
+    def of(cls, cells: CellBatch) -> _SharedBlock:
+        e = cells.expr
+        arrays = [np.ascontiguousarray(a) for a in
+                  (cells.tokens, cells.bins, cells.labels, e.data, e.indices, e.indptr, cells.panel, cells.measured)]
+        offsets = np.cumsum([0] + [-(-a.nbytes // 8) * 8 for a in arrays])  # each array 8-byte aligned
+        buffer = torch.empty(int(offsets[-1]), dtype=torch.uint8).share_memory_()  # written once, in place
+        flat = buffer.numpy()
+        for a, at in zip(arrays, offsets, strict=False):
+            flat[at: at + a.nbytes] = a.reshape(-1).view(np.uint8)
+        layout = tuple((a.dtype.str, a.shape, int(at)) for a, at in zip(arrays, offsets, strict=False))
+        return cls(buffer, layout, e.shape)
+
+    def cells(self) -> CellBatch:
+        """The block again, as views of the shared buffer (no copy)."""
+        flat = self.buffer.numpy()
+        tokens, bins, labels, data, indices, indptr, panel, measured = (
+            np.frombuffer(flat, dtype=np.dtype(dtype), count=int(np.prod(shape)), offset=at).reshape(shape)
+            for dtype, shape, at in self.layout)
+        expr = sp.csr_matrix((data, indices, indptr), shape=self.shape, copy=False)
+        return CellBatch(tokens, bins, labels, expr, panel, measured)
+
+
+def _identity(item: _SharedBlock) -> _SharedBlock:
+    return item  # default collation would try to stack the block's tensors
 
 
 def shard_blocks(data: BatchData, *, epoch: int, start_cell: int, shard: int, shards: int, workers: int,
@@ -62,7 +102,7 @@ def shard_blocks(data: BatchData, *, epoch: int, start_cell: int, shard: int, sh
         return iter(dataset)
     loader = DataLoader(dataset, batch_size=None, num_workers=workers, prefetch_factor=prefetch_blocks,
                         collate_fn=_identity, multiprocessing_context="fork")
-    return iter(loader)
+    return (block.cells() for block in loader)
 
 
 def auto_workers(*, cuda: bool, local_ranks: int = 1) -> int:

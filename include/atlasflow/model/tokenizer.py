@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
-__all__ = ["CLS", "MASK", "PAD", "N_SPECIAL", "Tokenizer", "tie_keys"]
+__all__ = ["CLS", "MASK", "PAD", "N_SPECIAL", "Tokenizer", "rank_order", "tie_keys"]
 
 PAD, CLS, MASK = 0, 1, 2
 N_SPECIAL = 3
@@ -44,6 +44,23 @@ def tie_keys(rows: np.ndarray, genes: np.ndarray, seed: int) -> np.ndarray:
         x *= _MIX2
         x ^= x >> np.uint64(31)
     return x
+
+
+def rank_order(rows: np.ndarray, score: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """``np.lexsort((keys, score, rows))``: by row, then score, then key, then position.
+
+    The same permutation from one argsort of a composite integer (row, score's rank, key's rank)
+    when it fits in int64, which is every block of realistic size: a three-key lexsort was most of
+    a DataLoader worker's time.
+    """
+    n = rows.size
+    levels, score_rank = np.unique(score, return_inverse=True)
+    if n == 0 or (int(rows.max()) + 1) * len(levels) * n >= 2**63:
+        return np.lexsort((keys, score, rows))
+    key_rank = np.empty(n, dtype=np.int64)
+    key_rank[np.argsort(keys, kind="stable")] = np.arange(n)  # equal keys keep their positions' order
+    composite = (rows.astype(np.int64) * len(levels) + score_rank.reshape(-1)) * n + key_rank
+    return np.argsort(composite)  # all distinct, so any sort gives the one order
 
 
 @dataclass(frozen=True)
@@ -97,8 +114,13 @@ class Tokenizer:
         counts = np.bincount(rows, minlength=n)
         starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
 
-        # bins: rank by value within the cell; equal values share the bin of their first rank
-        order = np.lexsort((values, rows))
+        # slots: rank by the ranking score, ties by the seeded hash
+        score = values if gene_scale is None else values / np.maximum(totals[rows], 1e-12) / gene_scale[genes]
+        slot_order = rank_order(rows, score, tie_keys(rows, genes, tie_seed))
+
+        # bins: rank by value within the cell; equal values share the bin of their first rank, so any
+        # order of equal values serves (by count, the slots' order is one: no second sort)
+        order = slot_order if gene_scale is None else np.lexsort((values, rows))
         r_sorted, v_sorted = rows[order], values[order]
         pos = np.arange(rows.size)
         new_value = np.ones(rows.size, dtype=bool)
@@ -108,9 +130,7 @@ class Tokenizer:
         cell_bins = np.empty(rows.size, dtype=np.int64)
         cell_bins[order] = np.minimum(1 + (tie_rank * (self.n_bins - 1)) // counts[r_sorted], self.n_bins - 1)
 
-        # slots: rank by the ranking score, ties by the seeded hash
-        score = values if gene_scale is None else values / np.maximum(totals[rows], 1e-12) / gene_scale[genes]
-        order = np.lexsort((tie_keys(rows, genes, tie_seed), score, rows))
+        order = slot_order
         rank = pos - starts[rows[order]]  # ascending within the cell
         slot = counts[rows[order]] - 1 - rank  # 0 = the cell's highest
         chosen = order[slot < self.max_genes]

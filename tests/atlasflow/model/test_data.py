@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from atlasflow.model.data import BatchData, CellBatch, log_normalise
+from atlasflow.model.data import BatchData, CellBatch, log_normalise, rebatch
+from atlasflow.model.loader import shard_blocks
 from atlasflow.model.tokenizer import Tokenizer
 from atlasflow.prep.genes import Vocabulary
 
@@ -81,6 +82,30 @@ def test_streamed_batches_cover_every_training_cell_once(two_panels):
     assert [len(c) for _, c in steps] == [3, 3, 3, 1]
     resumed = list(data.batches(epoch=0, batch_cells=3, start_step=2))
     np.testing.assert_array_equal(resumed[0][1].tokens, steps[2][1].tokens)
+
+
+def _same_cells(a: CellBatch, b: CellBatch) -> None:
+    for name in ("tokens", "bins", "labels"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+    np.testing.assert_array_equal(a.expr.toarray(), b.expr.toarray())
+    np.testing.assert_array_equal(a.measured_mask(), b.measured_mask())
+
+
+def test_steps_are_the_same_cells_whatever_the_blocks_and_the_hand_over(two_panels):
+    """Blocks of 2 cut into steps of 3 (every step but none straddles) and read by 2 DataLoader
+    workers (blocks handed over in shared memory): the steps of one in-process concatenation."""
+    data, *_ = two_panels
+    data.train, data.val = data.val, []
+    whole = CellBatch.concat(list(data.stream(epoch=0)))
+    for workers in (0, 2):
+        blocks = shard_blocks(data, epoch=0, start_cell=0, shard=0, shards=1, workers=workers)
+        steps = list(rebatch(blocks, batch_cells=3))
+        assert [s for s, _ in steps] == [0, 1, 2, 3] and [len(c) for _, c in steps] == [3, 3, 3, 1]
+        for step, cells in steps:
+            _same_cells(cells, whole.take(slice(3 * step, 3 * step + 3)))
+    steps = list(rebatch(data.stream(epoch=0), batch_cells=2, start_step=5))  # steps inside one block each
+    assert [s for s, _ in steps] == [5, 6, 7, 8, 9]
+    _same_cells(steps[1][1], whole.take(slice(2, 4)))
 
 
 def _save(cells: CellBatch, path):

@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
-from atlasflow.model.tokenizer import CLS, N_SPECIAL, Tokenizer
+from atlasflow.model.tokenizer import CLS, N_SPECIAL, Tokenizer, rank_order
 
 
 def test_top_genes_bins_and_ties():
@@ -62,3 +62,22 @@ def test_median_ranking_lets_cell_specific_genes_past_housekeeping_ones():
     tokens, bins = tok.encode(X, np.arange(3), gene_scale=scale)
     assert tokens[0, 1] - N_SPECIAL == 1
     assert bins[0, 1] == 1  # bins stay the cell's own quantiles of the values: 10 is its lowest
+
+
+def test_rank_order_is_the_three_key_lexsort_with_ties_everywhere():
+    rng = np.random.default_rng(5)
+    rows = np.sort(rng.integers(0, 40, 3000))
+    score = rng.integers(0, 6, 3000).astype(np.float64) / rng.choice([1.0, 3.0], 3000)  # many equal scores
+    keys = rng.integers(0, 50, 3000).astype(np.uint64)  # equal keys too: position decides
+    assert np.array_equal(rank_order(rows, score, keys), np.lexsort((keys, score, rows)))
+    shuffled = rng.permutation(3000)  # rows need not come sorted
+    assert np.array_equal(rank_order(rows[shuffled], score[shuffled], keys[shuffled]),
+                          np.lexsort((keys[shuffled], score[shuffled], rows[shuffled])))
+    assert rank_order(rows[:0], score[:0], keys[:0]).size == 0
+
+
+def test_rank_order_falls_back_to_lexsort_when_the_composite_would_overflow():
+    rows = np.array([2**61, 0, 2**61, 5], dtype=np.int64)  # (max row + 1) × 4 levels × 4 ≥ 2**63
+    score = np.array([1.0, 2.0, 1.0 + 1e-9, 0.5])
+    keys = np.array([3, 1, 2, 9], dtype=np.uint64)
+    assert np.array_equal(rank_order(rows, score, keys), np.lexsort((keys, score, rows)))
