@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["AREAS", "StorageLayout", "tree_bytes"]
+__all__ = ["AREAS", "BATCH_DIR", "StorageLayout", "tree_bytes"]
+
+#: A batch's own folder under models/checkpoints or models/integration (group 1: its index).
+BATCH_DIR = re.compile(r"^batch_([0-9]{4,})$")
 
 # Allocation areas from the config and the folders that count against each.
 AREAS: dict[str, tuple[str, ...]] = {

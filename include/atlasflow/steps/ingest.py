@@ -354,8 +354,11 @@ def admit_batch(config: AtlasConfig, batch_id: str, *, owner: str, bind_pid: boo
     paths = [f"data/raw/{d.dataset_id}" for d in datasets] + [f"data/processed/{batch_id}",
                                                               f"models/checkpoints/{batch_id}",
                                                               f"models/integration/{batch_id}"]
-    admission = ledger.try_admit(batch_id, footprint["bytes"], paths=paths, owner=owner,
-                                 after=make_batch_id(index - 1) if index > 0 else None, bind_pid=bind_pid)
+    # the model artefacts travel with the model lane (only the batch next to train holds them)
+    lane = int(footprint["model_artifacts"]["bytes"])
+    admission = ledger.try_admit(batch_id, footprint["bytes"] - lane, paths=paths, owner=owner,
+                                 after=make_batch_id(index - 1) if index > 0 else None, bind_pid=bind_pid,
+                                 lane_bytes=lane)
     return {**admission.to_dict(), "footprint": footprint}  # type: ignore[typeddict-item]
 
 

@@ -15,19 +15,18 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from atlasflow.core.fsutil import discard_dir, write_json_atomic
+from atlasflow.core.layout import BATCH_DIR as _BATCH_DIR
 from atlasflow.core.layout import StorageLayout, tree_bytes
 from atlasflow.storage.ledger import Ledger
 
 __all__ = ["Cleaner", "file_sha256"]
 
 log = logging.getLogger(__name__)
-_BATCH_DIR = re.compile(r"^batch_([0-9]{4,})$")
 
 
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:

@@ -18,6 +18,16 @@ inside the lock the admission only re-reads the reservations (see :meth:`Ledger.
 
 Double counting is avoided per batch: a reservation still *outstanding* is its bytes minus what its
 own folders hold now, so a batch's files are counted once, either as usage or as reservation.
+
+**The model lane.** Batches train one after another, so only one at a time writes model artefacts
+(a checkpoint, the integration's model). A batch asks for them as ``lane_bytes`` apart from its
+data: the earliest admitted batch holds the lane (its reservation includes them); a later batch
+reserves its data only, and is admitted only if the lane could still be handed to it (room for
+``lane_bytes`` once, more while the kept checkpoints have not yet reached
+``storage.keep_checkpoints``, since each of those hand-overs leaves a checkpoint behind). Releasing
+or reclaiming the holder hands the lane to the earliest active batch in the same transaction. Batches
+waiting for the trainer therefore no longer each hold a model's worth of the budget, which is what
+kept downloads from running ahead under a small budget.
 """
 
 from __future__ import annotations
@@ -39,6 +49,7 @@ from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
 from sqlalchemy.pool import NullPool
 
 from atlasflow.core.config import GB, StorageConfig
+from atlasflow.core.layout import BATCH_DIR as _BATCH_DIR
 from atlasflow.core.layout import StorageLayout, tree_bytes
 
 __all__ = ["Admission", "BudgetExceededError", "Ledger", "LedgerURLError", "Reservation", "ledger_url"]
@@ -72,7 +83,8 @@ SCHEMA = (
     processed_bytes BIGINT NOT NULL
 )""",
 )
-RESERVATION_COLUMNS = ("batch_id", "bytes", "paths", "owner", "host", "pid", "created", "lease_expires", "status")
+RESERVATION_COLUMNS = ("batch_id", "bytes", "paths", "owner", "host", "pid", "created", "lease_expires", "status",
+                       "lane_bytes", "lane_held")
 _RESERVATIONS = f"SELECT {', '.join(RESERVATION_COLUMNS)} FROM reservations"
 # Taken by schema creation on a server database: concurrent CREATE TABLE IF NOT EXISTS can collide there.
 _SCHEMA_LOCK_KEY = 0x61746C6173  # "atlas"
@@ -80,7 +92,9 @@ _schema_ready: set[str] = set()  # server ledgers whose tables this process has 
 
 
 # Columns added after the first release: ledgers created before get them on open (NULL in old rows).
-_ADDED_COLUMNS = {"samples": (("budget", "BIGINT"), ("event", "TEXT"))}
+_ADDED_COLUMNS = {"samples": (("budget", "BIGINT"), ("event", "TEXT")),
+                  "reservations": (("lane_bytes", "BIGINT NOT NULL DEFAULT 0"),
+                                   ("lane_held", "INTEGER NOT NULL DEFAULT 0"))}
 SAMPLE_KEYS = ("time", "data", "models", "cache", "outputs", "reserved", "free", "budget", "event")
 
 
@@ -121,6 +135,8 @@ class Reservation:
     created: float
     lease_expires: float
     status: str
+    lane_bytes: int = 0  # the model artefacts this batch needs once it trains (0: it never trains)
+    lane_held: bool = False  # whether ``bytes`` includes them (the batch holds the model lane)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -276,7 +292,7 @@ class Ledger:
     @staticmethod
     def _row(row: Sequence[Any]) -> Reservation:
         return Reservation(row[0], int(row[1]), tuple(json.loads(row[2])), row[3], row[4], row[5], float(row[6]),
-                           float(row[7]), row[8])
+                           float(row[7]), row[8], int(row[9] or 0), bool(row[10]))
 
     def outstanding(self, reservation: Reservation) -> int:
         """Bytes a reservation still expects to write: its size minus what its folders hold now.
@@ -326,8 +342,9 @@ class Ledger:
         owner: str = "",
         after: str | None = None,
         bind_pid: bool = False,
+        lane_bytes: int = 0,
     ) -> Admission:
-        """Reserve ``nbytes`` for ``batch_id`` if they fit now.
+        """Reserve ``nbytes`` for ``batch_id`` if they fit now (and its model lane, see the module's doc).
 
         The folders are measured before the write lock is taken: first what every active
         reservation has written, then the whole tree, so bytes written in between count twice (a
@@ -341,7 +358,7 @@ class Ledger:
             The batch; a second call for an admitted batch is a no-op that renews its lease
             (a cleared or retried task adopts its own reservation).
         nbytes
-            The batch's whole footprint (downloads, processed files, checkpoint).
+            The batch's data footprint (downloads, processed files, working space).
         paths
             Folders (relative to the base dir) the batch will fill; what they hold counts as the
             reservation being used, not as extra usage.
@@ -353,14 +370,18 @@ class Ledger:
         bind_pid
             Tie the reservation to this process: when it dies on this host, the reservation is
             reclaimable at once (for runs outside Airflow). Otherwise only the lease expires it.
+        lane_bytes
+            The model artefacts the batch writes when it trains (0: it never trains): reserved
+            now if no active batch holds the model lane, else handed to it later.
 
         Raises
         ------
         BudgetExceededError
-            When ``nbytes`` exceeds the whole budget: waiting would never help.
+            When ``nbytes + lane_bytes`` exceeds the whole budget: waiting would never help.
         """
         budget = self.config.max_storage_bytes
-        if nbytes > budget:
+        if nbytes + lane_bytes > budget:
+            nbytes += lane_bytes  # the message names the batch's whole footprint
             raise BudgetExceededError(
                 f"{batch_id} needs {nbytes / GB:.2f} GB but the whole budget is {budget / GB:.2f} GB: it can never "
                 "be admitted; raise storage.max_storage_gb, lower plan.batch_size or plan.max_batch_gb, or check "
@@ -369,10 +390,10 @@ class Ledger:
         mine = self.reservation(batch_id)
         measured = None if mine is not None and mine.status == "active" else self._measure()
         admission = self._admit(batch_id, nbytes, paths=paths, owner=owner, after=after, bind_pid=bind_pid,
-                                measured=measured)
+                                measured=measured, lane_bytes=lane_bytes)
         if admission is None:  # its reservation was reclaimed between the look and the lock: measure after all
             admission = self._admit(batch_id, nbytes, paths=paths, owner=owner, after=after, bind_pid=bind_pid,
-                                    measured=self._measure())
+                                    measured=self._measure(), lane_bytes=lane_bytes)
         assert admission is not None
         if admission.admitted and "admitted:" in admission.reason:
             log.info("admitted %s: %d bytes reserved (%s)", batch_id, nbytes, owner)
@@ -385,7 +406,7 @@ class Ledger:
 
     def _admit(self, batch_id: str, nbytes: int, *, paths: Sequence[str], owner: str, after: str | None,
                bind_pid: bool, measured: tuple[Mapping[str, tuple[int, int]], dict[str, int]] | None,
-               ) -> Admission | None:
+               lane_bytes: int = 0) -> Admission | None:
         budget = self.config.max_storage_bytes
         now = time.time()
         lease = now + self.config.reservation_lease_hours * 3600
@@ -409,41 +430,80 @@ class Ledger:
             used = sum(usage.values())
             free = self.layout.free_bytes()  # statvfs: cheap, so taken fresh under the lock
             floor = int(self.config.min_free_gb * GB)
-            if used + outstanding + nbytes > budget:
-                reason = (f"{batch_id} waits: {nbytes / GB:.3f} GB needed, {used / GB:.3f} GB on disk + "
-                          f"{outstanding / GB:.3f} GB still reserved by {len(others)} batch(es) "
-                          f"of a {budget / GB:.3f} GB budget")
+            takes_lane = lane_bytes > 0 and not any(r.lane_held for r in others)
+            reserve = nbytes + (lane_bytes if takes_lane else 0)
+            # room the lane's later hand-overs need, kept free rather than reserved by every batch
+            headroom = 0 if takes_lane or lane_bytes == 0 else self._lane_headroom(others, lane_bytes)
+            if used + outstanding + reserve + headroom > budget:
+                reason = (f"{batch_id} waits: {reserve / GB:.3f} GB needed"
+                          + (f" (+{headroom / GB:.3f} GB kept free for the model lane)" if headroom else "")
+                          + f", {used / GB:.3f} GB on disk + {outstanding / GB:.3f} GB still reserved by "
+                          f"{len(others)} batch(es) of a {budget / GB:.3f} GB budget")
                 if not others:
                     reason += ("; no other batch holds a reservation, so only freeing space (fewer kept "
                                "checkpoints, `atlasflow storage` shows what is reclaimable) or a larger "
                                "storage.max_storage_gb will admit it")
                 self._insert_sample(db, usage, outstanding, free, f"{batch_id} waits")
                 return Admission(False, batch_id, nbytes, reason, used, outstanding, free)
-            if free - outstanding - nbytes < floor:
+            if free - outstanding - reserve - headroom < floor:
                 reason = (f"{batch_id} waits: the volume has {free / GB:.3f} GB free, {outstanding / GB:.3f} GB of it "
                           f"promised, and {self.config.min_free_gb:g} GB must stay free")
                 self._insert_sample(db, usage, outstanding, free, f"{batch_id} waits")
                 return Admission(False, batch_id, nbytes, reason, used, outstanding, free)
-            row = {"b": batch_id, "bytes": int(nbytes), "paths": json.dumps(list(paths)), "owner": owner,
-                   "host": host, "pid": pid, "created": now, "lease": lease}
+            row = {"b": batch_id, "bytes": int(reserve), "paths": json.dumps(list(paths)), "owner": owner,
+                   "host": host, "pid": pid, "created": now, "lease": lease, "lane": int(lane_bytes),
+                   "held": int(takes_lane)}
             # a released or reclaimed batch that is admitted again takes its old row
             db.execute(text(
                 f"INSERT INTO reservations ({', '.join(RESERVATION_COLUMNS)}) VALUES (:b, :bytes, :paths, :owner, "
-                ":host, :pid, :created, :lease, 'active') ON CONFLICT (batch_id) DO UPDATE SET bytes = :bytes, "
-                "paths = :paths, owner = :owner, host = :host, pid = :pid, created = :created, "
-                "lease_expires = :lease, status = 'active'"), row)
-            self._insert_sample(db, usage, outstanding + nbytes, free, f"{batch_id} admitted")
-        return Admission(True, batch_id, nbytes, f"{batch_id} admitted: {nbytes / GB:.3f} GB reserved",
+                ":host, :pid, :created, :lease, 'active', :lane, :held) ON CONFLICT (batch_id) DO UPDATE SET "
+                "bytes = :bytes, paths = :paths, owner = :owner, host = :host, pid = :pid, created = :created, "
+                "lease_expires = :lease, status = 'active', lane_bytes = :lane, lane_held = :held"), row)
+            self._insert_sample(db, usage, outstanding + reserve, free, f"{batch_id} admitted")
+        lane = (" with the model lane" if takes_lane else
+                f"; its {lane_bytes / GB:.3f} GB of model artefacts come with the model lane" if lane_bytes else "")
+        return Admission(True, batch_id, reserve, f"{batch_id} admitted: {reserve / GB:.3f} GB reserved{lane}",
                          used, outstanding, free)
+
+    def _lane_headroom(self, others: Sequence[Reservation], lane_bytes: int) -> int:
+        """Bytes to keep free so that the model lane can always be handed on.
+
+        One hand-over needs the largest lane among the batches still to get it. A hand-over leaves
+        the previous holder's checkpoint behind, and until ``keep_checkpoints`` of them (plus a
+        promoted one, which pruning never deletes) are on disk cleanup deletes none, so each
+        hand-over before that needs room once more.
+        """
+        largest = max([lane_bytes] + [r.lane_bytes for r in others if not r.lane_held])
+        root = self.layout.checkpoints
+        kept = sum(1 for p in root.iterdir() if _BATCH_DIR.match(p.name)) if root.is_dir() else 0
+        return largest * (1 + max(0, self.config.keep_checkpoints + 1 - kept))
+
+    def _pass_lane(self, db: Connection) -> str | None:
+        """Hand the model lane to the earliest active batch that needs it when nobody holds it."""
+        active = self._reservations(db)
+        if any(r.lane_held for r in active):
+            return None
+        waiting = sorted((r for r in active if r.lane_bytes > 0), key=lambda r: r.created)
+        if not waiting:
+            return None
+        to = waiting[0]
+        db.execute(text("UPDATE reservations SET bytes = bytes + lane_bytes, lane_held = 1 WHERE batch_id = :b"),
+                   {"b": to.batch_id})
+        log.info("handed the model lane (%d bytes) to %s", to.lane_bytes, to.batch_id)
+        return to.batch_id
 
     def _reclaim(self, db: Connection, now: float) -> None:
         host = socket.gethostname()
+        reclaimed = False
         for r in self._reservations(db):
             dead = r.pid is not None and r.host == host and not _pid_alive(r.pid)
             if r.lease_expires < now or dead:
                 why = f"owner pid {r.pid} is gone" if dead else "lease expired"
                 db.execute(text("UPDATE reservations SET status = 'reclaimed' WHERE batch_id = :b"), {"b": r.batch_id})
                 log.warning("reclaimed the reservation of %s (%d bytes): %s", r.batch_id, r.bytes, why)
+                reclaimed = True
+        if reclaimed:
+            self._pass_lane(db)
 
     def heartbeat(self, batch_id: str) -> bool:
         """Renew a batch's lease (long tasks call this); False when it holds no active reservation."""
@@ -459,6 +519,8 @@ class Ledger:
             cur = db.execute(text("UPDATE reservations SET status = 'released' WHERE batch_id = :b "
                                   "AND status = 'active'"), {"b": batch_id})
             done = cur.rowcount == 1
+            if done:
+                self._pass_lane(db)
         if done:
             self.sample(f"{batch_id} released")  # measured after the lock is let go
             log.info("released the reservation of %s", batch_id)

@@ -112,6 +112,76 @@ def test_volume_free_space_floor(url, tmp_path):
     assert not waiting.admitted and "must stay free" in waiting.reason
 
 
+def test_only_the_batch_next_to_train_holds_the_model_lane(url, tmp_path):
+    """Model artefacts (10 kB here) are reserved by one batch at a time; the others keep room for one
+    hand-over free (twice while no checkpoint is on disk: keep_checkpoints=1 plus a promoted one)."""
+    ledger = Ledger(storage(tmp_path, ledger_url=url, keep_checkpoints=1))
+    head = ledger.try_admit("batch_0000", 10 * KB, lane_bytes=10 * KB)
+    assert head.admitted and head.bytes == 20 * KB and "with the model lane" in head.reason
+    # 20 reserved + 20 data + 2 × 10 kept free = 60 of 100: every batch used to reserve its own 10
+    second = ledger.try_admit("batch_0001", 20 * KB, lane_bytes=10 * KB, after="batch_0000")
+    assert second.admitted and second.bytes == 20 * KB and "come with the model lane" in second.reason
+    third = ledger.try_admit("batch_0002", 41 * KB, lane_bytes=10 * KB, after="batch_0001")
+    assert not third.admitted and "kept free for the model lane" in third.reason  # 40 + 41 + 20 > 100
+    write(tmp_path / "models/checkpoints/batch_0000/model.pt", 1 * KB)
+    write(tmp_path / "models/checkpoints/batch_0009/model.pt", 1 * KB)  # two kept: one lane kept free now
+    # ~8 kB on disk (4 kB blocks) + 40 + 41 + 10 ≤ 100
+    assert ledger.try_admit("batch_0002", 41 * KB, lane_bytes=10 * KB, after="batch_0001").admitted
+    held = {r.batch_id: (r.lane_held, r.bytes) for r in ledger.reservations()}
+    assert held == {"batch_0000": (True, 20 * KB), "batch_0001": (False, 20 * KB), "batch_0002": (False, 41 * KB)}
+
+
+def test_releasing_the_holder_hands_the_lane_to_the_earliest_active_batch(url, tmp_path):
+    ledger = Ledger(storage(tmp_path, ledger_url=url, keep_checkpoints=1))
+    for i, data in enumerate((10, 20, 5)):
+        assert ledger.try_admit(f"batch_{i:04d}", data * KB, lane_bytes=(10 + i) * KB,
+                                after=f"batch_{i - 1:04d}" if i else None).admitted
+    assert ledger.release("batch_0001")  # not the holder: nothing moves
+    assert [r.batch_id for r in ledger.reservations() if r.lane_held] == ["batch_0000"]
+    assert ledger.release("batch_0000")
+    after = {r.batch_id: (r.lane_held, r.bytes) for r in ledger.reservations()}
+    assert after == {"batch_0002": (True, (5 + 12) * KB)}  # its data + its own lane
+    assert not ledger.release("batch_0000")  # a cleared cleanup's second release hands nothing on
+    assert ledger.reservation("batch_0002").bytes == 17 * KB
+    assert ledger.release("batch_0002")
+    nxt = ledger.try_admit("batch_0003", 5 * KB, lane_bytes=13 * KB, after="batch_0002")
+    assert nxt.admitted and nxt.bytes == 18 * KB  # nobody holds the lane: it takes it at admission
+
+
+def test_a_reclaimed_holder_hands_the_lane_on(url, tmp_path, monkeypatch):
+    ledger = Ledger(storage(tmp_path, ledger_url=url, keep_checkpoints=1, reservation_lease_hours=1))
+    assert ledger.try_admit("batch_0000", 10 * KB, lane_bytes=10 * KB).admitted
+    real = time.time
+    monkeypatch.setattr("atlasflow.storage.ledger.time.time", lambda: real() + 0.5 * 3600)
+    assert ledger.try_admit("batch_0001", 10 * KB, lane_bytes=10 * KB, after="batch_0000").admitted
+    monkeypatch.setattr("atlasflow.storage.ledger.time.time", lambda: real() + 1.2 * 3600)  # only 0000's lease is over
+    assert ledger.try_admit("batch_0002", 10 * KB, after="batch_0001").admitted
+    assert ledger.reservation("batch_0000").status == "reclaimed"
+    assert ledger.reservation("batch_0001").lane_held and ledger.reservation("batch_0001").bytes == 20 * KB
+
+
+def test_a_batch_whose_data_and_lane_exceed_the_budget_fails_at_once(url, tmp_path):
+    with pytest.raises(BudgetExceededError, match="needs 0.00 GB"):
+        Ledger(storage(tmp_path, ledger_url=url)).try_admit("batch_0000", 60 * KB, lane_bytes=41 * KB)
+
+
+def test_a_ledger_from_before_the_model_lane_gets_its_columns(tmp_path):
+    import sqlite3
+
+    (tmp_path / "state").mkdir()
+    db = sqlite3.connect(tmp_path / "state" / "ledger.sqlite")
+    db.execute("CREATE TABLE reservations (batch_id TEXT PRIMARY KEY, bytes BIGINT NOT NULL, paths TEXT NOT NULL, "
+               "owner TEXT NOT NULL, host TEXT NOT NULL, pid INTEGER, created DOUBLE PRECISION NOT NULL, "
+               "lease_expires DOUBLE PRECISION NOT NULL, status TEXT NOT NULL)")
+    db.execute("INSERT INTO reservations VALUES ('batch_0000', 30000, '[]', 'old', 'h', NULL, 1, 9e12, 'active')")
+    db.commit()
+    db.close()
+    ledger = Ledger(storage(tmp_path))
+    old = ledger.reservation("batch_0000")
+    assert old.bytes == 30 * KB and old.lane_bytes == 0 and not old.lane_held
+    assert ledger.try_admit("batch_0001", 10 * KB, lane_bytes=10 * KB, after="batch_0000").bytes == 20 * KB
+
+
 def _race(args: tuple[str, str, str | None]) -> bool:
     base, batch, url = args
     return Ledger(storage(Path(base), budget_kb=35, ledger_url=url)).try_admit(batch, 10 * KB).admitted
