@@ -34,7 +34,7 @@ with only the cores they left (``bound_with_contention``).
 
 Environment: BENCH_PIPELINE_DATASETS (20), BENCH_PIPELINE_SCENARIOS (comma-separated subset),
 BENCH_PIPELINE_PARALLELISM (8: Airflow's core.parallelism for both modes), BENCH_PIPELINE_REPEATS
-(3: pipelined runs per scenario), BENCH_PIPELINE_SEQUENTIAL_REPEATS (1).
+(3: pipelined runs per scenario), BENCH_PIPELINE_SEQUENTIAL_REPEATS (1), BENCH_PIPELINE_BUDGET_MB (40).
 """
 
 from __future__ import annotations
@@ -57,6 +57,8 @@ SCENARIOS = {"balanced": {"batch_size": 4, "rate": 40_000.0},
              "download_bound": {"batch_size": 2, "rate": 3_000.0}}
 REPEATS = int(os.environ.get("BENCH_PIPELINE_REPEATS", 3))
 SEQUENTIAL_REPEATS = int(os.environ.get("BENCH_PIPELINE_SEQUENTIAL_REPEATS", 1))
+# 40 MB: with the fixed 8 MB model-artefact reservation per batch about 4 batches fit at once
+BUDGET_MB = float(os.environ.get("BENCH_PIPELINE_BUDGET_MB", 40))
 STAGES = ("admit", "download", "process", "integrate", "train", "cleanup")
 GOAL_OF_BOUND = 0.9
 BOUND_FORMULA = ("max(download_task_s / downloads_slots, airflow_cpu_s / cores, train_task_s / gpu_slots); "
@@ -97,7 +99,7 @@ def run_mode(pipelining: bool, work: Path, *, batch_size: int, rate: float) -> d
     root = work / ("pipelined" if pipelining else "sequential")
     (root / "www").mkdir(parents=True)
     with GeoServer(root / "www", rate=rate) as server:
-        build_demo(root, server.url, n_datasets=N_DATASETS, cells=700 // N_DATASETS, batch_size=batch_size, budget_mb=40,
+        build_demo(root, server.url, n_datasets=N_DATASETS, cells=700 // N_DATASETS, batch_size=batch_size, budget_mb=BUDGET_MB,
                    missing_row=False, integration_epochs=2)
         cfg = root / "atlasflow.yaml"
         data = yaml.safe_load(cfg.read_text())
@@ -126,6 +128,7 @@ def run_mode(pipelining: bool, work: Path, *, batch_size: int, rate: float) -> d
             latency = airflow.query(
                 "SELECT task_id, scheduled_dttm, queued_dttm, start_date FROM task_instance WHERE dag_id = 'atlas_ingest' "
                 "AND run_id = ? AND start_date IS NOT NULL AND queued_dttm IS NOT NULL", run_id)
+            reschedules = airflow.admission_waits(run_id)
         finally:
             airflow.stop()
         bytes_served = sum(t["bytes"] for t in server.transfers())
@@ -159,6 +162,10 @@ def run_mode(pipelining: bool, work: Path, *, batch_size: int, rate: float) -> d
         # queued -> running: the executor's pick-up and the task process's start-up, per task instance
         "queued_to_start_s": {"mean": round(statistics.fmean(queue_waits), 2) if queue_waits else None,
                               "max": round(max(queue_waits), 2) if queue_waits else None},
+        # how often each batch's storage sensor found no room and was rescheduled
+        "admission_reschedules": reschedules,
+        # [task, map index, start, end] in seconds from the run's start: where the idle time was
+        "timeline": sorted([t, m, round(a - start, 1), round(b - start, 1)] for (t, m), (a, b, _) in times.items()),
     }
 
 
