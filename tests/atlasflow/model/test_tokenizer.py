@@ -81,3 +81,18 @@ def test_rank_order_falls_back_to_lexsort_when_the_composite_would_overflow():
     score = np.array([1.0, 2.0, 1.0 + 1e-9, 0.5])
     keys = np.array([3, 1, 2, 9], dtype=np.uint64)
     assert np.array_equal(rank_order(rows, score, keys), np.lexsort((keys, score, rows)))
+
+
+def test_encoding_in_chunks_of_cells_is_encoding_the_block_whole(monkeypatch):
+    from atlasflow.model import tokenizer as module
+
+    X = sp.random(700, 300, density=0.2, random_state=3, format="csr", dtype=np.float32)
+    X.data = np.ceil(X.data * 5)  # many ties, so the per-cell hash decides at the cut
+    tok = Tokenizer(n_genes=300, max_genes=32, n_bins=11)
+    scale = np.random.default_rng(1).random(300) + 0.1
+    chunked = [tok.encode(X, np.arange(300), tie_seed=9), tok.encode(X, np.arange(300), gene_scale=scale)]
+    monkeypatch.setattr(module, "_CHUNK_CELLS", 10**9)
+    whole = [tok.encode(X, np.arange(300), tie_seed=9), tok.encode(X, np.arange(300), gene_scale=scale)]
+    for (t1, b1), (t2, b2) in zip(chunked, whole, strict=True):
+        np.testing.assert_array_equal(t1, t2)
+        np.testing.assert_array_equal(b1, b2)
