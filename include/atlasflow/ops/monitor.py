@@ -22,7 +22,10 @@ def storage_report(config: AtlasConfig) -> dict[str, Any]:
     for r in ledger.reservations():
         reservations.append({"batch_id": r.batch_id, "bytes": r.bytes, "outstanding": ledger.outstanding(r),
                              "owner": r.owner, "age_s": round(time.time() - r.created, 1),
-                             "lease_left_s": round(r.lease_expires - time.time(), 1)})
+                             "lease_left_s": round(r.lease_expires - time.time(), 1),
+                             # model_lane: holds it (bytes include the model artefacts), waits for it, or never trains
+                             "model_lane": "held" if r.lane_held else "waiting" if r.lane_bytes else None,
+                             "lane_bytes": r.lane_bytes})
     used = sum(usage.values())
     outstanding = sum(r["outstanding"] for r in reservations)
     budget = config.storage.max_storage_bytes
@@ -58,8 +61,10 @@ def render(report: dict[str, Any]) -> str:
     if report["reservations"]:
         lines.append("  reservations:")
         for r in report["reservations"]:
+            lane = {"held": "  model lane", "waiting": f"  + {r['lane_bytes'] / GB:.3f} GB with the model lane"}
             lines.append(f"    {r['batch_id']:<12} {_gb(r['bytes'])} ({_gb(r['outstanding'])} outstanding)  "
-                         f"{r['owner'] or '-'}  lease {r['lease_left_s'] / 3600:.1f} h left")
+                         f"{r['owner'] or '-'}  lease {r['lease_left_s'] / 3600:.1f} h left"
+                         + lane.get(r["model_lane"], ""))
     else:
         lines.append("  reservations: none")
     rec = report["reclaimable_bytes"]

@@ -359,16 +359,20 @@ def test_tombstone_survives_cleanup(tmp_path):
 
 
 def test_monitor_cli_text_json_and_watch(tmp_path):
-    Ledger(storage(tmp_path)).try_admit("batch_0000", 5 * KB, owner="atlas_ingest/run/admit")
+    Ledger(storage(tmp_path)).try_admit("batch_0000", 5 * KB, owner="atlas_ingest/run/admit", lane_bytes=3 * KB)
+    Ledger(storage(tmp_path)).try_admit("batch_0001", 5 * KB, lane_bytes=3 * KB, after="batch_0000")
     write(tmp_path / "cache/x", 2 * KB)
     exe = [sys.executable, "-m", "atlasflow.cli", "storage", "--base-dir", str(tmp_path)]
     text = subprocess.run(exe, capture_output=True, text=True, check=True).stdout
     assert "batch_0000" in text and "atlas_ingest/run/admit" in text and "cache" in text
+    rows = {line.split()[0]: line for line in text.splitlines() if line.strip().startswith("batch_")}
+    assert rows["batch_0000"].endswith("model lane") and "+ 0.000 GB with the model lane" in rows["batch_0001"]
     lines = subprocess.run([*exe, "--json", "--watch", "0.1", "--count", "2"], capture_output=True, text=True,
                            check=True).stdout.splitlines()
     assert len(lines) == 2
     report = json.loads(lines[0])
-    assert report["reservations"][0]["batch_id"] == "batch_0000"
+    assert report["reservations"][0]["batch_id"] == "batch_0000" and report["reservations"][0]["model_lane"] == "held"
+    assert report["reservations"][1]["model_lane"] == "waiting" and report["reservations"][1]["lane_bytes"] == 3 * KB
     assert report["areas"]["cache"]["used"] >= 2 * KB and report["reclaimable_bytes"]["cache"] >= 2 * KB
 
 
