@@ -23,8 +23,8 @@ own folders hold now, so a batch's files are counted once, either as usage or as
 (a checkpoint, the integration's model). A batch asks for them as ``lane_bytes`` apart from its
 data: the earliest admitted batch holds the lane (its reservation includes them); a later batch
 reserves its data only, and is admitted only if the lane could still be handed to it (room for
-``lane_bytes`` once, more while the kept checkpoints have not yet reached
-``storage.keep_checkpoints``, since each of those hand-overs leaves a checkpoint behind). Releasing
+``lane_bytes`` once, or once per checkpoint still missing to ``storage.keep_checkpoints``, since
+until then each hand-over leaves a checkpoint behind that cleanup does not prune). Releasing
 or reclaiming the holder hands the lane to the earliest active batch in the same transaction. Batches
 waiting for the trainer therefore no longer each hold a model's worth of the budget, which is what
 kept downloads from running ahead under a small budget.
@@ -468,15 +468,17 @@ class Ledger:
     def _lane_headroom(self, others: Sequence[Reservation], lane_bytes: int) -> int:
         """Bytes to keep free so that the model lane can always be handed on.
 
-        One hand-over needs the largest lane among the batches still to get it. A hand-over leaves
-        the previous holder's checkpoint behind, and until ``keep_checkpoints`` of them (plus a
-        promoted one, which pruning never deletes) are on disk cleanup deletes none, so each
-        hand-over before that needs room once more.
+        A hand-over leaves the previous holder's checkpoint and scVI model behind. Until
+        ``keep_checkpoints`` of them are on disk cleanup prunes none, so each hand-over before that
+        needs room for one more; after it, each hand-over's prune frees what it adds. One lane of
+        room stays free in any case: a lane holds the checkpoint twice (the save beside the old
+        copy), and that spare copy covers a later batch's larger lane or a promoted checkpoint that
+        pruning skips.
         """
         largest = max([lane_bytes] + [r.lane_bytes for r in others if not r.lane_held])
         root = self.layout.checkpoints
         kept = sum(1 for p in root.iterdir() if _BATCH_DIR.match(p.name)) if root.is_dir() else 0
-        return largest * (1 + max(0, self.config.keep_checkpoints + 1 - kept))
+        return largest * max(1, self.config.keep_checkpoints - kept)
 
     def _pass_lane(self, db: Connection) -> str | None:
         """Hand the model lane to the earliest active batch that needs it when nobody holds it."""

@@ -113,9 +113,9 @@ def test_volume_free_space_floor(url, tmp_path):
 
 
 def test_only_the_batch_next_to_train_holds_the_model_lane(url, tmp_path):
-    """Model artefacts (10 kB here) are reserved by one batch at a time; the others keep room for one
-    hand-over free (twice while no checkpoint is on disk: keep_checkpoints=1 plus a promoted one)."""
-    ledger = Ledger(storage(tmp_path, ledger_url=url, keep_checkpoints=1))
+    """Model artefacts (10 kB here) are reserved by one batch at a time; the others keep room for the
+    hand-overs free: twice while no checkpoint is on disk with keep_checkpoints=2, once from then on."""
+    ledger = Ledger(storage(tmp_path, ledger_url=url, keep_checkpoints=2))
     head = ledger.try_admit("batch_0000", 10 * KB, lane_bytes=10 * KB)
     assert head.admitted and head.bytes == 20 * KB and "with the model lane" in head.reason
     # 20 reserved + 20 data + 2 × 10 kept free = 60 of 100: every batch used to reserve its own 10
@@ -124,7 +124,7 @@ def test_only_the_batch_next_to_train_holds_the_model_lane(url, tmp_path):
     third = ledger.try_admit("batch_0002", 41 * KB, lane_bytes=10 * KB, after="batch_0001")
     assert not third.admitted and "kept free for the model lane" in third.reason  # 40 + 41 + 20 > 100
     write(tmp_path / "models/checkpoints/batch_0000/model.pt", 1 * KB)
-    write(tmp_path / "models/checkpoints/batch_0009/model.pt", 1 * KB)  # two kept: one lane kept free now
+    write(tmp_path / "models/checkpoints/batch_0009/model.pt", 1 * KB)  # two kept: one lane kept free
     # ~8 kB on disk (4 kB blocks) + 40 + 41 + 10 ≤ 100
     assert ledger.try_admit("batch_0002", 41 * KB, lane_bytes=10 * KB, after="batch_0001").admitted
     held = {r.batch_id: (r.lane_held, r.bytes) for r in ledger.reservations()}
