@@ -108,12 +108,22 @@ def test_pipelined_pooled_budgeted_run(tmp_path, airflow_factory):
     assert len(downloads) == 24
     assert 1 < concurrent <= 5 and running <= 5  # the pool's 5 slots hold back parallelism 8 and 6-12 downloads
     assert 0 < disk.peak <= budget
-    # Each batch reserves ~9 MB (8 MB of it the checkpoint allowance) of the 21 MB budget. batch_0000 and
-    # batch_0001 are admitted within seconds; batch_0002 asks right after, and fits only once batch_0000
-    # is cleaned up, which its throttled downloads alone (its largest file takes ~27 s) make later than
-    # that first ask. Whether batch_0003 waits depends on how far batch_0001 got by the time batch_0002
-    # was admitted (timing, not budget), so for it only "never over budget" (the sampled peak) holds.
-    assert waits["batch_0002.admit"] > 0, waits
+    # The 8 MB model allowance travels with the model lane: batch_0000 holds it, the others reserve their
+    # ~1 MB of data and keep 8 MB free for the hand-over, so all four fit the 21 MB budget at once (each
+    # batch used to reserve its own 8 MB, and batch_0002 waited for batch_0000's cleanup). What the budget
+    # guarantees is checked where it is decided: at every admission the ledger recorded, what was on
+    # disk plus what was reserved stayed within it, and the lane was held by one batch at a time.
+    from atlasflow.storage import Ledger
+
+    ledger = Ledger(config.storage)
+    admissions = [s for s in ledger.samples() if (s["event"] or "").endswith(" admitted")]
+    assert len(admissions) == 4, [s["event"] for s in ledger.samples()]
+    for sample in admissions:
+        used = sum(sample[a] or 0 for a in ("data", "models", "cache", "outputs"))
+        assert used + sample["reserved"] <= budget, sample
+    # every batch held the lane before it trained (taken at admission or handed on at a release)
+    held = sorted(r.batch_id for r in ledger.reservations(active_only=False) if r.lane_held)
+    assert held == [f"batch_{i:04d}" for i in range(4)], held
     assert 0 in overlapped, "batch_0001 did not download while batch_0000 trained"
     gone = json.loads((base / "state" / "quarantine" / "pbmc_gone.json").read_text())
     assert gone["stage"] == "download" and "404" in gone["reason"] and gone["batch_id"] == "batch_0003"
