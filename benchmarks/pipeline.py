@@ -59,7 +59,7 @@ SCENARIOS = {"balanced": {"batch_size": 4, "rate": 40_000.0},
              "download_bound": {"batch_size": 2, "rate": 3_000.0},
              # the same at a third of the rate: ~25 s of the run can never overlap (validation and the first
              # admission before any download; the last batches' QC, train chain and report after the last),
-             # which caps the 3 kB/s run near 0.83 of a ~125 s bound; here the steady state dominates
+             # (~40 s measured at 3 kB/s against a ~125 s bound); here the steady state dominates
              "download_bound_slow": {"batch_size": 2, "rate": 1_000.0}}
 REPEATS = int(os.environ.get("BENCH_PIPELINE_REPEATS", 3))
 SEQUENTIAL_REPEATS = int(os.environ.get("BENCH_PIPELINE_SEQUENTIAL_REPEATS", 1))

@@ -59,7 +59,8 @@ class ShardBlocks(IterableDataset):
 
 class _SharedBlock:
     """A block's arrays packed into one shared-memory tensor: the worker's queue passes one file
-    descriptor per block (a descriptor per array cost more than the copy it saves)."""
+    descriptor per block, not one per array. (Not :meth:`CellBatch.to_arrays`: that one narrows
+    dtypes for an ``.npz``, a conversion the training process would have to undo.)"""
 
     __slots__ = ("buffer", "layout", "shape")
 
@@ -75,9 +76,9 @@ class _SharedBlock:
         offsets = np.cumsum([0] + [-(-a.nbytes // 8) * 8 for a in arrays])  # each array 8-byte aligned
         buffer = torch.empty(int(offsets[-1]), dtype=torch.uint8).share_memory_()  # written once, in place
         flat = buffer.numpy()
-        for a, at in zip(arrays, offsets, strict=False):
+        for a, at in zip(arrays, offsets[:-1], strict=True):
             flat[at: at + a.nbytes] = a.reshape(-1).view(np.uint8)
-        layout = tuple((a.dtype.str, a.shape, int(at)) for a, at in zip(arrays, offsets, strict=False))
+        layout = tuple((a.dtype.str, a.shape, int(at)) for a, at in zip(arrays, offsets[:-1], strict=True))
         return cls(buffer, layout, e.shape)
 
     def cells(self) -> CellBatch:

@@ -480,19 +480,18 @@ class Ledger:
         kept = sum(1 for p in root.iterdir() if _BATCH_DIR.match(p.name)) if root.is_dir() else 0
         return largest * max(1, self.config.keep_checkpoints - kept)
 
-    def _pass_lane(self, db: Connection) -> str | None:
+    def _pass_lane(self, db: Connection) -> None:
         """Hand the model lane to the earliest active batch that needs it when nobody holds it."""
         active = self._reservations(db)
         if any(r.lane_held for r in active):
-            return None
-        waiting = sorted((r for r in active if r.lane_bytes > 0), key=lambda r: r.created)
+            return
+        waiting = [r for r in active if r.lane_bytes > 0]  # in admission order (created, batch id)
         if not waiting:
-            return None
+            return
         to = waiting[0]
         db.execute(text("UPDATE reservations SET bytes = bytes + lane_bytes, lane_held = 1 WHERE batch_id = :b"),
                    {"b": to.batch_id})
         log.info("handed the model lane (%d bytes) to %s", to.lane_bytes, to.batch_id)
-        return to.batch_id
 
     def _reclaim(self, db: Connection, now: float) -> None:
         host = socket.gethostname()
