@@ -12,15 +12,15 @@ with its spread ((max − min) / median); the load average before and after is r
   Repeats are interleaved (0, 1, 2 workers, then again), each in a fresh interpreter (the memory
   allocator's state left by earlier work moved in-process reading by ~20 %). ``ceiling_two_processes`` is what the
   machine allows: the same reading and tokenising split between two independent processes, over
-  one process (on a 2-core VM this is below 2: the cores share caches and memory bandwidth).
+  one process (on a shared 2-core VM it has measured 1.76–2.08: the cores share caches and memory bandwidth, and the host is not quiet).
   ``after_first_block`` counts from the first block's arrival to the end: the steady state an
   epoch of millions of cells sees, without the workers' start-up (fork, first block) that a pass
-  over 40,000 cells (~1.5 s) still feels.
+  over 100,000 cells (~5 s) still feels a little.
 - ``training``: steps/s between the first and the last step (``Trainer.on_step`` timestamps) of one
   epoch; ``compute_only`` repeats one cached step (no loading at all), the ceiling; the loader share
   is ``1 − compute_only / synchronous`` steps/s.
 
-Run: ``make bench BENCH=loader`` or ``python benchmarks/loader.py [--cells 40000] [--repeats 3]``.
+Run: ``make bench BENCH=loader`` or ``python benchmarks/loader.py [--cells 100000] [--repeats 3]``.
 """
 
 from __future__ import annotations
@@ -169,7 +169,7 @@ def _compute_only(batch: Path, model: dict, steps: int = 60) -> float:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cells", type=int, default=40_000, help="cells of the feed measurement")
+    parser.add_argument("--cells", type=int, default=100_000, help="cells of the feed measurement")
     parser.add_argument("--train-cells", type=int, default=6_000, help="cells of each training run")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import multiprocessing
+
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -9,7 +11,7 @@ import pytest
 import scipy.sparse as sp
 
 from atlasflow.model.data import BatchData, CellBatch, log_normalise, rebatch
-from atlasflow.model.loader import shard_blocks
+from atlasflow.model.loader import _BufferRing, _Unpacker, shard_blocks
 from atlasflow.model.tokenizer import Tokenizer
 from atlasflow.prep.genes import Vocabulary
 
@@ -103,6 +105,13 @@ def test_steps_are_the_same_cells_whatever_the_blocks_and_the_hand_over(two_pane
         assert [s for s, _ in steps] == [0, 1, 2, 3] and [len(c) for _, c in steps] == [3, 3, 3, 1]
         for step, cells in steps:
             _same_cells(cells, whole.take(slice(3 * step, 3 * step + 3)))
+        # consumed one step at a time, as training does: the workers' buffers are reused
+        copied = [(s, cells.tokens.copy(), cells.expr.toarray()) for s, cells in
+                  rebatch(shard_blocks(data, epoch=0, start_cell=0, shard=0, shards=1, workers=workers), batch_cells=3)]
+        for (step, tokens, expr), (want_step, want) in zip(copied, steps, strict=True):
+            assert step == want_step
+            np.testing.assert_array_equal(tokens, want.tokens)
+            np.testing.assert_array_equal(expr, want.expr.toarray())
     steps = list(rebatch(data.stream(epoch=0), batch_cells=2, start_step=5))  # steps inside one block each
     assert [s for s, _ in steps] == [5, 6, 7, 8, 9]
     _same_cells(steps[1][1], whole.take(slice(2, 4)))
@@ -111,3 +120,35 @@ def test_steps_are_the_same_cells_whatever_the_blocks_and_the_hand_over(two_pane
 def _save(cells: CellBatch, path):
     np.savez(path, **cells.to_arrays(""))
     return path
+
+
+def test_worker_buffers_are_reused_only_once_nothing_reads_them(two_panels):
+    """The hand-over's two ends in one process: a buffer travels to the training process once and is
+    reused once its block's last array is gone; blocks the consumer still holds are never
+    overwritten (the worker writes into one-off buffers instead); a larger block gets a larger buffer."""
+    data, *_ = two_panels
+    data.train, data.val = data.val, []
+    blocks = list(data.stream(epoch=0))
+    recv, send = multiprocessing.Pipe(duplex=False)
+    ring, unpacker = _BufferRing(0, recv, size=2), _Unpacker([send])
+    travelled = []
+    for block in [blocks[0]] * 6:  # read and dropped, block after block
+        item = ring.pack(block)
+        travelled.append(item.buffer is not None)
+        _same_cells(unpacker.cells(item), block)
+    assert travelled == [True, True, False, False, False, False]
+
+    bigger = CellBatch.concat(blocks[:3])
+    item = ring.pack(bigger)
+    assert item.slot is not None and item.buffer is not None  # a free buffer, too small: replaced
+    _same_cells(unpacker.cells(item), bigger)
+
+    recv, send = multiprocessing.Pipe(duplex=False)
+    ring, unpacker = _BufferRing(0, recv, size=2), _Unpacker([send])
+    held = []
+    for block in blocks:
+        item = ring.pack(block)
+        held.append((item.slot, unpacker.cells(item), block))
+    assert [slot for slot, *_ in held] == [0, 1] + [None] * (len(blocks) - 2)
+    for _, got, want in held:
+        _same_cells(got, want)
