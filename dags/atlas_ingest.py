@@ -106,8 +106,10 @@ def publish(last_train: str) -> dict | None:
 )
 def atlas_ingest() -> None:
     prepared = prepare()
-    # Fails the run before any download when the budget exceeds the disk or a tool is missing.
-    SystemValidationOperator(task_id="validate_system", retries=1) >> prepared
+    # Fails the run before any download when the budget exceeds the disk or a tool is missing. Beside
+    # prepare, not before it: neither reads the other's output, and a run with a bad manifest and a
+    # bad system names both at once.
+    validated = SystemValidationOperator(task_id="validate_system", retries=1)
     reported = report().as_teardown()
     cleanups = []
     previous_admit = previous_train = previous_cleanup = previous_integrate = None
@@ -133,7 +135,7 @@ def atlas_ingest() -> None:
             trained = TrainBatchOperator(task_id="train", batch_id=bid, previous_train_task_id=previous_train_id,
                                          processed=processed)
             done = cleanup(bid)
-            prepared >> admit >> fetched
+            [validated, prepared] >> admit >> fetched
             [integrated, trained] >> done
             done.as_teardown(setups=admit)
             cleanups.append(done)
@@ -150,7 +152,7 @@ def atlas_ingest() -> None:
         previous_train >> published
         [published, *cleanups] >> reported
     else:
-        prepared >> reported
+        [validated, prepared] >> reported
 
 
 atlas_ingest()

@@ -58,9 +58,9 @@ def test_batches_are_laid_out_from_the_manifest(monkeypatch, tmp_path):
     per_batch = sorted(t.task_id.split(".")[1] for t in dag.tasks if t.task_id.startswith("batch_0001."))
     # no raw reads in this manifest, so no batch has a quant step
     assert per_batch == ["admit", "cleanup", "download", "integrate", "process", "train"]
-    assert dag.get_task("batch_0000.admit").upstream_task_ids == {"prepare"}
+    assert dag.get_task("batch_0000.admit").upstream_task_ids == {"prepare", "validate_system"}
     # pipelining: admission, integration and training chain batch to batch, nothing else does
-    assert dag.get_task("batch_0001.admit").upstream_task_ids == {"prepare", "batch_0000.admit"}
+    assert dag.get_task("batch_0001.admit").upstream_task_ids == {"prepare", "validate_system", "batch_0000.admit"}
     # train runs beside integrate (it reads the processed files, not the scVI latent); each chains to the
     # previous batch's own step, and cleanup, which deletes the processed files, waits for both
     assert dag.get_task("batch_0001.train").upstream_task_ids == {"batch_0001.process", "batch_0000.train"}
@@ -102,8 +102,8 @@ def test_batches_are_laid_out_from_the_manifest(monkeypatch, tmp_path):
 def test_pipelining_off_chains_each_batch_after_the_previous_cleanup(monkeypatch, tmp_path):
     bag = dagbag(monkeypatch, write_config(tmp_path, write_csv(tmp_path / "m.csv", direct_rows(5)), pipelining=False))
     dag = bag.dags["atlas_ingest"]
-    assert dag.get_task("batch_0001.admit").upstream_task_ids == {"prepare", "batch_0000.admit", "batch_0000.cleanup"}
-    assert dag.get_task("batch_0000.admit").upstream_task_ids == {"prepare"}
+    assert dag.get_task("batch_0001.admit").upstream_task_ids == {"prepare", "validate_system", "batch_0000.admit", "batch_0000.cleanup"}
+    assert dag.get_task("batch_0000.admit").upstream_task_ids == {"prepare", "validate_system"}
 
 
 def test_broken_manifest_does_not_break_the_dag(monkeypatch, tmp_path):
@@ -113,7 +113,7 @@ def test_broken_manifest_does_not_break_the_dag(monkeypatch, tmp_path):
     assert bag.import_errors == {}
     dag = bag.dags["atlas_ingest"]
     assert sorted(t.task_id for t in dag.tasks) == ["prepare", "report", "validate_system"]
-    assert dag.get_task("report").upstream_task_ids == {"prepare"}
+    assert dag.get_task("report").upstream_task_ids == {"prepare", "validate_system"}
     assert "manifest invalid (1 problems)" in dag.doc_md
 
 

@@ -6,8 +6,10 @@ ingest DAG's first task can say exactly what is wrong before hours are spent dow
 
 from __future__ import annotations
 
+import glob
 import importlib
 import importlib.metadata
+import importlib.util
 import logging
 import os
 import platform
@@ -102,7 +104,18 @@ def _packages(requirements: Path | None) -> list[Check]:
     return checks
 
 
-def _accelerator() -> Check:
+# device nodes a CUDA (NVIDIA) or ROCm (AMD, which torch also reports as "cuda") GPU needs to be usable
+GPU_DEVICE_GLOBS = ("/dev/nvidia[0-9]*", "/dev/kfd")
+
+
+def _accelerator(device_globs: Sequence[str] = GPU_DEVICE_GLOBS) -> Check:
+    # Importing torch takes ~3 s, on the critical path of every run (validation gates the first
+    # download); without a GPU device node torch cannot see a GPU, so it is only imported when one exists.
+    if not any(glob.glob(pattern) for pattern in device_globs):
+        if importlib.util.find_spec("torch") is None:
+            return Check("gpu", "fail", "torch is not installed")
+        return Check("gpu", "warn", f"no GPU device ({', '.join(device_globs)}): training runs on the CPU "
+                                    "(fine for tests, slow for real data)")
     try:
         torch = importlib.import_module("torch")
     except ImportError:

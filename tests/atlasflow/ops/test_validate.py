@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -254,3 +256,17 @@ def test_the_ledger_check_names_where_it_lives_and_warns_on_a_shared_filesystem(
                                   "storage.ledger_url": "postgresql+psycopg2://u:s3cret@127.0.0.1:9/x"})
     failed = _ledger(down)
     assert failed.status == "fail" and "OperationalError" in failed.detail and "s3cret" not in failed.detail
+
+
+@pytest.mark.parametrize("device_node", [False, True])
+def test_the_gpu_check_imports_torch_only_when_a_gpu_device_exists(tmp_path, device_node):
+    """Importing torch (~3 s) is on every run's critical path: without a device node it is skipped."""
+    if device_node:
+        (tmp_path / "nvidia0").write_text("")  # stands in for /dev/nvidia0
+    code = ("import sys; from atlasflow.ops.validate import _accelerator; "
+            f"c = _accelerator(({str(tmp_path / 'nvidia[0-9]*')!r},)); print('torch' in sys.modules, c.status, c.detail)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split(" ", 2)
+    assert out[0] == str(device_node)
+    assert out[1] in ({"ok", "warn"} if device_node else {"warn"})
+    if not device_node:
+        assert "no GPU device" in out[2] and "runs on the CPU" in out[2]
