@@ -88,18 +88,10 @@ def _static() -> dict:
 
 def _make_batch(n_cells: int, folder: Path) -> Path:
     """Poisson-resampled pbmc68k_reduced cells, processed against the human vocabulary."""
-    from atlasflow.intake.manifest import Dataset
     from atlasflow.prep.genes import Vocabulary
-    from atlasflow.prep.process import process_dataset
-    from atlasflow_testing.realdata import pbmc_counts, resample
+    from atlasflow_testing.realdata import processed_resampled_batch
 
-    raw = folder / "raw"
-    raw.mkdir(parents=True)
-    resample(pbmc_counts(), n_cells, seed=n_cells).write_h5ad(raw / "data.h5ad")
-    batch = folder / "batch_0000"
-    process_dataset(raw, Dataset("bench", "https://h/x.h5ad", "direct", 2), out_path=batch / "bench.h5ad",
-                    config=_config(), vocab=Vocabulary.builtin(VOCAB.split(":", 1)[1]), cache_dir=folder / "c")
-    return batch
+    return processed_resampled_batch(n_cells, folder, config=_config(), vocab=Vocabulary.builtin(VOCAB.split(":", 1)[1]))
 
 
 def _child_train(batch: Path, out: Path, warmup: int) -> None:

@@ -28,18 +28,11 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def _make_batch(n_cells: int, folder: Path) -> Path:
     from atlasflow.core.config import load_config
-    from atlasflow.intake.manifest import Dataset
     from atlasflow.prep.genes import Vocabulary
-    from atlasflow.prep.process import process_dataset
-    from atlasflow_testing.realdata import pbmc_counts, resample
+    from atlasflow_testing.realdata import processed_resampled_batch
 
-    raw = folder / "raw"
-    raw.mkdir(parents=True)
-    resample(pbmc_counts(), n_cells, seed=n_cells).write_h5ad(raw / "data.h5ad")
-    batch = folder / "batch_0000"
-    process_dataset(raw, Dataset("bench", "https://h/x.h5ad", "direct", 2), out_path=batch / "bench.h5ad",
-                    config=load_config(overrides={"qc.min_genes": 10, "genes.vocab_path": "builtin:pbmc68k"}), vocab=Vocabulary.builtin("pbmc68k"), cache_dir=folder / "c")
-    return batch
+    return processed_resampled_batch(n_cells, folder, vocab=Vocabulary.builtin("pbmc68k"), config=load_config(
+        overrides={"qc.min_genes": 10, "genes.vocab_path": "builtin:pbmc68k"}))
 
 
 def _rss_mb() -> float:

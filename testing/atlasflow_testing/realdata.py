@@ -123,3 +123,37 @@ def write_format(adata: Any, fmt: str, folder: Path, stem: str = "data") -> Path
             pd.DataFrame(dense, index=cells, columns=genes).to_csv(path, sep="\t")
         return path
     raise ValueError(f"unknown format {fmt!r}")
+
+
+def processed_batches(root: Path, *, config: Any, vocab: Any, cells: int, batches: int = 2,
+                      per_batch: int = 2) -> Path:
+    """``root/batch_0000`` … : ``per_batch`` processed datasets (the processed-h5ad contract) of
+    ``cells`` consecutive real cells each, labelled by ``bulk_labels``; returns ``root``."""
+    from atlasflow.intake.manifest import Dataset
+    from atlasflow.prep.process import process_dataset
+
+    pbmc = pbmc_counts()
+    for b in range(batches):
+        for d in range(per_batch):
+            k = b * per_batch + d
+            raw = root / "raw" / f"d{k}"
+            write_format(pbmc[k * cells: (k + 1) * cells].copy(), "h5ad", raw)
+            process_dataset(raw, Dataset(f"d{k}", "https://h/x.h5ad", "direct", 2, cell_type_key="bulk_labels"),
+                            config=config, out_path=root / f"batch_{b:04d}" / f"d{k}.h5ad", vocab=vocab,
+                            cache_dir=root / "cache")
+    return root
+
+
+def processed_resampled_batch(n_cells: int, folder: Path, *, config: Any, vocab: Any) -> Path:
+    """``n_cells`` Poisson-resampled pbmc68k_reduced cells (seed ``n_cells``), processed into
+    ``folder/batch_0000/bench.h5ad``; returns the batch folder (for the benchmarks)."""
+    from atlasflow.intake.manifest import Dataset
+    from atlasflow.prep.process import process_dataset
+
+    raw = folder / "raw"
+    raw.mkdir(parents=True)
+    resample(pbmc_counts(), n_cells, seed=n_cells).write_h5ad(raw / "data.h5ad")
+    batch = folder / "batch_0000"
+    process_dataset(raw, Dataset("bench", "https://h/x.h5ad", "direct", 2), out_path=batch / "bench.h5ad",
+                    config=config, vocab=vocab, cache_dir=folder / "c")
+    return batch

@@ -21,14 +21,12 @@ import numpy as np
 import pytest
 
 from atlasflow.core.config import load_config
-from atlasflow.intake.manifest import Dataset
 from atlasflow.model.data import BatchData
 from atlasflow.model.loader import Prefetch, shard_blocks
 from atlasflow.model.tokenizer import Tokenizer
 from atlasflow.model.train import train_batch
 from atlasflow.prep.genes import Vocabulary
-from atlasflow.prep.process import process_dataset
-from atlasflow_testing.realdata import pbmc_counts, write_format
+from atlasflow_testing.realdata import processed_batches
 
 LOSS_TOL = 1e-4
 TINY = {"model.preset": "custom", "model.d_model": 32, "model.n_layers": 1, "model.n_heads": 2, "model.d_ff": 64,
@@ -41,19 +39,8 @@ TINY = {"model.preset": "custom", "model.d_model": 32, "model.n_layers": 1, "mod
 @pytest.fixture(scope="module")
 def batches(tmp_path_factory):
     """Two batch folders of processed real cells (two datasets each; one of them is held out)."""
-    root = tmp_path_factory.mktemp("ddp")
-    pbmc = pbmc_counts()
-    config = load_config(overrides=TINY)
-    vocab = Vocabulary.builtin("pbmc68k")
-    for b, batch in enumerate(("batch_0000", "batch_0001")):
-        for d in range(2):
-            ds = f"d{2 * b + d}"
-            lo = (2 * b + d) * 170
-            raw = root / "raw" / ds
-            write_format(pbmc[lo: lo + 170].copy(), "h5ad", raw)
-            process_dataset(raw, Dataset(ds, "https://h/x.h5ad", "direct", 2, cell_type_key="bulk_labels"),
-                            config=config, out_path=root / batch / f"{ds}.h5ad", vocab=vocab, cache_dir=root / "c")
-    return root
+    return processed_batches(tmp_path_factory.mktemp("ddp"), config=load_config(overrides=TINY),
+                             vocab=Vocabulary.builtin("pbmc68k"), cells=170)
 
 
 def _config(tmp_path: Path, name: str, **extra) -> Path:

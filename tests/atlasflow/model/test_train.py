@@ -14,12 +14,10 @@ import numpy as np
 import pytest
 
 from atlasflow.core.config import load_config
-from atlasflow.intake.manifest import Dataset
 from atlasflow.model.data import split_datasets
 from atlasflow.model.train import Trainer, linear_probe_accuracy, log_normalised_pca, train_batch
 from atlasflow.prep.genes import Vocabulary
-from atlasflow.prep.process import process_dataset
-from atlasflow_testing.realdata import pbmc_counts, write_format
+from atlasflow_testing.realdata import pbmc_counts, processed_batches
 
 TINY = {"model.preset": "custom", "model.d_model": 32, "model.n_layers": 1, "model.n_heads": 2, "model.d_ff": 64,
         "model.max_genes": 64, "training.batch_cells": 32, "training.block_cells": 64, "training.warmup_steps": 3,
@@ -30,19 +28,8 @@ TINY = {"model.preset": "custom", "model.d_model": 32, "model.n_layers": 1, "mod
 @pytest.fixture(scope="module")
 def batches(tmp_path_factory):
     """Two batch folders of processed files (the contract's format), two datasets each, from real cells."""
-    root = tmp_path_factory.mktemp("batches")
-    pbmc = pbmc_counts()
-    config = load_config(overrides=TINY)
-    vocab = Vocabulary.builtin("pbmc68k")
-    for b, batch in enumerate(("batch_0000", "batch_0001")):
-        for d in range(2):
-            ds = f"d{2 * b + d}"
-            lo = (2 * b + d) * 150
-            raw = root / "raw" / ds
-            write_format(pbmc[lo: lo + 150].copy(), "h5ad", raw)
-            process_dataset(raw, Dataset(ds, "https://h/x.h5ad", "direct", 2, cell_type_key="bulk_labels"), config=config,
-                            out_path=root / batch / f"{ds}.h5ad", vocab=vocab, cache_dir=root / "cache")
-    return root
+    return processed_batches(tmp_path_factory.mktemp("batches"), config=load_config(overrides=TINY),
+                             vocab=Vocabulary.builtin("pbmc68k"), cells=150)
 
 
 def config_for(tmp_path: Path, **extra):
