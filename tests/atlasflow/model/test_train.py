@@ -231,6 +231,19 @@ def test_embed_cli_adds_cell_and_gene_embeddings(batches, tmp_path):
 @pytest.mark.slow
 
 
+def test_loader_workers_and_prefetch_leave_the_losses_unchanged(batches, tmp_path):
+    """Two DataLoader workers (blocks handed over in reused shared buffers) and a prefetch thread feed
+    the same steps as reading in the training process: the same losses, bit for bit."""
+    vocab = Vocabulary.builtin("pbmc68k")
+    losses = {}
+    for workers, prefetch in ((0, 0), (2, 2)):
+        trainer = Trainer(config_for(tmp_path, **{"training.epochs": 2, "training.loader_workers": workers,
+                                                  "training.prefetch_steps": prefetch}), vocab)
+        trainer.run_batch(batches / "batch_0000")
+        losses[workers] = trainer.progress.losses
+    assert len(losses[0]) >= 10 and losses[2] == losses[0]
+
+
 def test_cell_type_head_trains_on_labelled_cells(batches, tmp_path):
     import torch
 
