@@ -109,8 +109,8 @@ GPU_DEVICE_GLOBS = ("/dev/nvidia[0-9]*", "/dev/kfd")
 
 
 def _accelerator(device_globs: Sequence[str] = GPU_DEVICE_GLOBS) -> Check:
-    # Importing torch takes ~3 s, on the critical path of every run (validation gates the first
-    # download); without a GPU device node torch cannot see a GPU, so it is only imported when one exists.
+    # Importing torch costs 1.5-3 s of every run's validation; without a GPU device node torch cannot
+    # see a GPU, so it is only imported when one exists.
     if not any(glob.glob(pattern) for pattern in device_globs):
         if importlib.util.find_spec("torch") is None:
             return Check("gpu", "fail", "torch is not installed")
