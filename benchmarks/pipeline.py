@@ -1,24 +1,34 @@
 """Pipelined vs sequential batches under the real scheduler: makespan, peak disk, stage busy fractions.
 
-20 real-cell datasets (5 batches of 4) behind the stand-in server throttled per connection, the same
-atlas_ingest DAG run twice on a fresh local Airflow (SQLite, LocalExecutor): ``plan.pipelining: true``
-(batch i+1 downloads and processes while batch i trains, as far as the budget allows) and ``false``
-(each batch is admitted only after the previous one's cleanup). Per run: makespan (DAG run start to
-end), peak bytes under the base dir (sampled every 50 ms) vs the budget, and each stage's busy fraction
-(the share of the makespan during which at least one of its tasks ran); the stage with the highest is
-named the bottleneck. Writes benchmarks/results/pipeline.json.
+Real-cell datasets of 35 cells (pbmc68k_reduced's 700 cells make 20; more are Poisson-resampled from
+them and say so in the manifest) behind the stand-in server, throttled per connection; the atlas_ingest
+DAG on a fresh local Airflow per run (SQLite, LocalExecutor, ``core.parallelism`` 16), pipelined
+(``plan.pipelining: true``: batch i+1 downloads and processes while batch i trains, as far as the budget
+allows) and sequential (``false``: each batch is admitted only after the previous one's cleanup). Per
+run: makespan (DAG run start to end), peak bytes under the base dir (sampled every 50 ms) vs the budget,
+and each stage's busy fraction (the share of the makespan during which at least one of its tasks ran);
+the stage with the highest is named the bottleneck. Writes benchmarks/results/pipeline.json; a run of
+some scenarios replaces theirs there and keeps the others (each records its date and git revision).
 
-Two scenarios, both 20 datasets:
+Scenarios (the first two run by default):
 
-- ``balanced``: batches of 4 at 40 kB/s per connection; download, process, integrate and train take
-  similar time. On a 2-core machine the three CPU stages compete for the cores, so only the
-  downloads truly overlap with compute.
-- ``download_bound``: batches of 2 at 3 kB/s per connection (a dataset of the mean 92 kB takes
-  ~30 s), the case the pipeline is built for (slow public servers, small budget-limited batches;
-  the design document has downloads at 85-90 % of a sample's time): sequential batches use 2 of
-  the 5 download slots, pipelined ones fill all 5 and keep the CPU busy meanwhile.
-- ``download_bound_slow``: the same at 1 kB/s per connection (a dataset takes ~90 s), so the part of
-  the run that can never overlap (before the first download, after the last) weighs a third as much.
+- ``balanced``: 40 datasets in batches of 4 at 40 kB/s per connection; download, process, integrate
+  and train take similar time. On a 2-core machine the CPU stages compete for the cores, so the run is
+  CPU-bound and only the downloads truly overlap with compute.
+- ``download_bound``: 60 datasets in batches of 4 at 2 kB/s per connection (a dataset of the mean
+  92 kB takes ~45 s), the case the pipeline is built for (slow public servers; the design document
+  has downloads at 85-90 % of a sample's time): sequential batches use 4 of the 5 download slots and
+  leave them idle while a batch trains, pipelined ones keep all 5 busy and train meanwhile.
+- ``download_bound_20`` and ``download_bound_20_slow``: the download-bound scenario of the earlier
+  runs (20 datasets in batches of 2, 3 and 1 kB/s). Its parts that can never overlap (validation and
+  the first admission before any download; after the last download, the last batch's QC, train and
+  the report: ~30 s together) weigh 20-25 % of its ~125 s bound at 3 kB/s; and with 4 datasets per
+  slot, of which 11 take 126-148 s at 1 kB/s, whole downloads cannot fill 5 slots evenly
+  (``downloads_pool_whole_datasets_s``).
+
+``core.parallelism`` is 16, not `make demo`'s 8: with batches of 4, a batch's 4 ``process`` tasks
+beside ``train`` and ``integrate`` took 6 of 8 executor slots and held the downloads pool at 2-3 of its
+5 slots for seconds at a time (0.837 of the bound against 0.872 at 16, one run each).
 
 Each pipelined run is set beside its **bottleneck bound**, the least makespan the busiest resource
 allows (resources: the downloads pool's slots, the machine's CPU cores, the gpu pool's slots)::
@@ -34,8 +44,9 @@ run reaches (1.0: the busiest resource never idled). On a shared machine other p
 too: each run records their CPU seconds (machine busy time from /proc/stat minus ours) and the bound
 with only the cores they left (``bound_with_contention``).
 
-Environment: BENCH_PIPELINE_DATASETS (20), BENCH_PIPELINE_SCENARIOS (comma-separated subset),
-BENCH_PIPELINE_PARALLELISM (8: Airflow's core.parallelism for both modes), BENCH_PIPELINE_REPEATS
+Environment: BENCH_PIPELINE_SCENARIOS (comma-separated; default balanced,download_bound),
+BENCH_PIPELINE_DATASETS (overrides every scenario's count), BENCH_PIPELINE_PARALLELISM (16: Airflow's
+core.parallelism for both modes), BENCH_PIPELINE_REPEATS
 (3: pipelined runs per scenario), BENCH_PIPELINE_SEQUENTIAL_REPEATS (1), BENCH_PIPELINE_BUDGET_MB (40).
 """
 
@@ -51,16 +62,20 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-N_DATASETS = int(os.environ.get("BENCH_PIPELINE_DATASETS", 20))
+# BENCH_PIPELINE_DATASETS overrides every scenario's own count
+N_DATASETS = int(os.environ["BENCH_PIPELINE_DATASETS"]) if os.environ.get("BENCH_PIPELINE_DATASETS") else None
+# cells per dataset: pbmc68k_reduced's 700 real cells make 20 datasets; more are Poisson-resampled from them
+CELLS = 35
 # LocalExecutor slots for tasks of any kind: at least the downloads pool (5) plus the CPU stages, or the
 # pool can never fill (with 4, pipelined batches had at most ~3 downloads under way)
-PARALLELISM = int(os.environ.get("BENCH_PIPELINE_PARALLELISM", 8))
-SCENARIOS = {"balanced": {"batch_size": 4, "rate": 40_000.0},
-             "download_bound": {"batch_size": 2, "rate": 3_000.0},
-             # the same at a third of the rate: ~25 s of the run can never overlap (validation and the first
-             # admission before any download; the last batches' QC, train chain and report after the last),
-             # (~40 s measured at 3 kB/s against a ~125 s bound); here the steady state dominates
-             "download_bound_slow": {"batch_size": 2, "rate": 1_000.0}}
+PARALLELISM = int(os.environ.get("BENCH_PIPELINE_PARALLELISM", 16))
+SCENARIOS = {"balanced": {"datasets": 40, "batch_size": 4, "rate": 40_000.0},
+             "download_bound": {"datasets": 60, "batch_size": 4, "rate": 2_000.0},
+             # the download-bound scenario of the runs before (20 datasets, batches of 2), at 3 and 1 kB/s: with
+             # 4 datasets per download slot it measures the run's fixed edges more than the pipeline (see above)
+             "download_bound_20": {"datasets": 20, "batch_size": 2, "rate": 3_000.0},
+             "download_bound_20_slow": {"datasets": 20, "batch_size": 2, "rate": 1_000.0}}
+DEFAULT_SCENARIOS = ("balanced", "download_bound")
 REPEATS = int(os.environ.get("BENCH_PIPELINE_REPEATS", 3))
 SEQUENTIAL_REPEATS = int(os.environ.get("BENCH_PIPELINE_SEQUENTIAL_REPEATS", 1))
 # 40 MB: with the fixed 8 MB model-artefact reservation per batch about 4 batches fit at once
@@ -79,20 +94,45 @@ def pool_slots() -> dict[str, int]:
     return {p["pool_name"]: int(p["pool_slot"]) for p in pools}
 
 
+def whole_jobs_bound(durations: list[float], slots: int) -> float:
+    """The least time ``slots`` parallel slots need for jobs that cannot be split (P||Cmax lower bound).
+
+    At least the total over the slots and the longest job; and for every k, some slot runs k+1 of the
+    k*slots+1 longest jobs, so it is busy at least as long as the k+1 shortest of those take.
+    """
+    p = sorted(durations, reverse=True)
+    best = max(sum(p) / slots, p[0] if p else 0.0)
+    k = 1
+    while k * slots < len(p):
+        top = p[: k * slots + 1]
+        best = max(best, sum(top[-(k + 1):]))
+        k += 1
+    return best
+
+
 def bottleneck_bound(times: dict, *, cpu_s: float, cores: float, slots: dict[str, int]) -> dict:
-    """Each resource's total work over its capacity, and the largest: the least makespan it allows."""
+    """Each resource's total work over its capacity, and the largest: the least makespan it allows.
+
+    ``downloads_pool_whole_datasets_s`` is not part of the bound: it is what the downloads pool needs
+    when a dataset's download cannot be split across slots (:func:`whole_jobs_bound`), which exceeds
+    the divisible figure when few long downloads share the slots.
+    """
+    def durations(stage: str) -> list[float]:
+        return [b - a for (t, _), (a, b, _) in times.items() if t.endswith("." + stage)]
+
     def task_s(stage: str) -> float:
-        return sum(b - a for (t, _), (a, b, _) in times.items() if t.endswith("." + stage))
+        return sum(durations(stage))
 
     per = {"downloads_pool": task_s("download") / slots["downloads"], "cpu": cpu_s / cores,
            "gpu_pool": task_s("train") / slots["gpu"]}
     busiest = max(per, key=per.get)
     return {"download_task_s": round(task_s("download"), 1), "train_task_s": round(task_s("train"), 1),
             "airflow_cpu_s": round(cpu_s, 1), "per_resource_s": {k: round(v, 1) for k, v in per.items()},
-            "busiest": busiest, "bound_s": round(per[busiest], 1)}
+            "busiest": busiest, "bound_s": round(per[busiest], 1),
+            "downloads_pool_whole_datasets_s": round(whole_jobs_bound(durations("download"), slots["downloads"]), 1)}
 
 
-def run_mode(pipelining: bool, work: Path, *, batch_size: int, rate: float) -> dict:
+def run_mode(pipelining: bool, work: Path, *, datasets: int, batch_size: int, rate: float) -> dict:
     import yaml
 
     from atlasflow.core.config import load_config
@@ -105,7 +145,7 @@ def run_mode(pipelining: bool, work: Path, *, batch_size: int, rate: float) -> d
     root = work / ("pipelined" if pipelining else "sequential")
     (root / "www").mkdir(parents=True)
     with GeoServer(root / "www", rate=rate) as server:
-        build_demo(root, server.url, n_datasets=N_DATASETS, cells=700 // N_DATASETS, batch_size=batch_size, budget_mb=BUDGET_MB,
+        build_demo(root, server.url, n_datasets=N_DATASETS or datasets, cells=CELLS, batch_size=batch_size, budget_mb=BUDGET_MB,
                    missing_row=False, integration_epochs=2)
         cfg = root / "atlasflow.yaml"
         data = yaml.safe_load(cfg.read_text())
@@ -194,8 +234,11 @@ def _spread(values: list[float]) -> dict:
 def _summary(name: str, runs: list[dict]) -> dict:
     pipelined = [r for r in runs if r["pipelining"]]
     sequential = [r for r in runs if not r["pipelining"]]
-    out: dict = {"batch_size": SCENARIOS[name]["batch_size"],
-                 "rate_bytes_per_s_per_connection": SCENARIOS[name]["rate"], "runs": runs}
+    out: dict = {"datasets": N_DATASETS or SCENARIOS[name]["datasets"], "cells_per_dataset": CELLS,
+                 "batch_size": SCENARIOS[name]["batch_size"],
+                 "rate_bytes_per_s_per_connection": SCENARIOS[name]["rate"],
+                 "parallelism": PARALLELISM, "repeats": REPEATS, "sequential_repeats": SEQUENTIAL_REPEATS,
+                 "measured": time.strftime("%Y-%m-%d", time.gmtime()), "revision": _revision(), "runs": runs}
     if pipelined:
         fractions = [r["fraction_of_bound"] for r in pipelined]
         out.update({
@@ -212,11 +255,23 @@ def _summary(name: str, runs: list[dict]) -> dict:
     return out
 
 
+def _revision() -> str | None:
+    import subprocess
+
+    done = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return done.stdout.strip() or None
+
+
 def main() -> int:
-    wanted = [n for n in os.environ.get("BENCH_PIPELINE_SCENARIOS", ",".join(SCENARIOS)).split(",") if n]
-    scenarios: dict[str, dict] = {}
+    wanted = [n for n in os.environ.get("BENCH_PIPELINE_SCENARIOS", ",".join(DEFAULT_SCENARIOS)).split(",") if n]
+    if unknown := sorted(set(wanted) - set(SCENARIOS)):
+        sys.stderr.write(f"unknown scenario(s) {unknown}; known: {sorted(SCENARIOS)}\n")
+        return 2
     out = REPO / "benchmarks" / "results" / "pipeline.json"
     out.parent.mkdir(exist_ok=True)
+    # a run of some scenarios replaces theirs and keeps the others' (each says when and on what it ran)
+    previous = json.loads(out.read_text()).get("scenarios", {}) if out.exists() else {}
+    scenarios: dict[str, dict] = {k: v for k, v in previous.items() if k in SCENARIOS and "measured" in v}
     for name in wanted:
         work = Path(tempfile.mkdtemp(prefix=f"atlasflow-bench-pipeline-{name}-"))
         runs: list[dict] = []
@@ -234,8 +289,7 @@ def main() -> int:
                     sys.stdout.flush()
                     scenarios[name] = _summary(name, runs)
                     # written after every run: a long benchmark stopped early keeps what it measured
-                    result = {"datasets": N_DATASETS, "pools": pool_slots(), "parallelism": PARALLELISM,
-                              "cores": os.cpu_count(), "repeats": REPEATS, "sequential_repeats": SEQUENTIAL_REPEATS,
+                    result = {"pools": pool_slots(), "cores": os.cpu_count(),
                               "bound_formula": BOUND_FORMULA, "goal_fraction_of_bound": GOAL_OF_BOUND,
                               "load_average_at_end": list(os.getloadavg()), "scenarios": scenarios}
                     out.write_text(json.dumps(result, indent=1) + "\n")
@@ -244,7 +298,7 @@ def main() -> int:
         sys.stdout.write(f"pipeline[{name}]: pipelined reaches {scenarios[name].get('pipelined_fraction_of_bound')} of "
                          f"the bound (goal >= {GOAL_OF_BOUND}); sequential/pipelined makespan = "
                          f"{scenarios[name].get('makespan_ratio_sequential_over_pipelined')}x\n")
-    return 0 if all(r["succeeded"] for sc in scenarios.values() for r in sc["runs"]) else 1
+    return 0 if all(r["succeeded"] for name in wanted for r in scenarios[name]["runs"]) else 1
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from airflow.sdk import Asset, Param, TaskGroup, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowSkipException
 
 from atlasflow.core.assets import MODEL_CHECKPOINT_URI
-from atlasflow_airflow.dag_defaults import default_args, report, run_config
+from atlasflow_airflow.dag_defaults import default_args, lower_cpu_priority, report, run_config
 from atlasflow_airflow.operators.quant import QuantOperator
 from atlasflow_airflow.operators.train import TrainBatchOperator
 from atlasflow_airflow.operators.validate import SystemValidationOperator
@@ -54,7 +54,7 @@ def download(batch_id: str, dataset_id: str) -> dict:
     return download_dataset(run_config(), batch_id, dataset_id, final_try=ti.try_number > ti.max_tries)
 
 
-@task(map_index_template="{{ dataset_id }}")
+@task(map_index_template="{{ dataset_id }}", on_execute_callback=lower_cpu_priority)  # yields to the chains
 def process(batch_id: str, fetched: dict) -> dict:
     """Read → QC → gene harmonisation → processed h5ad; a bad dataset is quarantined, not fatal."""
     from atlasflow.steps.ingest import process_dataset_step
@@ -127,6 +127,7 @@ def atlas_ingest() -> None:
                 # raw reads → counts (pool quant; FASTQ deleted once quantified); count files pass through
                 counts = QuantOperator.partial(task_id="quant", batch_id=bid, pool="quant",
                                                 map_index_template="{{ dataset_id }}",
+                                                on_execute_callback=lower_cpu_priority,
                                                 execution_timeout=QUANT_TIMEOUT).expand(fetched=fetched).output
             processed = process.partial(batch_id=bid).expand(fetched=counts)
             integrated = integrate(bid, processed)

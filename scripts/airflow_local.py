@@ -155,6 +155,9 @@ def start(args: argparse.Namespace) -> int:
         try:
             health = request(state, "GET", "/api/v2/monitor/health", timeout=5)
             if health.get("scheduler", {}).get("status") == "healthy":
+                # The Execution API (what task processes call) builds itself on its first request: 2.6 s on
+                # an idle machine, 5-6 s while the scheduler lays out a run. Paid here, not by the first tasks.
+                request(state, "GET", "/execution/health", timeout=60)
                 print(f"Airflow UI: {api_url(state)}  (user admin, password {password()}); logs in {logs}")
                 return 0
         except (urllib.error.URLError, OSError, ValueError):

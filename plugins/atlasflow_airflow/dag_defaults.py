@@ -3,13 +3,15 @@
 - :func:`default_args`: the owner, the retry policy (:data:`RETRY_POLICY`) and the failure
   callback (:func:`~atlasflow_airflow.notify.notify_failure`, which goes to ``notify.channel``);
 - :func:`run_config`: the config a running task uses (file, overrides Variable, run Params);
-- :func:`report`: the run-report teardown task (task id ``report``).
+- :func:`report`: the run-report teardown task (task id ``report``);
+- :func:`lower_cpu_priority`: the ``on_execute_callback`` of the worker's parallel CPU stages.
 
 Imported on every DAG parse: nothing heavy at module level (ruff TID253).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from datetime import timedelta
 from types import MappingProxyType
@@ -49,6 +51,19 @@ def default_args() -> dict[str, Any]:
         **RETRY_POLICY,
         "on_failure_callback": notify_failure,  # notify.channel: log (default), webhook or smtp
     }
+
+
+def lower_cpu_priority(context: Any) -> None:
+    """Raise this task process's niceness by ``qc.nice`` (an ``on_execute_callback``; runs in the task process).
+
+    For ``process`` and ``quant``: many run at once and nothing waits on one of them alone, while each
+    batch's ``train`` and ``integrate`` wait for the previous batch's. On a worker that also trains
+    (local backend, few cores) the chains then keep their pace and QC fills the idle cores; with
+    ``qc.nice: 0`` or training on SLURM nothing changes. Children (a quant job's ``kb``) inherit it.
+    """
+    nice = task_config(context).qc.nice
+    if nice:
+        os.nice(nice)
 
 
 def run_config() -> AtlasConfig:

@@ -51,13 +51,15 @@ def build_demo(root: Path, url: str, *, n_datasets: int = 7, cells: int = 100, b
     import openpyxl
 
     from atlasflow_testing.geo_server import geo_series_dir
-    from atlasflow_testing.realdata import pbmc_counts, write_format
+    from atlasflow_testing.realdata import pbmc_counts, resample, write_format
 
     pbmc = pbmc_counts()
     www = root / "www"
     rows = []
     for i in range(n_datasets):
-        part = pbmc[i * cells: (i + 1) * cells].copy()
+        resampled = (i + 1) * cells > pbmc.n_obs
+        # past the 700 real cells, a dataset is Poisson-resampled from them (and says so in its notes)
+        part = resample(pbmc, cells, seed=i) if resampled else pbmc[i * cells: (i + 1) * cells].copy()
         fmt = FORMATS[i % len(FORMATS)]
         ds = f"pbmc_{i + 1}"
         if i == 2:  # one dataset published as a GEO series
@@ -68,7 +70,8 @@ def build_demo(root: Path, url: str, *, n_datasets: int = 7, cells: int = 100, b
             continue
         path = write_format(part, fmt, www / "files", stem=ds)
         rows.append([ds, f"{url}/files/{path.name}", "direct", "control", "blood", "human", "",
-                     path.stat().st_size, "bulk_labels" if fmt == "h5ad" else "", ""])
+                     path.stat().st_size, "bulk_labels" if fmt == "h5ad" else "",
+                     "Poisson-resampled from pbmc68k_reduced" if resampled else ""])
     if missing_row:
         gone = ["pbmc_gone", f"{url}/files/pbmc_gone.h5ad", "direct", "control", "blood", "human", "", 200_000, "",
                 "a dataset the server no longer has: quarantined, the batch goes on"]

@@ -48,3 +48,36 @@ def test_both_dags_get_the_same_retry_policy_and_failure_callback(monkeypatch, t
     for path in DAGS.glob("*.py"):
         text = path.read_text()
         assert "retry_delay" not in text and "notify_failure" not in text, path.name
+
+
+def _niceness_after_callback(config_path: str, queue) -> None:
+    """In a forked child (the test process keeps its priority): run the callback, report the change."""
+    import os
+
+    from atlasflow.core.config import load_config
+    from atlasflow_airflow import dag_defaults
+
+    dag_defaults.task_config = lambda context: load_config(config_path)  # the context's config, without a run
+    before = os.getpriority(os.PRIO_PROCESS, 0)
+    dag_defaults.lower_cpu_priority({})
+    queue.put(os.getpriority(os.PRIO_PROCESS, 0) - before)
+
+
+def test_lower_cpu_priority_renices_the_task_process_by_qc_nice(tmp_path):
+    import multiprocessing
+    import os
+
+    fork = multiprocessing.get_context("fork")
+    changes = []
+    for nice in (7, 0):
+        path = tmp_path / f"nice{nice}.yaml"
+        path.write_text(f"storage:\n  base_dir: {tmp_path / 'base'}\nqc:\n  nice: {nice}\n")
+        queue = fork.Queue()
+        child = fork.Process(target=_niceness_after_callback, args=(str(path), queue))
+        child.start()
+        changes.append(queue.get(timeout=60))
+        child.join(timeout=60)
+        assert child.exitcode == 0
+    # by the configured amount (the OS caps niceness at 19, should the test itself run niced), and not
+    # at all with qc.nice: 0
+    assert changes == [min(7, 19 - os.getpriority(os.PRIO_PROCESS, 0)), 0]

@@ -148,3 +148,14 @@ def test_only_batches_with_raw_reads_get_a_quant_step(monkeypatch, tmp_path):
     assert quant.upstream_task_ids == {"batch_0001.download"}
     assert dag.get_task("batch_0001.process").upstream_task_ids == {"batch_0001.quant"}
     assert quant.execution_timeout.total_seconds() == 600 + 120
+    # the parallel CPU stages yield the cores to the train/integrate chains (qc.nice); the chains do not
+    from atlasflow_airflow.dag_defaults import lower_cpu_priority
+
+    def execute_callbacks(task_id: str) -> list:
+        cb = dag.get_task(task_id).on_execute_callback
+        return cb if isinstance(cb, list) else [cb]
+
+    for task_id in ("batch_0001.quant", "batch_0001.process", "batch_0000.process"):
+        assert lower_cpu_priority in execute_callbacks(task_id), task_id
+    for task_id in ("batch_0001.train", "batch_0001.integrate", "batch_0001.download"):
+        assert lower_cpu_priority not in execute_callbacks(task_id), task_id

@@ -304,6 +304,12 @@ class QCConfig:
     min_vocab_coverage: float = _opt(
         0.5, "Quarantine a dataset whose genes cover less than this share of the vocabulary.", min=0, max=1
     )
+    nice: int = _opt(
+        10, "OS priority increment (nice) of the worker's process and quant tasks, which run many at once and "
+        "wait for nothing downstream: where training runs on the same machine (local backend), the serial "
+        "train and integrate chains, which every later batch waits for, get the cores first. 0 leaves it.",
+        min=0, max=19,
+    )
 
 
 @dataclass(frozen=True)
@@ -336,6 +342,9 @@ class IntegrationConfig:
     n_layers: int = _opt(2, "Encoder/decoder layers.", min=1)
     n_genes: int = _opt(2000, "Genes used: the most often highly variable across the batch's datasets.", min=10)
     seed: int = _opt(0, "scvi-tools seed.", min=0)
+    threads: int | None = _opt(
+        None, "CPU threads of the scVI step (torch.set_num_threads); empty: half the worker's CPUs with "
+        "training.backend local (a training process runs beside it), else all of them.", min=1, max=1024)
 
 
 @dataclass(frozen=True)
@@ -465,6 +474,10 @@ class TrainingConfig:
         0.2, "Share of a batch's datasets held out for validation (whole datasets: no leakage).", min=0, max=0.9
     )
     device: Literal["auto", "cpu", "cuda"] = _opt("auto", "auto: CUDA when available, else CPU.")
+    threads: int | None = _opt(
+        None, "CPU threads of each training process (torch.set_num_threads, OMP_NUM_THREADS). Empty: on the "
+        "local backend half the worker's CPUs over training.local_ranks (integrate runs beside training); on "
+        "SLURM torch's own default, the job's CPUs.", min=1, max=1024)
     local_ranks: int = _opt(
         1, "backend local: DDP ranks started on this machine (`torchrun --standalone --nproc_per_node`); on CPU "
         "they use gloo. 1: one plain process.", min=1, max=64)

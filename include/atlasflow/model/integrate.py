@@ -149,7 +149,7 @@ def _score_pool(model: Any, pool: Any, batch_id: str, seed: int) -> dict[str, An
 
 
 def integrate_batch(batch_dir: Path, out_dir: Path, *, config: IntegrationConfig, previous: Path | None = None,
-                    accelerator: str = "auto") -> dict[str, Any]:
+                    accelerator: str = "auto", threads: int | None = None) -> dict[str, Any]:
     """Integrate ``batch_dir``; write ``out_dir/{model/, latent.h5ad, scoring.h5ad, result.json}`` atomically.
 
     Parameters
@@ -157,6 +157,8 @@ def integrate_batch(batch_dir: Path, out_dir: Path, *, config: IntegrationConfig
     previous
         The previous batch's integration folder: when given, scArches surgery onto its model, and
         its ``scoring.h5ad`` pool is scored with this batch's cells.
+    threads
+        torch's CPU threads while integrating (restored afterwards); ``None``: as they are.
 
     Returns
     -------
@@ -167,13 +169,27 @@ def integrate_batch(batch_dir: Path, out_dir: Path, *, config: IntegrationConfig
         plus ``cells_this_batch`` and ``cells_earlier_batches`` of the pool and ``batch_unlabelled``,
         the batch's cells without a label).
     """
+    if (out_dir / "result.json").exists():
+        return json.loads((out_dir / "result.json").read_text())
+    import torch
+
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return _integrate(batch_dir, out_dir, config=config, previous=previous, accelerator=accelerator)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _integrate(batch_dir: Path, out_dir: Path, *, config: IntegrationConfig, previous: Path | None,
+               accelerator: str) -> dict[str, Any]:
     import anndata as ad
     import scvi
+    import torch
 
     from atlasflow.model.integration_metrics import labelled_mask
 
-    if (out_dir / "result.json").exists():
-        return json.loads((out_dir / "result.json").read_text())
     _quiet()
     t0 = time.monotonic()
     scvi.settings.seed = config.seed
@@ -217,7 +233,7 @@ def integrate_batch(batch_dir: Path, out_dir: Path, *, config: IntegrationConfig
                   "cells": int(adata.n_obs), "genes": int(adata.n_vars), "datasets": sorted(adata.obs["dataset_id"].unique()),
                   "latent_dim": int(latent.shape[1]), "epochs": config.max_epochs,
                   "train_loss": float(model.history["train_loss"].iloc[-1, 0]),
-                  "scib": scib, "seconds": round(time.monotonic() - t0, 2)}
+                  "scib": scib, "cpu_threads": torch.get_num_threads(), "seconds": round(time.monotonic() - t0, 2)}
         write_json_atomic(tmp / "result.json", result)
         if out_dir.exists():
             shutil.rmtree(out_dir)

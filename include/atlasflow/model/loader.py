@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import collections
 import multiprocessing
-import os
 import queue
 import threading
 import weakref
@@ -40,6 +39,7 @@ import scipy.sparse as sp
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from atlasflow.core.cpus import usable_cpus
 from atlasflow.model.data import BatchData, CellBatch, Split
 
 __all__ = ["Prefetch", "ShardBlocks", "auto_workers", "shard_blocks"]
@@ -204,8 +204,7 @@ def auto_workers(*, cuda: bool, local_ranks: int = 1) -> int:
     """``training.loader_workers`` when empty: none on CPU (the cores train), else up to 4 per rank."""
     if not cuda:
         return 0
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(0, min(4, cpus // max(local_ranks, 1) - 1))
+    return max(0, min(4, usable_cpus() // max(local_ranks, 1) - 1))
 
 
 _DONE = object()

@@ -984,6 +984,7 @@ def _train_batch(config: AtlasConfig, vocab: Vocabulary, batch_dir: Path, out: P
         "gene_medians_version": trainer.medians.version() if config.model.gene_ranking == "median" else None,
         "device": str(trainer.device), "n_parameters": trainer.model.n_parameters(),
         "world_size": world, "data_shards": p.data_shards, "loader_workers": metrics["loader_workers"],
+        "cpu_threads": torch.get_num_threads(),  # per rank: training.threads, or the backend's share of the CPUs
         "loader_wait_share": metrics["loader_wait_share"],  # of the training loop's time, this run
         "seconds": round(time.monotonic() - t0, 3),
     }

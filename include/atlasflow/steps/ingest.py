@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NotRequired, TypedDict
 
 from atlasflow.core.config import AtlasConfig
+from atlasflow.core.cpus import threads_for
 from atlasflow.core.fsutil import prune_stale_temps, write_json_atomic
 from atlasflow.core.records import (
     QuarantineRecord,
@@ -622,8 +623,10 @@ def integrate_batch_step(config: AtlasConfig, batch_id: str, processed: list[Pro
         return {**base, "status": StepStatus.OK, "integration": None}  # type: ignore[typeddict-item]
     from atlasflow.model.integrate import integrate_batch
 
+    # with local training a training process runs beside this one on the same cores
+    threads = threads_for(config.integration.threads, sharing=2 if config.training.backend == "local" else 1)
     result = integrate_batch(layout.processed_dir(batch_id), layout.integration / batch_id, config=config.integration,
-                             previous=_previous(layout.integration, batch_id))
+                             previous=_previous(layout.integration, batch_id), threads=threads)
     return {**base, "status": StepStatus.OK,  # type: ignore[typeddict-item]
             "integration": {k: result[k] for k in result if k != "datasets"}}
 
@@ -680,9 +683,12 @@ def _train_batch(config: AtlasConfig, batch_id: str, *, previous_checkpoint: str
     from atlasflow.slurm.backend import LocalBackend
 
     job = training_job(config, batch_id, previous_checkpoint=previous_checkpoint)
-    command = distributed_command(job["command"], ranks_per_node=config.training.local_ranks)  # DDP ranks here
+    ranks = config.training.local_ranks
+    command = distributed_command(job["command"], ranks_per_node=ranks)  # DDP ranks here
+    # integrate runs beside training on this machine: each rank gets its share of half the CPUs
+    threads = threads_for(config.training.threads, sharing=2 * ranks)
     spec = JobSpec(dataset_id="train", batch_id=batch_id, command=tuple(command), output_dir=job["log_dir"],
-                   tag=tag, attempt=attempt)
+                   tag=tag, attempt=attempt, env={"OMP_NUM_THREADS": str(threads)})
     Ledger(config.storage).heartbeat(batch_id)
     log.info("running %s", " ".join(job["command"]))
     started = time.time()

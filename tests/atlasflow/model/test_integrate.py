@@ -18,8 +18,14 @@ from .test_train import batches  # noqa: F401  (module-scoped fixture of two pro
 
 
 def test_reference_then_surgery(batches, tmp_path):  # noqa: F811
+    import torch
+
     config = IntegrationConfig(max_epochs=1, n_latent=5)
-    first = integrate_batch(batches / "batch_0000", tmp_path / "batch_0000", config=config, accelerator="cpu")
+    threads = torch.get_num_threads()
+    first = integrate_batch(batches / "batch_0000", tmp_path / "batch_0000", config=config, accelerator="cpu",
+                            threads=threads + 1)
+    # scVI trained with the threads asked for, and this process got its own count back
+    assert first["cpu_threads"] == threads + 1 and torch.get_num_threads() == threads
     second = integrate_batch(batches / "batch_0001", tmp_path / "batch_0001", config=config,
                              previous=tmp_path / "batch_0000", accelerator="cpu")
     assert first["mode"] == "reference" and second["mode"] == "scarches_query"

@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from atlasflow.core.config import load_config
+from atlasflow.core.cpus import usable_cpus
 from atlasflow.intake.plan import write_batch_spec
 from atlasflow.prep.genes import Vocabulary, VocabularyMismatchError
 from atlasflow.steps import ingest as P
@@ -88,6 +89,8 @@ def test_integrate_after_train_of_the_same_run_still_integrates(demo):
                  for d in ids]
     assert P.usable_datasets([*processed, None]) == ["pbmc_1"]
     trained = P.train_batch_step(config, "batch_0000", previous_checkpoint=None)
+    # the local training child trains beside integrate: half the CPUs (at least one thread), not all of them
+    assert trained["cpu_threads"] == max(1, usable_cpus() // 2)
     integrated = P.integrate_batch_step(config, "batch_0000", processed)
     assert integrated["status"] == "ok" and "skipped" not in integrated
     P.cleanup_batch(config, "batch_0000")
