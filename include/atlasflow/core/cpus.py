@@ -17,6 +17,7 @@ def threads_for(configured: int | None, *, sharing: int = 1) -> int:
 
     Numerical libraries default to one thread per CPU in every process; two such processes on the same
     cores (training beside scVI on a local worker) spin-wait on each other: on 2 cores two training
-    processes each took 25-30 % longer, and used as much more CPU, with 2 threads than with 1.
+    processes with 2 threads each took 2.6x the time and the CPU of two with 1 (``make bench
+    BENCH=shared_cores``).
     """
     return configured if configured else max(1, usable_cpus() // max(sharing, 1))
