@@ -18,9 +18,13 @@ with its spread ((max − min) / median); the load average before and after is r
   over 100,000 cells (~5 s) still feels a little.
 - ``training``: steps/s between the first and the last step (``Trainer.on_step`` timestamps) of one
   epoch; ``compute_only`` repeats one cached step (no loading at all), the ceiling; the loader share
-  is ``1 − compute_only / synchronous`` steps/s.
+  is ``1 − compute_only / synchronous`` steps/s. ``loader_share_own_core`` gives loading a core of its
+  own (1 compute thread, 1 loader worker) against ``compute_only`` with 1 thread: near 0, training runs
+  at the pace of its compute. With 2 threads the compute takes both cores of this machine, and workers
+  and compute can only take turns.
 
-Run: ``make bench BENCH=loader`` or ``python benchmarks/loader.py [--cells 100000] [--repeats 3]``.
+Run: ``make bench BENCH=loader`` or ``python benchmarks/loader.py [--cells 100000] [--repeats 3]
+[--only feed|training]`` (one part; the other's figures stay as the last run left them).
 """
 
 from __future__ import annotations
@@ -132,19 +136,28 @@ def _two_processes(batch: Path) -> float:
     return rates[2] / rates[1]
 
 
-def _train(batch: Path, model: dict, *, workers: int, prefetch: int) -> float:
+def _train(batch: Path, model: dict, *, workers: int, prefetch: int, threads: int | None = None) -> float:
+    from atlasflow.model.threads import torch_threads
     from atlasflow.model.train import Trainer
     from atlasflow.prep.genes import Vocabulary
 
-    trainer = Trainer(_config(**model, **{"training.loader_workers": workers, "training.prefetch_steps": prefetch}),
-                      Vocabulary.builtin("pbmc68k"))
-    stamps: list[float] = []
-    trainer.on_step = lambda *_: stamps.append(time.perf_counter())
-    trainer.run_batch(batch)
+    with torch_threads(threads):
+        trainer = Trainer(_config(**model, **{"training.loader_workers": workers, "training.prefetch_steps": prefetch}),
+                          Vocabulary.builtin("pbmc68k"))
+        stamps: list[float] = []
+        trainer.on_step = lambda *_: stamps.append(time.perf_counter())
+        trainer.run_batch(batch)
     return (len(stamps) - 1) / (stamps[-1] - stamps[0])
 
 
-def _compute_only(batch: Path, model: dict, steps: int = 60) -> float:
+def _compute_only(batch: Path, model: dict, steps: int = 60, threads: int | None = None) -> float:
+    from atlasflow.model.threads import torch_threads
+
+    with torch_threads(threads):
+        return _compute_only_steps(batch, model, steps)
+
+
+def _compute_only_steps(batch: Path, model: dict, steps: int) -> float:
     import torch
 
     from atlasflow.model.data import BatchData
@@ -172,58 +185,84 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--cells", type=int, default=100_000, help="cells of the feed measurement")
     parser.add_argument("--train-cells", type=int, default=6_000, help="cells of each training run")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--only", choices=("feed", "training"), default=None,
+                        help="run one part; the other part's figures are kept from the last results file")
     args = parser.parse_args(argv)
     result: dict = {"benchmark": "loader", "data": "Poisson-resampled pbmc68k_reduced cells", "cpus": os.cpu_count(),
                     "load_average_before": [round(x, 2) for x in os.getloadavg()],
                     "command": f"python benchmarks/loader.py --cells {args.cells} --train-cells {args.train_cells} "
-                               f"--repeats {args.repeats}"}
+                               f"--repeats {args.repeats}" + (f" --only {args.only}" if args.only else "")}
+    if args.only and (RESULTS / "loader.json").exists():
+        kept = json.loads((RESULTS / "loader.json").read_text())
+        part = "training_steps_per_s" if args.only == "feed" else "feed_cells_per_s"
+        if part in kept:
+            result[part] = {**kept[part], "command": kept[part].get("command", kept.get("command"))}
     with tempfile.TemporaryDirectory(prefix="atlasflow-bench-loader-") as tmp:
-        big = _make_batch(args.cells, Path(tmp) / "feed")
-        runs: dict[int, list[float]] = {0: [], 1: [], 2: []}
-        steady: dict[int, list[float]] = {0: [], 1: [], 2: []}
-        ratios, steady_ratios, ceilings = [], [], []
-        for _ in range(args.repeats):  # interleaved, so a change of load hits every setting alike
-            for workers in runs:
-                whole, after_first = _fresh(_feed, big, workers)
-                runs[workers].append(whole)
-                steady[workers].append(after_first)
-            ratios.append(runs[2][-1] / runs[0][-1])
-            steady_ratios.append(steady[2][-1] / steady[0][-1])
-            ceilings.append(_fresh(_two_processes, big))
-            sys.stdout.write(f"feed cells/s by workers: { {w: round(r[-1]) for w, r in runs.items()} }, after the "
-                             f"first block { {w: round(r[-1]) for w, r in steady.items()} }, 2 independent "
-                             f"processes: {ceilings[-1]:.2f}x\n")
-            sys.stdout.flush()
-        feed: dict = {f"workers_{w}": _summary(r) for w, r in runs.items()}
-        feed["speedup_2_vs_0"] = round(feed["workers_2"]["median"] / feed["workers_0"]["median"], 2)
-        feed["speedup_1_vs_0"] = round(feed["workers_1"]["median"] / feed["workers_0"]["median"], 2)
-        feed["speedup_2_vs_0_per_repeat"] = _summary(ratios)
-        # the same once the first block is in: worker start-up (fork, first block) out of the figure
-        feed["after_first_block"] = {f"workers_{w}": _summary(r) for w, r in steady.items()}
-        feed["after_first_block"]["speedup_2_vs_0_per_repeat"] = _summary(steady_ratios)
-        feed["ceiling_two_processes"] = _summary(ceilings)
-        result["feed_cells_per_s"] = {"cells": args.cells, "block_cells": 2048, "step_cells": 64, **feed}
-        _write(result)  # the feed's figures survive an interrupted training phase
-        small = _make_batch(args.train_cells, Path(tmp) / "train")
-        training = {}
-        for name, model in (("tiny (loader-bound)", TINY), ("cpu preset", {"model.preset": "cpu"})):
-            row: dict = {"compute_only": _summary([_compute_only(small, model) for _ in range(args.repeats)])}
-            for label, workers, prefetch in (("synchronous", 0, 0), ("prefetch_thread", 0, 2),
-                                             ("workers_2_prefetch", 2, 2)):
-                row[label] = _summary([_train(small, model, workers=workers, prefetch=prefetch)
-                                       for _ in range(args.repeats)])
-            sync, ceiling = row["synchronous"]["median"], row["compute_only"]["median"]
-            row["loader_share_synchronous"] = round(1 - sync / ceiling, 3)
-            row["loader_share_workers_2"] = round(1 - row["workers_2_prefetch"]["median"] / ceiling, 3)
-            row["speedup_workers_2_vs_synchronous"] = round(row["workers_2_prefetch"]["median"] / sync, 2)
-            training[name] = row
-            _write({**result, "training_steps_per_s": {"cells": args.train_cells, "step_cells": 64, **training}})
-            sys.stdout.write(f"training steps/s, {name}: {row}\n")
-            sys.stdout.flush()
-        result["training_steps_per_s"] = {"cells": args.train_cells, "step_cells": 64, **training}
+        if args.only != "training":
+            _feed_part(result, Path(tmp), args)
+        if args.only != "feed":
+            _training_part(result, Path(tmp), args)
     result["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     _write(result)
     return result
+
+
+def _feed_part(result: dict, tmp: Path, args: argparse.Namespace) -> None:
+    big = _make_batch(args.cells, tmp / "feed")
+    runs: dict[int, list[float]] = {0: [], 1: [], 2: []}
+    steady: dict[int, list[float]] = {0: [], 1: [], 2: []}
+    ratios, steady_ratios, ceilings = [], [], []
+    for _ in range(args.repeats):  # interleaved, so a change of load hits every setting alike
+        for workers in runs:
+            whole, after_first = _fresh(_feed, big, workers)
+            runs[workers].append(whole)
+            steady[workers].append(after_first)
+        ratios.append(runs[2][-1] / runs[0][-1])
+        steady_ratios.append(steady[2][-1] / steady[0][-1])
+        ceilings.append(_fresh(_two_processes, big))
+        sys.stdout.write(f"feed cells/s by workers: { {w: round(r[-1]) for w, r in runs.items()} }, after the "
+                         f"first block { {w: round(r[-1]) for w, r in steady.items()} }, 2 independent "
+                         f"processes: {ceilings[-1]:.2f}x\n")
+        sys.stdout.flush()
+    feed: dict = {f"workers_{w}": _summary(r) for w, r in runs.items()}
+    feed["speedup_2_vs_0"] = round(feed["workers_2"]["median"] / feed["workers_0"]["median"], 2)
+    feed["speedup_1_vs_0"] = round(feed["workers_1"]["median"] / feed["workers_0"]["median"], 2)
+    feed["speedup_2_vs_0_per_repeat"] = _summary(ratios)
+    # the same once the first block is in: worker start-up (fork, first block) out of the figure
+    feed["after_first_block"] = {f"workers_{w}": _summary(r) for w, r in steady.items()}
+    feed["after_first_block"]["speedup_2_vs_0_per_repeat"] = _summary(steady_ratios)
+    feed["ceiling_two_processes"] = _summary(ceilings)
+    result["feed_cells_per_s"] = {"cells": args.cells, "block_cells": 2048, "step_cells": 64,
+                                  "command": result["command"], **feed}
+    _write(result)  # the feed's figures survive an interrupted training phase
+
+
+def _training_part(result: dict, tmp: Path, args: argparse.Namespace) -> None:
+    small = _make_batch(args.train_cells, tmp / "train")
+    training: dict = {"cells": args.train_cells, "step_cells": 64, "command": result["command"]}
+    for name, model in (("tiny (loader-bound)", TINY), ("cpu preset", {"model.preset": "cpu"})):
+        row: dict = {"compute_only": _summary([_compute_only(small, model) for _ in range(args.repeats)])}
+        for label, workers, prefetch in (("synchronous", 0, 0), ("prefetch_thread", 0, 2),
+                                         ("workers_2_prefetch", 2, 2)):
+            row[label] = _summary([_train(small, model, workers=workers, prefetch=prefetch)
+                                   for _ in range(args.repeats)])
+        # loading on a core of its own: one compute thread, one loader worker; "own core" share near 0
+        # means training runs at the pace its compute allows (on 2 cores the rows above cannot show it:
+        # the compute uses both cores, so workers and compute take turns)
+        row["compute_only_1_thread"] = _summary([_compute_only(small, model, threads=1) for _ in range(args.repeats)])
+        row["workers_1_prefetch_1_thread"] = _summary([_train(small, model, workers=1, prefetch=2, threads=1)
+                                                       for _ in range(args.repeats)])
+        sync, ceiling = row["synchronous"]["median"], row["compute_only"]["median"]
+        row["loader_share_synchronous"] = round(1 - sync / ceiling, 3)
+        row["loader_share_workers_2"] = round(1 - row["workers_2_prefetch"]["median"] / ceiling, 3)
+        row["speedup_workers_2_vs_synchronous"] = round(row["workers_2_prefetch"]["median"] / sync, 2)
+        row["loader_share_own_core"] = round(
+            1 - row["workers_1_prefetch_1_thread"]["median"] / row["compute_only_1_thread"]["median"], 3)
+        training[name] = row
+        result["training_steps_per_s"] = training
+        _write(result)
+        sys.stdout.write(f"training steps/s, {name}: {row}\n")
+        sys.stdout.flush()
 
 
 def _write(result: dict) -> None:

@@ -177,6 +177,8 @@ def component_env(api_port: int, worker_log_port: int, trigger_log_port: int) ->
         "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(worker_log_port),
         "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(trigger_log_port),
         "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "False",
+        # the component logs are files: unbuffered, so `tail -f` (and a test) sees each line when it happens
+        "PYTHONUNBUFFERED": "1",
     }
 
 

@@ -363,8 +363,9 @@ def test_local_and_slurm_backends_give_identical_checkpoints(slurm_airflow, tmp_
     (tmp_path / "www").mkdir()
     with GeoServer(tmp_path / "www") as server:
         build_demo(tmp_path, server.url, n_datasets=3, cells=60, batch_size=3, budget_mb=100, missing_row=False)
+        # bit-identical at the same thread count (the local backend's default is half the CPUs, the job's all)
         local = load_config(tmp_path / "atlasflow.yaml", overrides={"integration.enabled": False,
-                                                                   "training.epochs": 1})
+                                                                   "training.epochs": 1, "training.threads": 1})
         P.prepare_run(local)
         ids = [d["dataset_id"] for d in json.loads(Path(write_batch_spec(local, "batch_0000")).read_text())["datasets"]]
         assert P.admit_batch(local, "batch_0000", owner="test")["admitted"]
@@ -375,7 +376,7 @@ def test_local_and_slurm_backends_give_identical_checkpoints(slurm_airflow, tmp_
     by_local = P.train_batch_step(local, "batch_0000", previous_checkpoint=None)
 
     slurm = load_config(tmp_path / "atlasflow.yaml", overrides={"integration.enabled": False, "training.epochs": 1,
-                                                               "storage.base_dir": str(other)})
+                                                               "training.threads": 1, "storage.base_dir": str(other)})
     job = P.training_job(slurm, "batch_0000", previous_checkpoint=None)
     dag = _dag(dict(command=job["command"], dataset_id="train", batch_id="batch_0000", output_dir=job["log_dir"],
                     slurm={**FAST, "time_limit": "00:10:00", "mem_gb": 2}))

@@ -18,10 +18,6 @@ def _train(args: argparse.Namespace, out: TextIO) -> int:
     from atlasflow.model.train import train_batch
 
     config = load_config(args.config)
-    if config.training.threads:  # per process (rank); the local backend also sets OMP_NUM_THREADS for it
-        import torch
-
-        torch.set_num_threads(config.training.threads)
     batch_dir = Path(args.batch_dir)
     if not batch_dir.is_dir():
         raise ValueError(f"--batch-dir {batch_dir} is not a folder")

@@ -477,7 +477,8 @@ class TrainingConfig:
     threads: int | None = _opt(
         None, "CPU threads of each training process (torch.set_num_threads, OMP_NUM_THREADS). Empty: on the "
         "local backend half the worker's CPUs over training.local_ranks (integrate runs beside training); on "
-        "SLURM torch's own default, the job's CPUs.", min=1, max=1024)
+        "SLURM torch's own default, the job's CPUs. Results are bit-identical across backends and resumes at "
+        "the same thread count: set it to compare them.", min=1, max=1024)
     local_ranks: int = _opt(
         1, "backend local: DDP ranks started on this machine (`torchrun --standalone --nproc_per_node`); on CPU "
         "they use gloo. 1: one plain process.", min=1, max=64)

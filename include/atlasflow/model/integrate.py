@@ -171,15 +171,10 @@ def integrate_batch(batch_dir: Path, out_dir: Path, *, config: IntegrationConfig
     """
     if (out_dir / "result.json").exists():
         return json.loads((out_dir / "result.json").read_text())
-    import torch
+    from atlasflow.model.threads import torch_threads
 
-    before = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         return _integrate(batch_dir, out_dir, config=config, previous=previous, accelerator=accelerator)
-    finally:
-        torch.set_num_threads(before)
 
 
 def _integrate(batch_dir: Path, out_dir: Path, *, config: IntegrationConfig, previous: Path | None,

@@ -916,7 +916,10 @@ def train_batch(config: AtlasConfig, vocab: Vocabulary, batch_dir: Path, out: Pa
     shards (DDP); rank 0 alone writes checkpoints and the result, and returns it (the others
     return ``{"rank": r, ...}`` and write nothing).
     """
-    with process_group(config) as (rank, world):
+    from atlasflow.model.threads import torch_threads
+
+    # training.threads, per rank; empty: as the process has them (the local backend's OMP_NUM_THREADS)
+    with torch_threads(config.training.threads), process_group(config) as (rank, world):
         return _train_batch(config, vocab, batch_dir, out, resume_from=resume_from, pseudo_labels=pseudo_labels,
                             rank=rank, world=world)
 
